@@ -1,0 +1,69 @@
+"""Typed, validated settings for every service; environment variables carry the prefix DOPD_.
+
+Each service reads its own settings class once at start. `dopd up` passes values to the child
+processes through the same environment variables, so a process can always be started by hand
+with nothing but its environment.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DOPD_", frozen=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    log_level: str = "INFO"
+    # Seconds a SIGTERM waits for in-flight RPCs before the server stops.
+    drain_grace_s: float = 10.0
+    # Deadline of every internal RPC that has no caller deadline to inherit.
+    rpc_timeout_s: float = 10.0
+
+
+class PlannerSettings(_Base):
+    planner_port: int = 50052
+    planner_metrics_port: int = 9102
+    # A worker that missed heartbeats for this long is left out of the topology.
+    worker_ttl_s: float = 5.0
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "dopd:"
+    redis_timeout_s: float = 0.5
+
+
+class WorkerSettings(_Base):
+    worker_id: str = ""
+    worker_port: int = 50060
+    worker_metrics_port: int = 9110
+    role: str = Field("decode", pattern="^(prefill|decode)$")
+    model: str = "smollm2"
+    dtype: str = "float32"
+    device: str = "auto"  # auto | cpu | cuda
+    torch_threads: int = 0  # 0 = torch's default
+    planner_address: str = "127.0.0.1:50052"
+    heartbeat_s: float = 1.0
+    # Paged KV pool.
+    block_size: int = 16
+    kv_blocks: int = 2048
+    # Decode: most requests in one running batch.
+    max_batch_size: int = 64
+    # Prefill: most prompt tokens in one forward pass (one prompt longer than this runs alone).
+    prefill_token_budget: int = 2048
+    # How long a decode worker holds a reservation whose KV has not arrived.
+    kv_timeout_s: float = 30.0
+    # KV is sent in chunks of at least/at most this many bytes (layers are coalesced up to
+    # the minimum, and a layer larger than the maximum is split by tokens).
+    kv_chunk_min_bytes: int = 256 * 1024
+    kv_chunk_max_bytes: int = 1024 * 1024
+
+
+class GatewaySettings(_Base):
+    gateway_port: int = 50051
+    gateway_metrics_port: int = 9101
+    model: str = "smollm2"
+    planner_address: str = "127.0.0.1:50052"
+    topology_refresh_s: float = 0.5
+    default_max_tokens: int = 64
+    # Longest a request may run end to end when the client set no deadline.
+    request_timeout_s: float = 600.0

