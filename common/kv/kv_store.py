@@ -38,6 +38,11 @@ class PagedKVStore:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat slots of token positions [start, end) of a request with this block table."""
+        positions = torch.arange(start, end)
+        return torch.tensor(block_table)[positions // self.block_size] * self.block_size + positions % self.block_size
+
     def flat_k(self, layer: int) -> torch.Tensor:
         return self.k[layer].view(-1, self.layout.num_kv_heads, self.layout.head_dim)
 

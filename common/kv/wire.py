@@ -65,7 +65,7 @@ def end_message(first_token_id: int) -> pb.KVPush:
 
 
 def chunk_message(chunk: KVChunk) -> pb.KVPush:
-    data = chunk.kv.contiguous().view(torch.uint8).numpy().tobytes()
+    data = chunk.kv.contiguous().cpu().view(torch.uint8).numpy().tobytes()
     return pb.KVPush(chunk=pb.KVPush.Chunk(
         layer_start=chunk.layer_start, layer_end=chunk.layer_end,
         token_start=chunk.token_start, token_end=chunk.token_end, data=data))

@@ -1,0 +1,22 @@
+"""Protobuf <-> in-process dataclasses, in one place."""
+
+from __future__ import annotations
+
+from common.pb import common_pb2
+from common.sampling import SamplingParams
+
+ROLE_TO_PB = {"prefill": common_pb2.ROLE_PREFILL, "decode": common_pb2.ROLE_DECODE}
+ROLE_FROM_PB = {v: k for k, v in ROLE_TO_PB.items()}
+FINISH_TO_PB = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
+                "abort": common_pb2.FINISH_REASON_ABORT}
+FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
+
+
+def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
+                                     max_tokens=p.max_tokens, stop_token_ids=sorted(p.stop_token_ids))
+
+
+def sampling_from_pb(m: common_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(temperature=m.temperature, top_p=m.top_p or 1.0, top_k=m.top_k, seed=m.seed,
+                          max_tokens=m.max_tokens, stop_token_ids=frozenset(m.stop_token_ids))

@@ -1,0 +1,117 @@
+"""What every DOPD server has: grpc.health.v1 (NOT_SERVING until ready), reflection, Prometheus
+metrics on an HTTP port, and a graceful drain on SIGTERM/SIGINT.
+
+    await run_server(port=..., metrics_port=..., services=[...], start=..., drain=...)
+
+`start` runs after the port is bound (load the model there: health says NOT_SERVING meanwhile);
+`drain` runs on SIGTERM after health turns NOT_SERVING and before the server stops accepting
+calls, with in-flight calls given `grace` seconds to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import prometheus_client
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default; larger messages get RESOURCE_EXHAUSTED
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass
+class Service:
+    name: str  # full name, e.g. dopd.v1.Worker
+    servicer: object
+    add_to_server: Callable
+
+
+class ServerHandle:
+    """Lets the service code flip health and ask for a drain."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer, names: list[str]) -> None:
+        self.server = server
+        self.health = health_servicer
+        self.names = names
+        self.stopping = asyncio.Event()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.names]:
+            await self.health.set(name, status)
+
+
+async def run_server(*, host: str, port: int, metrics_port: int, services: list[Service],
+                     start: Callable[[ServerHandle], Awaitable[None]] | None = None,
+                     drain: Callable[[], Awaitable[None]] | None = None, grace: float = 10.0) -> None:
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    for service in services:
+        service.add_to_server(service.servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [s.name for s in services]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    metrics_server, _ = prometheus_client.start_http_server(metrics_port, addr=host)
+    handle = ServerHandle(server, health_servicer, names)
+    await handle.set_serving(False)
+    await server.start()
+    log.info("listening on %s:%d, metrics on %s:%d", host, port, host, metrics_port)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle.stopping.set)
+    try:
+        if start is not None:
+            start_task = asyncio.create_task(start(handle))
+            stop_task = asyncio.create_task(handle.stopping.wait())
+            await asyncio.wait({start_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if start_task.done():
+                start_task.result()  # raise a failed start
+            else:
+                start_task.cancel()
+        await handle.stopping.wait()
+        log.info("draining (grace %.1fs)", grace)
+        await handle.set_serving(False)
+        if drain is not None:
+            await drain()
+        await server.stop(grace)
+    finally:
+        metrics_server.shutdown()
+        log.info("stopped")
+
+
+async def wait_serving(address: str, timeout: float, service: str = "") -> bool:
+    """Poll a server's health until SERVING or the timeout passes."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    return False
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    """Entry point for a service process: uvloop, logging, then main()."""
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvloop.run(main())

@@ -1,0 +1,157 @@
+"""`dopd`: bring up a local cluster, generate, and look at a cluster's status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _up(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from services.launcher import Cluster, ClusterSpec
+
+    console = Console(stderr=True, width=160)
+    log_dir = Path(args.log_dir or f"runs/up-{time.strftime('%Y%m%d-%H%M%S')}")
+    cluster = Cluster(ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode, host=args.host,
+                                  port=args.port, log_dir=log_dir, kv_blocks=args.kv_blocks,
+                                  torch_threads=args.torch_threads))
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cluster.start()
+    try:
+        with console.status(f"starting {args.prefill} prefill + {args.decode} decode workers on {args.model} "
+                            f"(logs in {log_dir})"):
+            cluster.wait_ready(args.ready_timeout)
+        table = Table(title=f"DOPD cluster: {args.model}")
+        for col in ("service", "role", "gRPC", "metrics", "pid", "log"):
+            table.add_column(col)
+        for p in cluster.procs:
+            table.add_row(p.name, p.role, p.address, f"http://{p.metrics_address}/metrics", str(p.popen.pid),
+                          str(p.log_path))
+        console.print(table)
+        if cluster.redis is not None:
+            console.print(f"started redis-server at {cluster.redis_url}")
+        print(f"gateway ready at {cluster.gateway_address}", flush=True)
+        console.print("Ctrl-C stops the cluster.")
+        while not stop["now"]:
+            dead = [p for p in cluster.procs if p.popen.poll() is not None]
+            if dead:
+                console.print(f"[red]{dead[0].name} exited ({dead[0].popen.returncode}); see {dead[0].log_path}")
+                return 1
+            time.sleep(0.5)
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        console.print(f"[red]{exc}")
+        return 1
+    finally:
+        codes = cluster.stop()
+        console.print("stopped: " + ", ".join(f"{name}={code}" for name, code in codes.items()))
+
+
+def _generate(args) -> int:
+    import grpc
+
+    from services.client import generate
+
+    kw = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+          "top_k": args.top_k, "chat": args.chat, "stop": args.stop or []}
+    if args.seed is not None:
+        kw["seed"] = args.seed
+
+    async def go():
+        async with grpc.aio.insecure_channel(args.target) as channel:
+            return await generate(channel, args.prompt, timeout=args.timeout,
+                                  on_text=lambda t: print(t, end="", flush=True), **kw)
+    try:
+        out = asyncio.run(go())
+    except grpc.aio.AioRpcError as exc:
+        print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print()
+    print(f"[{out.completion_tokens} tokens, finish: {out.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _status(args) -> int:
+    import grpc
+    from rich.console import Console
+    from rich.table import Table
+
+    from services.client import cluster_status
+
+    try:
+        status = asyncio.run(cluster_status(args.target))
+    except grpc.aio.AioRpcError as exc:
+        print(f"error: gateway {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    table = Table(title=f"model {status['model']}, topology v{status['topology_version']}")
+    for col in ("service", "role", "gRPC", "metrics", "health", "running", "KV blocks"):
+        table.add_column(col)
+    for s in status["services"]:
+        kv = f"{s['kv_used']}/{s['kv_total']}" if s.get("kv_total") is not None else "-"
+        running = "-" if s.get("running") is None else str(s["running"])
+        table.add_row(s["name"], s["role"], s["address"], s["metrics"] or "-", s["health"], running, kv)
+    Console(width=160).print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dopd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start planner, gateway and workers on this machine until Ctrl-C")
+    up.add_argument("--model", default="smollm2", help="smollm2 | tiny-random | a local HF model directory")
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument("--port", type=int, default=50051, help="gateway port; other services take the next free ports")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--kv-blocks", type=int, default=2048, help="KV blocks per worker (16 tokens each)")
+    up.add_argument("--torch-threads", type=int, default=0, help="threads per worker (0: torch's default)")
+    up.add_argument("--log-dir", help="where each service's log goes (default runs/up-<time>)")
+    up.add_argument("--ready-timeout", type=float, default=600.0)
+    up.set_defaults(func=_up)
+
+    gen = sub.add_parser("generate", help="stream a completion from the gateway")
+    gen.add_argument("prompt")
+    gen.add_argument("--target", default=DEFAULT_TARGET)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (the default here) is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--timeout", type=float, default=300.0)
+    gen.set_defaults(func=_generate)
+
+    st = sub.add_parser("status", help="every service with its role, health and load")
+    st.add_argument("--target", default=DEFAULT_TARGET)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

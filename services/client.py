@@ -1,0 +1,99 @@
+"""Client helpers over the gRPC stubs: what `dopd generate`, `dopd status`, the tests and the
+benchmarks use to talk to a cluster."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.convert import FINISH_FROM_PB, ROLE_FROM_PB
+from common.pb import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
+from common.rpc.server import CHANNEL_OPTIONS
+
+
+@dataclass
+class Completion:
+    request_id: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def generate_request(prompt: str | list[int], **kw) -> gateway_pb2.GenerateRequest:
+    """kw: max_tokens, temperature, top_p, top_k, seed, stop, chat, ignore_eos, request_id."""
+    if isinstance(prompt, str):
+        return gateway_pb2.GenerateRequest(prompt=prompt, **kw)
+    return gateway_pb2.GenerateRequest(prompt_token_ids=gateway_pb2.TokenIds(ids=prompt), **kw)
+
+
+async def generate(channel: grpc.aio.Channel, prompt: str | list[int], timeout: float = 300.0,
+                   on_text=None, **kw) -> Completion:
+    """Run one Generate call to its end; `on_text(str)` sees the text as it streams."""
+    stub = gateway_pb2_grpc.GatewayStub(channel)
+    out = Completion()
+    async for msg in stub.Generate(generate_request(prompt, **kw), timeout=timeout):
+        out.request_id = msg.request_id
+        out.token_ids.extend(msg.token_ids)
+        out.text += msg.text
+        if on_text and msg.text:
+            on_text(msg.text)
+        if msg.finish_reason:
+            out.finish_reason = FINISH_FROM_PB[msg.finish_reason]
+            out.prompt_tokens = msg.usage.prompt_tokens
+            out.completion_tokens = msg.usage.completion_tokens
+    return out
+
+
+async def health(address: str, timeout: float = 2.0) -> str:
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name
+
+
+async def worker_stats(address: str, timeout: float = 2.0):
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        return await worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest(), timeout=timeout)
+
+
+async def cluster_status(target: str, timeout: float = 5.0) -> dict:
+    """Every service with its role, addresses, health, running requests and KV blocks."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        status = await gateway_pb2_grpc.GatewayStub(channel).GetStatus(gateway_pb2.GetStatusRequest(), timeout=timeout)
+    services = [
+        {"name": "gateway", "role": "gateway", "address": status.gateway_address,
+         "metrics": status.gateway_metrics_address, "health": await health(status.gateway_address),
+         "running": status.running_requests, "kv_used": None, "kv_total": None},
+        {"name": "planner", "role": "planner", "address": status.planner_address, "metrics": None,
+         "health": await health(status.planner_address), "running": None, "kv_used": None, "kv_total": None},
+    ]
+    for w in status.topology.workers:
+        entry = {"name": w.worker_id, "role": ROLE_FROM_PB.get(w.role, "?"), "address": w.address,
+                 "metrics": w.metrics_address, "health": await health(w.address)}
+        try:
+            live = await worker_stats(w.address)
+            entry.update(running=live.running_requests, waiting=live.waiting_requests,
+                         kv_used=live.kv_blocks_used, kv_total=live.kv_blocks_total)
+        except grpc.aio.AioRpcError:
+            entry.update(running=None, kv_used=None, kv_total=None)
+        services.append(entry)
+    return {"model": status.model, "topology_version": status.topology.version, "services": services}
+
+
+async def cluster_ready(target: str, addresses: list[str], n_workers: int) -> bool:
+    """True when every address is SERVING and the gateway's topology lists n_workers workers."""
+    for address in [target, *addresses]:
+        if await health(address, timeout=1.0) != "SERVING":
+            return False
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            status = await gateway_pb2_grpc.GatewayStub(channel).GetStatus(gateway_pb2.GetStatusRequest(), timeout=2)
+    except grpc.aio.AioRpcError:
+        return False
+    return len([w for w in status.topology.workers if w.serving]) == n_workers

@@ -1,0 +1,145 @@
+"""Continuous-batching decode scheduler. Pure: no tensors, no I/O, no asyncio.
+
+A request's life on a decode worker:
+
+    reserve()        blocks for prompt + max_tokens taken up front (fail fast when short)
+      WAITING_KV     the prefill worker is pushing its KV into those blocks
+    kv_complete()    KV and first token are in
+      READY          waiting for a seat in the running batch (max_batch_size)
+      RUNNING        in every step until update() sees EOS or max_tokens
+    finish / abort   blocks go back to the pool
+
+Reserving the whole request up front means a running request never runs out of KV, so there is
+no preemption. abort() may arrive while a step that includes the request is in flight; the
+engine then calls it after the step (see DecodeEngine), never during.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from common.kv.block_pool import BlockPool, OutOfBlocks
+from common.sampling import SamplingParams
+
+
+class SeqState(enum.Enum):
+    WAITING_KV = "waiting_kv"
+    READY = "ready"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Finish(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass
+class DecodeSeq:
+    request_id: str
+    prompt_len: int
+    params: SamplingParams
+    block_table: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # completion so far; tokens[0] came from prefill
+    state: SeqState = SeqState.WAITING_KV
+    finish: Finish | None = None
+
+    @property
+    def next_position(self) -> int:
+        """Position of the last sampled token, whose KV the next step computes."""
+        return self.prompt_len + len(self.tokens) - 1
+
+    def finished_by_last_token(self) -> Finish | None:
+        if self.tokens and self.tokens[-1] in self.params.stop_token_ids:
+            return Finish.STOP
+        if len(self.tokens) >= self.params.max_tokens:
+            return Finish.LENGTH
+        return None
+
+
+class DecodeScheduler:
+    def __init__(self, pool: BlockPool, max_batch_size: int) -> None:
+        self.pool = pool
+        self.max_batch_size = max_batch_size
+        self.seqs: dict[str, DecodeSeq] = {}
+        self._ready: OrderedDict[str, DecodeSeq] = OrderedDict()
+        self._running: dict[str, DecodeSeq] = {}
+
+    # -- admission ---------------------------------------------------------------------------
+    def reserve(self, seq: DecodeSeq) -> None:
+        """Take the blocks for the whole request. Raises OutOfBlocks, ValueError on a duplicate id."""
+        if seq.request_id in self.seqs:
+            raise ValueError(f"request {seq.request_id!r} is already on this worker")
+        # The last sampled token's KV is never computed: prompt + max_tokens - 1 tokens of KV.
+        seq.block_table = self.pool.allocate(self.pool.blocks_for(seq.prompt_len + seq.params.max_tokens - 1))
+        seq.state = SeqState.WAITING_KV
+        self.seqs[seq.request_id] = seq
+
+    def kv_complete(self, request_id: str, first_token: int) -> DecodeSeq:
+        """The prompt's KV and the first token arrived. The request may already be finished."""
+        seq = self.seqs[request_id]
+        if seq.state is not SeqState.WAITING_KV:
+            raise ValueError(f"request {request_id!r} already has its KV")
+        seq.tokens.append(first_token)
+        finish = seq.finished_by_last_token()
+        if finish:
+            self._finish(seq, finish)
+        else:
+            seq.state = SeqState.READY
+            self._ready[request_id] = seq
+        return seq
+
+    # -- steps -------------------------------------------------------------------------------
+    def schedule(self) -> list[DecodeSeq]:
+        """The batch for the next step: every running request, topped up from the ready queue."""
+        while self._ready and len(self._running) < self.max_batch_size:
+            _, seq = self._ready.popitem(last=False)
+            seq.state = SeqState.RUNNING
+            self._running[seq.request_id] = seq
+        return list(self._running.values())
+
+    def update(self, batch: list[DecodeSeq], next_tokens: list[int]) -> list[DecodeSeq]:
+        """Append each sampled token; return the requests that finished in this step."""
+        finished = []
+        for seq, token in zip(batch, next_tokens, strict=True):
+            if seq.state is not SeqState.RUNNING:
+                continue  # aborted while the step ran
+            seq.tokens.append(token)
+            finish = seq.finished_by_last_token()
+            if finish:
+                self._finish(seq, finish)
+                finished.append(seq)
+        return finished
+
+    def abort(self, request_id: str) -> DecodeSeq | None:
+        seq = self.seqs.get(request_id)
+        if seq is not None:
+            self._finish(seq, Finish.ABORT)
+        return seq
+
+    def _finish(self, seq: DecodeSeq, finish: Finish) -> None:
+        self._ready.pop(seq.request_id, None)
+        self._running.pop(seq.request_id, None)
+        self.seqs.pop(seq.request_id, None)
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.state = SeqState.FINISHED
+        seq.finish = finish
+
+    # -- introspection -----------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.seqs) - len(self._running)
+
+    def has_work(self) -> bool:
+        return bool(self._running or self._ready)
+
+
+__all__ = ["DecodeScheduler", "DecodeSeq", "Finish", "OutOfBlocks", "SeqState"]

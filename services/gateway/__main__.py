@@ -1,0 +1,4 @@
+from common.rpc.server import run
+from services.gateway.server import main
+
+run(main)

@@ -1,0 +1,13 @@
+"""Prometheus metrics of the gateway."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+REQUESTS = Counter("dopd_requests_total", "Generate requests by how they ended", ["status"])
+TTFT = Histogram("dopd_time_to_first_token_seconds", "Request arrival to first token", buckets=_LATENCY)
+TPOT = Histogram("dopd_time_per_output_token_seconds", "(E2E - TTFT) / (output tokens - 1)",
+                 buckets=(0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2))
+E2E = Histogram("dopd_e2e_request_latency_seconds", "Request arrival to last token", buckets=_LATENCY)
+RUNNING = Gauge("dopd_gateway_running_requests", "Generate requests in flight")
+PROMPT_TOKENS = Counter("dopd_prompt_tokens_total", "Prompt tokens of admitted requests")
+GENERATION_TOKENS = Counter("dopd_generation_tokens_total", "Tokens streamed back to clients")

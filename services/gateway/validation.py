@@ -1,0 +1,58 @@
+"""Checks of a Generate request. Pure: each failure raises InvalidArgument naming the problem."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from common.rpc.errors import InvalidArgument
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+    ignore_eos: bool
+
+
+def validate_params(request, default_max_tokens: int) -> GenerateParams:
+    """`request` is a dopd.v1.GenerateRequest."""
+    max_tokens = request.max_tokens if request.HasField("max_tokens") else default_max_tokens
+    temperature = request.temperature if request.HasField("temperature") else 1.0
+    top_p = request.top_p if request.HasField("top_p") else 1.0
+    top_k = request.top_k if request.HasField("top_k") else 0
+    if max_tokens < 1:
+        raise InvalidArgument(f"max_tokens must be at least 1, got {max_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidArgument(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (0.0 < top_p <= 1.0):  # also false for NaN
+        raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0 (0 turns it off), got {top_k}")
+    if len(request.stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(request.stop)}")
+    if any(not s for s in request.stop):
+        raise InvalidArgument("stop strings must not be empty")
+    return GenerateParams(max_tokens, temperature, top_p, top_k,
+                          request.seed if request.HasField("seed") else None, tuple(request.stop),
+                          request.ignore_eos)
+
+
+def validate_prompt_ids(ids: list[int], vocab_size: int) -> None:
+    if not ids:
+        raise InvalidArgument("prompt is empty")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def validate_context(prompt_len: int, max_tokens: int, max_context: int) -> None:
+    if prompt_len + max_tokens > max_context:
+        raise InvalidArgument(f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is "
+                              f"{prompt_len + max_tokens} tokens, beyond the model's context of {max_context}")

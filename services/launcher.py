@@ -1,0 +1,170 @@
+"""Starts and stops a local cluster (planner, gateway, workers, and redis-server if none answers)
+as child processes. Used by `dopd up`, the tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+
+@dataclass
+class Proc:
+    name: str
+    role: str
+    address: str
+    metrics_address: str
+    log_path: Path
+    popen: subprocess.Popen
+
+
+@dataclass
+class ClusterSpec:
+    model: str = "smollm2"
+    prefill: int = 1
+    decode: int = 1
+    host: str = "127.0.0.1"
+    port: int = 50051  # the gateway; the planner and workers take the next free ports
+    log_dir: Path = Path("runs/cluster")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "dopd:"
+    kv_blocks: int = 2048
+    torch_threads: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _ports(host: str, start: int, count: int) -> list[int]:
+    """`count` free ports from `start` upwards (the gateway keeps `start` itself)."""
+    out, port = [], start
+    while len(out) < count:
+        if _port_free(host, port):
+            out.append(port)
+        port += 1
+    return out
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+def start_redis(host: str, log_dir: Path) -> tuple[subprocess.Popen, str]:
+    """Start a private redis-server (no persistence) on a free port."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("no Redis answers and redis-server is not installed (apt-get install redis-server)")
+    port = free_port(host)
+    log = open(log_dir / "redis.log", "w")
+    popen = subprocess.Popen([exe, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"],
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"redis://{host}:{port}/0"
+    for _ in range(50):
+        if redis_answers(url):
+            return popen, url
+        time.sleep(0.1)
+    popen.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+class Cluster:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.procs: list[Proc] = []
+        self.redis: subprocess.Popen | None = None
+        self.redis_url = spec.redis_url
+
+    @property
+    def gateway_address(self) -> str:
+        return f"{self.spec.host}:{self.spec.port}"
+
+    def _spawn(self, name: str, role: str, module: str, port: int, metrics_port: int, env: dict) -> None:
+        log_path = self.spec.log_dir / f"{name}.log"
+        full_env = {**os.environ, **self.spec.extra_env, **env, "PYTHONUNBUFFERED": "1"}
+        popen = subprocess.Popen([sys.executable, "-m", module], env=full_env, stdout=open(log_path, "w"),
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        h = self.spec.host
+        self.procs.append(Proc(name, role, f"{h}:{port}", f"{h}:{metrics_port}", log_path, popen))
+
+    def start(self) -> None:
+        s = self.spec
+        s.log_dir.mkdir(parents=True, exist_ok=True)
+        if not redis_answers(self.redis_url):
+            self.redis, self.redis_url = start_redis(s.host, s.log_dir)
+        n_workers = s.prefill + s.decode
+        grpc_ports = _ports(s.host, s.port + 1, 1 + n_workers)
+        metrics_ports = _ports(s.host, s.port + 1000, 2 + n_workers)
+        planner_address = f"{s.host}:{grpc_ports[0]}"
+        common = {"DOPD_HOST": s.host, "DOPD_MODEL": s.model, "DOPD_PLANNER_ADDRESS": planner_address}
+        self._spawn("planner", "planner", "services.planner", grpc_ports[0], metrics_ports[0], {
+            **common, "DOPD_PLANNER_PORT": str(grpc_ports[0]), "DOPD_PLANNER_METRICS_PORT": str(metrics_ports[0]),
+            "DOPD_REDIS_URL": self.redis_url, "DOPD_REDIS_PREFIX": s.redis_prefix})
+        self._spawn("gateway", "gateway", "services.gateway", s.port, metrics_ports[1], {
+            **common, "DOPD_GATEWAY_PORT": str(s.port), "DOPD_GATEWAY_METRICS_PORT": str(metrics_ports[1])})
+        roles = ["prefill"] * s.prefill + ["decode"] * s.decode
+        for i, role in enumerate(roles):
+            name = f"{role}-{i if role == 'prefill' else i - s.prefill}"
+            self._spawn(name, role, "services.worker", grpc_ports[1 + i], metrics_ports[2 + i], {
+                **common, "DOPD_ROLE": role, "DOPD_WORKER_ID": name, "DOPD_WORKER_PORT": str(grpc_ports[1 + i]),
+                "DOPD_WORKER_METRICS_PORT": str(metrics_ports[2 + i]), "DOPD_KV_BLOCKS": str(s.kv_blocks),
+                "DOPD_TORCH_THREADS": str(s.torch_threads)})
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Until every service is healthy and the gateway sees every worker; raises on a dead child."""
+        import asyncio
+
+        from services.client import cluster_ready
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p in self.procs:
+                if p.popen.poll() is not None:
+                    tail = p.log_path.read_text()[-3000:]
+                    raise RuntimeError(f"{p.name} exited with {p.popen.returncode}; log tail:\n{tail}")
+            if asyncio.run(cluster_ready(self.gateway_address, [p.address for p in self.procs],
+                                         self.spec.prefill + self.spec.decode)):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster not ready after {timeout:.0f}s; logs in {self.spec.log_dir}")
+
+    def stop(self, grace: float = 15.0) -> dict[str, int | None]:
+        """SIGTERM everything (graceful drain), then SIGKILL what is left. Returns exit codes."""
+        for p in self.procs:
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in self.procs:
+            try:
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+        if self.redis is not None:
+            self.redis.terminate()
+            self.redis.wait()
+        return {p.name: p.popen.returncode for p in self.procs}

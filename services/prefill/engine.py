@@ -1,0 +1,164 @@
+"""The prefill role engine: batches prompts under a token budget, runs them packed, streams each
+prompt's KV to its decode worker layer by layer, and samples the first token.
+
+Async adapter around the pure PrefillScheduler; the model runs on the worker's executor thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import grpc
+
+from common.kv.wire import KVLayout
+from common.modeling.runner import ModelRunner
+from common.pb import worker_pb2_grpc
+from common.rpc.channels import ChannelPool
+from common.rpc.errors import Unavailable
+from common.sampling import SamplingParams, sample_batch
+from services.prefill.kv_sender import KVSender
+from services.prefill.scheduler import PrefillScheduler
+from services.worker import metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillJob:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    decode_address: str
+    timeout: float
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    first_token_id: int
+    queue_seconds: float
+    prefill_seconds: float
+    handoff_seconds: float
+    kv_bytes: int
+
+
+@dataclass(frozen=True)
+class KVChunkSizes:
+    min_bytes: int
+    max_bytes: int
+
+
+class PrefillEngine:
+    def __init__(self, runner: ModelRunner, layout: KVLayout, executor: Executor, channels: ChannelPool,
+                 token_budget: int, chunk_sizes: KVChunkSizes) -> None:
+        self.runner = runner
+        self.layout = layout
+        self.executor = executor
+        self.channels = channels
+        self.chunk_sizes = chunk_sizes
+        self.scheduler: PrefillScheduler[PrefillJob] = PrefillScheduler(token_budget)
+        self.num_running = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="prefill-loop")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, decode_address: str,
+                      timeout: float) -> PrefillResult:
+        job = PrefillJob(request_id, prompt, params, decode_address, timeout,
+                         asyncio.get_running_loop().create_future())
+        self.scheduler.add(job, len(prompt))
+        self._wake.set()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            self.scheduler.remove(job)  # still queued: it never runs; running: its push is cancelled
+            raise
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    async def _loop(self) -> None:
+        while True:
+            batch = self.scheduler.schedule()
+            if not batch:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self.num_running = len(batch)
+            try:
+                await self._run_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - fail the batch, keep the worker
+                log.exception("prefill batch failed")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            finally:
+                self.num_running = 0
+
+    async def _run_batch(self, batch: list[PrefillJob]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        senders = [
+            KVSender(loop, worker_pb2_grpc.WorkerStub(self.channels.get(job.decode_address)), job.request_id,
+                     len(job.prompt), self.layout, job.timeout, self.chunk_sizes.min_bytes,
+                     self.chunk_sizes.max_bytes)
+            for job in batch
+        ]
+        bounds = [0]
+        for job in batch:
+            bounds.append(bounds[-1] + len(job.prompt))
+
+        def on_layer_kv(layer, k, v):  # forward thread
+            for sender, start, end in zip(senders, bounds[:-1], bounds[1:], strict=True):
+                sender.put_layer(layer, k[:, start:end], v[:, start:end])
+
+        def forward():
+            logits = self.runner.prefill([job.prompt for job in batch], on_layer_kv)
+            return sample_batch(logits, [job.params for job in batch], [0] * len(batch))
+
+        try:
+            first_tokens = await loop.run_in_executor(self.executor, forward)
+        except BaseException:
+            for sender in senders:
+                sender.cancel()
+            raise
+        forward_done = time.perf_counter()
+        metrics.PREFILL_SECONDS.observe(forward_done - started)
+        for sender, token in zip(senders, first_tokens, strict=True):
+            sender.finish(token)
+        await asyncio.gather(*(self._complete(job, sender, token, started, forward_done)
+                               for job, sender, token in zip(batch, senders, first_tokens, strict=True)))
+
+    async def _complete(self, job: PrefillJob, sender: KVSender, token: int, started: float,
+                        forward_done: float) -> None:
+        if job.future.done():  # the caller went away while the forward ran
+            sender.cancel()
+            return
+        try:
+            kv_bytes = await sender.wait()
+        except grpc.aio.AioRpcError as exc:
+            if not job.future.done():
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    job.future.set_exception(Unavailable(
+                        f"KV push to decode worker {job.decode_address} failed: {exc.details()}"))
+                else:
+                    job.future.set_exception(exc)
+            return
+        handoff = sender.done_at - forward_done
+        metrics.KV_HANDOFF_SECONDS.observe(handoff)
+        if not job.future.done():
+            job.future.set_result(PrefillResult(token, started - job.enqueued_at, forward_done - started,
+                                                handoff, kv_bytes))

@@ -1,0 +1,18 @@
+"""Prometheus metrics of a worker process."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+KV_BLOCKS_USED = Gauge("dopd_kv_blocks_used", "KV blocks lent to requests")
+KV_BLOCKS_TOTAL = Gauge("dopd_kv_blocks_total", "KV blocks in this worker's pool")
+KV_TRANSFER_BYTES = Counter("dopd_kv_transfer_bytes_total", "KV bytes moved between workers", ["direction"])
+WORKER_ROLE = Gauge("dopd_worker_role", "1 for the role this worker serves, 0 for the others", ["role"])
+RUNNING_REQUESTS = Gauge("dopd_worker_running_requests", "Requests in the running decode batch")
+WAITING_REQUESTS = Gauge("dopd_worker_waiting_requests", "Requests queued for prefill or waiting for KV")
+PREFILL_SECONDS = Histogram("dopd_prefill_seconds", "Forward time of one prefill batch",
+                            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16))
+KV_HANDOFF_SECONDS = Histogram("dopd_kv_handoff_seconds", "Prefill done to decode worker holding all KV",
+                               buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2))
+DECODE_STEP_SECONDS = Histogram("dopd_decode_step_seconds", "Time of one decode step (whole batch)",
+                                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2))
+DECODE_BATCH_SIZE = Histogram("dopd_decode_batch_size", "Requests in one decode step",
+                              buckets=(1, 2, 4, 8, 16, 32, 64, 128))

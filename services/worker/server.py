@@ -1,0 +1,138 @@
+"""gRPC adapter of a worker: protobuf in, engine calls, protobuf out."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from common.config import WorkerSettings
+from common.convert import FINISH_TO_PB, sampling_from_pb
+from common.kv import wire
+from common.pb import worker_pb2, worker_pb2_grpc
+from common.rpc.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable, grpc_errors
+from common.rpc.server import Service, run_server
+from services.decode.engine import ErrorEvent, FinishedEvent, TokensEvent
+from services.worker import metrics
+from services.worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.rt = runtime
+
+    def _require(self, role: str) -> None:
+        if not self.rt.ready:
+            raise Unavailable("worker is still loading its model")
+        if self.rt.role != role:
+            raise FailedPrecondition(f"worker {self.rt.worker_id} serves {self.rt.role}, not {role}")
+
+    def _check_tokens(self, prompt) -> list[int]:
+        if not prompt:
+            raise InvalidArgument("prompt_token_ids is empty")
+        vocab = self.rt.loaded.config.vocab_size
+        ids = list(prompt)
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidArgument(f"prompt_token_ids must lie in [0, {vocab})")
+        return ids
+
+    @grpc_errors
+    async def Prefill(self, request, context):
+        self._require("prefill")
+        prompt = self._check_tokens(request.prompt_token_ids)
+        if not request.decode_address:
+            raise InvalidArgument("decode_address is empty")
+        timeout = context.time_remaining() or self.rt.settings.rpc_timeout_s
+        result = await self.rt.prefill.prefill(request.request_id, prompt, sampling_from_pb(request.sampling),
+                                               request.decode_address, timeout)
+        return worker_pb2.PrefillResponse(
+            first_token_id=result.first_token_id, queue_seconds=result.queue_seconds,
+            prefill_seconds=result.prefill_seconds, handoff_seconds=result.handoff_seconds,
+            kv_bytes=result.kv_bytes)
+
+    @grpc_errors
+    async def Decode(self, request, context):
+        self._require("decode")
+        if request.prompt_len < 1:
+            raise InvalidArgument("prompt_len must be at least 1")
+        params = sampling_from_pb(request.sampling)
+        if params.max_tokens < 1:
+            raise InvalidArgument("max_tokens must be at least 1")
+        queue = self.rt.decode.reserve(request.request_id, request.prompt_len, params)
+        try:
+            blocks = len(self.rt.decode.scheduler.seqs[request.request_id].block_table)
+            yield worker_pb2.DecodeEvent(reserved=worker_pb2.DecodeEvent.Reserved(blocks=blocks))
+            while True:
+                event = await queue.get()
+                if isinstance(event, TokensEvent):
+                    yield worker_pb2.DecodeEvent(tokens=worker_pb2.DecodeEvent.Tokens(token_ids=event.token_ids))
+                elif isinstance(event, FinishedEvent):
+                    yield worker_pb2.DecodeEvent(finished=worker_pb2.DecodeEvent.Finished(
+                        reason=FINISH_TO_PB[event.finish.value], completion_tokens=event.completion_tokens))
+                    return
+                elif isinstance(event, ErrorEvent):
+                    raise event.error
+        finally:
+            # Finished, failed or cancelled by the client: every block goes back.
+            self.rt.decode.release(request.request_id)
+
+    @grpc_errors
+    async def PushKV(self, request_iterator, context):
+        self._require("decode")
+        engine = self.rt.decode
+        layout = self.rt.runner_layout
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "begin":
+            raise InvalidArgument("a KV push must start with a begin message")
+        try:
+            num_tokens = wire.parse_begin(first.begin, layout)
+        except wire.WireError as exc:
+            raise InvalidArgument(str(exc)) from None
+        request_id = first.begin.request_id
+        seq = engine.expect_kv(request_id, num_tokens)
+        written = torch.zeros(layout.num_layers, num_tokens, dtype=torch.bool)
+        received = 0
+        try:
+            async for message in request_iterator:
+                part = message.WhichOneof("part")
+                if part == "chunk":
+                    chunk = wire.parse_chunk(message.chunk, layout, num_tokens)
+                    engine.write_kv(seq, chunk)
+                    written[chunk.layer_start:chunk.layer_end, chunk.token_start:chunk.token_end] = True
+                    received += len(message.chunk.data)
+                    metrics.KV_TRANSFER_BYTES.labels("received").inc(len(message.chunk.data))
+                elif part == "end":
+                    if not bool(written.all()):
+                        raise wire.WireError(f"KV push ended with {int((~written).sum())} of "
+                                             f"{written.numel()} (layer, token) cells missing")
+                    if not 0 <= message.end.first_token_id < self.rt.loaded.config.vocab_size:
+                        raise wire.WireError(f"first_token_id {message.end.first_token_id} outside the vocabulary")
+                    engine.kv_complete(request_id, message.end.first_token_id)
+                    return worker_pb2.PushKVResponse(bytes_received=received)
+                else:
+                    raise wire.WireError("a KV push has exactly one begin message")
+            raise wire.WireError("KV push ended without an end message")
+        except (wire.WireError, ServiceError) as exc:
+            error = InvalidArgument(str(exc)) if isinstance(exc, wire.WireError) else exc
+            engine.fail(request_id, error)  # the request cannot complete: its decode stream gets the error
+            raise error from None
+
+    @grpc_errors
+    async def GetStats(self, request, context):
+        return self.rt.info()
+
+
+async def main() -> None:
+    settings = WorkerSettings()
+    runtime = WorkerRuntime(settings)
+    servicer = WorkerServicer(runtime)
+    try:
+        await run_server(
+            host=settings.host, port=settings.worker_port, metrics_port=settings.worker_metrics_port,
+            services=[Service("dopd.v1.Worker", servicer, worker_pb2_grpc.add_WorkerServicer_to_server)],
+            start=runtime.start, drain=runtime.drain, grace=settings.drain_grace_s)
+    finally:
+        await runtime.close()
+
