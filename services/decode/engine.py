@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from common.kv.block_pool import OutOfBlocks
 from common.kv.wire import KVChunk
 from common.modeling.runner import ModelRunner
-from common.rpc.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
+from common.rpc.errors import Aborted, DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
 from common.sampling import SamplingParams, sample_batch
 from services.decode.scheduler import DecodeScheduler, DecodeSeq, Finish, SeqState
 from services.worker import metrics
@@ -93,16 +93,21 @@ class DecodeEngine:
         if num_tokens != seq.prompt_len:
             raise InvalidArgument(f"KV of {num_tokens} tokens pushed for request {request_id!r}, "
                                   f"which reserved a {seq.prompt_len}-token prompt")
+        # The KV is on its way: from here a broken push, not the clock, ends the wait.
+        timer = self._kv_timers.pop(request_id, None)
+        if timer:
+            timer.cancel()
         return seq
 
     def write_kv(self, seq: DecodeSeq, chunk: KVChunk) -> None:
+        if seq.state is not SeqState.WAITING_KV:  # cancelled or failed while its KV was streaming
+            raise Aborted(f"request {seq.request_id!r} ended while its KV was arriving")
         store = self.runner.store
         store.write_chunk(chunk.layer_start, store.slots(seq.block_table, chunk.token_start, chunk.token_end), chunk.kv)
 
     def kv_complete(self, request_id: str, first_token: int) -> None:
-        timer = self._kv_timers.pop(request_id, None)
-        if timer:
-            timer.cancel()
+        if request_id not in self.scheduler.seqs:
+            raise Aborted(f"request {request_id!r} ended while its KV was arriving")
         seq = self.scheduler.kv_complete(request_id, first_token)
         if seq.state is SeqState.FINISHED:
             self._emit(request_id, FinishedEvent(seq.finish, len(seq.tokens)))

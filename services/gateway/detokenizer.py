@@ -31,7 +31,11 @@ class Detokenizer:
         return self._release(final=False)
 
     def flush(self) -> str:
-        """The request ended: return whatever was held back."""
+        """The request ended: return whatever was held back, an unfinished character included."""
+        prefix = self.tokenizer.decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
+        self.text += full[len(prefix):]
+        self._prefix_offset = self._read_offset = len(self.ids)
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:

@@ -224,7 +224,8 @@ async def main() -> None:
     try:
         await run_server(host=settings.host, port=settings.gateway_port,
                          metrics_port=settings.gateway_metrics_port,
-                         services=[Service("dopd.v1.Gateway", servicer, gateway_pb2_grpc.add_GatewayServicer_to_server)],
+                         services=[Service("dopd.v1.Gateway", servicer,
+                                           gateway_pb2_grpc.add_GatewayServicer_to_server)],
                          start=servicer.start, drain=servicer.drain, grace=settings.drain_grace_s)
     finally:
         await servicer.channels.close()

@@ -85,7 +85,8 @@ async def main() -> None:
     try:
         await run_server(host=settings.host, port=settings.planner_port,
                          metrics_port=settings.planner_metrics_port,
-                         services=[Service("dopd.v1.Planner", servicer, planner_pb2_grpc.add_PlannerServicer_to_server)],
+                         services=[Service("dopd.v1.Planner", servicer,
+                                           planner_pb2_grpc.add_PlannerServicer_to_server)],
                          start=start, grace=settings.drain_grace_s)
     finally:
         await client.aclose()

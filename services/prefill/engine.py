@@ -35,6 +35,7 @@ class PrefillJob:
     decode_address: str
     timeout: float
     future: asyncio.Future
+    sender: KVSender
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -76,14 +77,20 @@ class PrefillEngine:
 
     async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, decode_address: str,
                       timeout: float) -> PrefillResult:
-        job = PrefillJob(request_id, prompt, params, decode_address, timeout,
-                         asyncio.get_running_loop().create_future())
+        # NOTE: the KV stream opens now, while the prompt still waits for its batch: the decode
+        # worker then knows its KV is coming (it stops its no-KV timer), and sees at once, as a
+        # broken stream, if this worker dies before the KV is complete.
+        loop = asyncio.get_running_loop()
+        sender = KVSender(loop, worker_pb2_grpc.WorkerStub(self.channels.get(decode_address)), request_id,
+                          len(prompt), self.layout, timeout, self.chunk_sizes.min_bytes, self.chunk_sizes.max_bytes)
+        job = PrefillJob(request_id, prompt, params, decode_address, timeout, loop.create_future(), sender)
         self.scheduler.add(job, len(prompt))
         self._wake.set()
         try:
             return await job.future
-        except asyncio.CancelledError:
-            self.scheduler.remove(job)  # still queued: it never runs; running: its push is cancelled
+        except BaseException:
+            self.scheduler.remove(job)  # still queued: it never runs
+            sender.cancel()
             raise
 
     @property
@@ -111,12 +118,7 @@ class PrefillEngine:
     async def _run_batch(self, batch: list[PrefillJob]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        senders = [
-            KVSender(loop, worker_pb2_grpc.WorkerStub(self.channels.get(job.decode_address)), job.request_id,
-                     len(job.prompt), self.layout, job.timeout, self.chunk_sizes.min_bytes,
-                     self.chunk_sizes.max_bytes)
-            for job in batch
-        ]
+        senders = [job.sender for job in batch]
         bounds = [0]
         for job in batch:
             bounds.append(bounds[-1] + len(job.prompt))

@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 Job = TypeVar("Job")
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not equality: two equal jobs are still two requests
 class Queued(Generic[Job]):
     job: Job
     num_tokens: int

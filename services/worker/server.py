@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import torch
@@ -86,15 +87,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "begin":
             raise InvalidArgument("a KV push must start with a begin message")
+        request_id = first.begin.request_id
+        if request_id not in engine.scheduler.seqs:
+            raise InvalidArgument(f"KV pushed for unknown request {request_id!r}: no reservation on this worker")
         try:
             num_tokens = wire.parse_begin(first.begin, layout)
-        except wire.WireError as exc:
-            raise InvalidArgument(str(exc)) from None
-        request_id = first.begin.request_id
-        seq = engine.expect_kv(request_id, num_tokens)
-        written = torch.zeros(layout.num_layers, num_tokens, dtype=torch.bool)
-        received = 0
-        try:
+            seq = engine.expect_kv(request_id, num_tokens)
+            written = torch.zeros(layout.num_layers, num_tokens, dtype=torch.bool)
+            received = 0
             async for message in request_iterator:
                 part = message.WhichOneof("part")
                 if part == "chunk":
@@ -108,15 +108,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         raise wire.WireError(f"KV push ended with {int((~written).sum())} of "
                                              f"{written.numel()} (layer, token) cells missing")
                     if not 0 <= message.end.first_token_id < self.rt.loaded.config.vocab_size:
-                        raise wire.WireError(f"first_token_id {message.end.first_token_id} outside the vocabulary")
+                        raise wire.WireError(f"first_token_id {message.end.first_token_id} is outside the vocabulary")
                     engine.kv_complete(request_id, message.end.first_token_id)
                     return worker_pb2.PushKVResponse(bytes_received=received)
                 else:
                     raise wire.WireError("a KV push has exactly one begin message")
             raise wire.WireError("KV push ended without an end message")
+        except asyncio.CancelledError:
+            # The prefill side went away mid-transfer: the KV will not complete.
+            engine.fail(request_id, Unavailable(f"KV push for request {request_id!r} broke off"))
+            raise
         except (wire.WireError, ServiceError) as exc:
+            # The request cannot complete: its decode stream gets the same error, its blocks go back.
             error = InvalidArgument(str(exc)) if isinstance(exc, wire.WireError) else exc
-            engine.fail(request_id, error)  # the request cannot complete: its decode stream gets the error
+            engine.fail(request_id, error)
             raise error from None
 
     @grpc_errors
