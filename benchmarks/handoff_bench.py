@@ -142,8 +142,11 @@ def run_handoff(gateway: str, prefill_metrics: str, decode_metrics: str, prompts
             f"hand-off {m['handoff_s'] * 1e3:.1f} ms, {m['kv_bytes'] / 1e6:.1f} MB")
     timeline = measure_timeline(gateway, prefill_metrics, decode_metrics, prompts[-1])
     tl = timeline.get("timeline")
+    if not tl:
+        log(f"handoff: polled request: no timeline ({timeline.get('timeline_note', 'too few samples')})")
     if tl:
-        log(f"handoff: polled request: {tl['bytes_received_by_forward_end'] / 1e6:.1f} of "
+        log(f"handoff: polled request: prefill {timeline['prefill_s']:.3f}s, first to last KV bytes received in "
+            f"{tl['first_bytes_to_all_s']:.3f}s; {tl['bytes_received_by_forward_end'] / 1e6:.1f} of "
             f"{timeline['kv_bytes'] / 1e6:.1f} MB received by forward end, tail {tl['tail_bytes'] / 1e6:.1f} MB "
             f"in {timeline['handoff_s'] * 1e3:.1f} ms (poll every {tl['poll_interval_s'] * 1e3:.0f} ms)")
     n = len(runs)

@@ -120,20 +120,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         status = "error"
         self._running += 1
         metrics.RUNNING.set(self._running)
-        decode_call = decode_worker = prefill_worker = None
+        decode_call = decode_worker = None
         try:
             decode_call, decode_worker = await self._reserve_decode(request_id, len(prompt), sampling, remaining)
-            prefill_worker = pick_prefill(self._workers(common_pb2.ROLE_PREFILL), self._outstanding_prefill_tokens)
-            if prefill_worker is None:
-                raise Unavailable("no prefill worker is serving")
-            self._outstanding_prefill_tokens[prefill_worker.worker_id] += len(prompt)
-            try:
-                stub = worker_pb2_grpc.WorkerStub(self.channels.get(prefill_worker.address))
-                first = await stub.Prefill(worker_pb2.PrefillRequest(
-                    request_id=request_id, prompt_token_ids=prompt, sampling=sampling_to_pb(sampling),
-                    decode_address=decode_worker.address), timeout=remaining())
-            finally:
-                self._outstanding_prefill_tokens[prefill_worker.worker_id] -= len(prompt)
+            first = await self._prefill(request_id, prompt, sampling, decode_worker, remaining)
             detok = Detokenizer(self.tokenizer, params.stop)
             metrics.TTFT.observe(time.perf_counter() - arrived)
             first_at = time.perf_counter()
@@ -179,6 +169,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self._running -= 1
             metrics.RUNNING.set(self._running)
             metrics.REQUESTS.labels(status).inc()
+
+    async def _prefill(self, request_id, prompt, sampling, decode_worker, remaining):
+        """Prefill on the least loaded prefill worker; one that refuses at once (draining, not
+        a prefill worker any more) has pushed no KV, so the next one is tried."""
+        tried: set[str] = set()
+        while True:
+            candidates = [w for w in self._workers(common_pb2.ROLE_PREFILL) if w.worker_id not in tried]
+            worker = pick_prefill(candidates, self._outstanding_prefill_tokens)
+            if worker is None:
+                raise Unavailable("no prefill worker is serving")
+            tried.add(worker.worker_id)
+            self._outstanding_prefill_tokens[worker.worker_id] += len(prompt)
+            try:
+                stub = worker_pb2_grpc.WorkerStub(self.channels.get(worker.address))
+                return await stub.Prefill(worker_pb2.PrefillRequest(
+                    request_id=request_id, prompt_token_ids=prompt, sampling=sampling_to_pb(sampling),
+                    decode_address=decode_worker.address), timeout=remaining())
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION and "draining" not in (exc.details() or ""):
+                    raise
+                log.info("prefill worker %s refused %s: %s; trying another", worker.worker_id, request_id,
+                         exc.details())
+            finally:
+                self._outstanding_prefill_tokens[worker.worker_id] -= len(prompt)
 
     async def _reserve_decode(self, request_id, prompt_len, sampling, remaining):
         """Open Decode on the first decode worker that reserves the request's KV blocks."""

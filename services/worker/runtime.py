@@ -50,6 +50,7 @@ class WorkerRuntime:
         self.prefill: PrefillEngine | None = None
         self.decode: DecodeEngine | None = None
         self._heartbeat: asyncio.Task | None = None
+        self.draining = False
         self._set_role_gauge()
 
     @property
@@ -127,6 +128,7 @@ class WorkerRuntime:
 
     async def drain(self) -> None:
         """Leave the topology (no new work is routed here), then let in-flight requests finish."""
+        self.draining = True
         if self._heartbeat:
             self._heartbeat.cancel()
         stub = planner_pb2_grpc.PlannerStub(self.channels.get(self.settings.planner_address))

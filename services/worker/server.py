@@ -24,9 +24,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.rt = runtime
 
-    def _require(self, role: str) -> None:
+    def _require(self, role: str, new_work: bool = True) -> None:
         if not self.rt.ready:
             raise Unavailable("worker is still loading its model")
+        if new_work and self.rt.draining:  # KV for a request already held is still taken
+            raise Unavailable(f"worker {self.rt.worker_id} is draining")
         if self.rt.role != role:
             raise FailedPrecondition(f"worker {self.rt.worker_id} serves {self.rt.role}, not {role}")
 
@@ -81,7 +83,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     @grpc_errors
     async def PushKV(self, request_iterator, context):
-        self._require("decode")
+        self._require("decode", new_work=False)
         engine = self.rt.decode
         layout = self.rt.runner_layout
         first = await anext(aiter(request_iterator), None)
