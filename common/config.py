@@ -14,12 +14,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class _Base(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DOPD_", frozen=True, extra="ignore")
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the address servers bind
+    # The host name other services use to reach this one (in containers: the service name).
+    advertise_host: str = ""
     log_level: str = "INFO"
     # Seconds a SIGTERM waits for in-flight RPCs before the server stops.
     drain_grace_s: float = 10.0
     # Deadline of every internal RPC that has no caller deadline to inherit.
     rpc_timeout_s: float = 10.0
+
+    @property
+    def public_host(self) -> str:
+        return self.advertise_host or self.host
 
 
 class PlannerSettings(_Base):

@@ -226,8 +226,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @grpc_errors
     async def GetStatus(self, request, context):
         return gateway_pb2.GetStatusResponse(
-            gateway_address=f"{self.settings.host}:{self.settings.gateway_port}",
-            gateway_metrics_address=f"{self.settings.host}:{self.settings.gateway_metrics_port}",
+            gateway_address=f"{self.settings.public_host}:{self.settings.gateway_port}",
+            gateway_metrics_address=f"{self.settings.public_host}:{self.settings.gateway_metrics_port}",
             planner_address=self.settings.planner_address, model=self.settings.model,
             topology=self.topology, running_requests=self._running)
 

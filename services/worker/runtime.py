@@ -38,8 +38,8 @@ class WorkerRuntime:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
-        self.address = f"{settings.host}:{settings.worker_port}"
-        self.metrics_address = f"{settings.host}:{settings.worker_metrics_port}"
+        self.address = f"{settings.public_host}:{settings.worker_port}"
+        self.metrics_address = f"{settings.public_host}:{settings.worker_metrics_port}"
         self.role = settings.role
         self.channels = ChannelPool()
         # The model is not re-entrant: one thread runs every forward pass of this worker.
