@@ -43,7 +43,10 @@ class WorkerSettings(_Base):
     worker_port: int = 50060
     worker_metrics_port: int = 9110
     role: str = Field("decode", pattern="^(prefill|decode)$")
+    # smollm2 | tiny-random | a local HF directory | sim:PROFILE (no weights; see common/profile.py)
     model: str = "smollm2"
+    # sim only: run this many times slower than the profile says.
+    time_scale: float = 1.0
     dtype: str = "float32"
     device: str = "auto"  # auto | cpu | cuda
     torch_threads: int = 0  # 0 = torch's default

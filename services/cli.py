@@ -21,9 +21,15 @@ def _up(args) -> int:
 
     console = Console(stderr=True, width=160)
     log_dir = Path(args.log_dir or f"runs/up-{time.strftime('%Y%m%d-%H%M%S')}")
-    cluster = Cluster(ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode, host=args.host,
+    model = args.model
+    if args.engine == "sim":
+        from common.profile import load_profile
+
+        model = f"sim:{args.profile}"
+        load_profile(args.profile)  # fail here, not in every worker, on a bad name
+    cluster = Cluster(ClusterSpec(model=model, prefill=args.prefill, decode=args.decode, host=args.host,
                                   port=args.port, log_dir=log_dir, kv_blocks=args.kv_blocks,
-                                  torch_threads=args.torch_threads))
+                                  torch_threads=args.torch_threads, time_scale=args.time_scale))
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -33,10 +39,10 @@ def _up(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     cluster.start()
     try:
-        with console.status(f"starting {args.prefill} prefill + {args.decode} decode workers on {args.model} "
+        with console.status(f"starting {args.prefill} prefill + {args.decode} decode workers on {model} "
                             f"(logs in {log_dir})"):
             cluster.wait_ready(args.ready_timeout)
-        table = Table(title=f"DOPD cluster: {args.model}")
+        table = Table(title=f"DOPD cluster: {model}")
         for col in ("service", "role", "gRPC", "metrics", "pid", "log"):
             table.add_column(col)
         for p in cluster.procs:
@@ -118,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start planner, gateway and workers on this machine until Ctrl-C")
     up.add_argument("--model", default="smollm2", help="smollm2 | tiny-random | a local HF model directory")
+    up.add_argument("--engine", choices=["hf", "sim"], default="hf",
+                    help="hf: real model; sim: no weights, times from a latency profile")
+    up.add_argument("--profile", default="llama3-8b-h100", help="sim: a shipped profile name or a profile file")
+    up.add_argument("--time-scale", type=float, default=1.0, help="sim: run this many times slower than the profile")
     up.add_argument("--prefill", type=int, default=1, help="prefill workers")
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--port", type=int, default=50051, help="gateway port; other services take the next free ports")

@@ -39,6 +39,7 @@ class ClusterSpec:
     redis_prefix: str = "dopd:"
     kv_blocks: int = 2048
     torch_threads: int = 0
+    time_scale: float = 1.0  # sim models only
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -132,7 +133,7 @@ class Cluster:
             self._spawn(name, role, "services.worker", grpc_ports[1 + i], metrics_ports[2 + i], {
                 **common, "DOPD_ROLE": role, "DOPD_WORKER_ID": name, "DOPD_WORKER_PORT": str(grpc_ports[1 + i]),
                 "DOPD_WORKER_METRICS_PORT": str(metrics_ports[2 + i]), "DOPD_KV_BLOCKS": str(s.kv_blocks),
-                "DOPD_TORCH_THREADS": str(s.torch_threads)})
+                "DOPD_TORCH_THREADS": str(s.torch_threads), "DOPD_TIME_SCALE": str(s.time_scale)})
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Until every service is healthy and the gateway sees every worker; raises on a dead child."""

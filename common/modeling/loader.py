@@ -18,6 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -98,11 +99,30 @@ def tiny_random_config() -> LlamaConfig:
     return config
 
 
+def is_sim(name: str) -> bool:
+    return name.startswith("sim:")
+
+
+def sim_profile_name(name: str) -> str:
+    return name.removeprefix("sim:")
+
+
+def sim_config(name: str) -> SimpleNamespace:
+    """What the gateway needs to know of a simulated model: its pseudo-token vocabulary (the
+    SmolLM2 tokenizer's, which detokenizes them) and the profiled model's context."""
+    from common.modeling.sim_runner import PSEUDO_TOKEN_HIGH
+    from common.profile import load_profile
+
+    profile = load_profile(sim_profile_name(name))
+    return SimpleNamespace(vocab_size=PSEUDO_TOKEN_HIGH, max_position_embeddings=profile.model.max_context,
+                           eos_token_id=None)
+
+
 def model_source(name: str) -> Path | None:
     """Directory of a named or local model (None for tiny-random, which has no files)."""
     if name == "smollm2":
         return smollm2_dir()
-    if name == "tiny-random":
+    if name == "tiny-random" or is_sim(name):
         return None
     path = Path(name)
     if not (path / "config.json").exists():
@@ -111,6 +131,8 @@ def model_source(name: str) -> Path | None:
 
 
 def load_config(name: str):
+    if is_sim(name):
+        return sim_config(name)
     source = model_source(name)
     return tiny_random_config() if source is None else AutoConfig.from_pretrained(source)
 

@@ -7,6 +7,7 @@ about requests comes in as plain lists, so the engines own all scheduling state.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -15,6 +16,7 @@ from common.kv.wire import KVLayout
 from common.modeling import paged_attention
 from common.modeling.loader import LoadedModel
 from common.modeling.paged_attention import DecodeBatch, PrefillBatch
+from common.sampling import SamplingParams, sample_batch
 
 
 def kv_layout(loaded: LoadedModel) -> KVLayout:
@@ -23,7 +25,24 @@ def kv_layout(loaded: LoadedModel) -> KVLayout:
     return KVLayout(config.num_hidden_layers, config.num_key_value_heads, head_dim, loaded.dtype)
 
 
+LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class Runner(Protocol):
+    """What the role engines need from whatever runs the model: ModelRunner or SimRunner."""
+
+    store: PagedKVStore
+
+    def prefill_sample(self, prompts: list[list[int]], params: list[SamplingParams],
+                       on_layer_kv: LayerKVHook | None) -> list[int]: ...
+
+    def decode_sample(self, tokens: list[int], positions: list[int], block_tables: list[list[int]],
+                      params: list[SamplingParams], token_indices: list[int]) -> list[int]: ...
+
+
 class ModelRunner:
+    """The engines call `prefill_sample` and `decode_sample`; SimRunner offers the same two."""
+
     def __init__(self, loaded: LoadedModel, store: PagedKVStore) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -71,3 +90,12 @@ class ModelRunner:
         out = self.model(input_ids=torch.tensor(tokens, device=self.device).unsqueeze(1),
                          position_ids=pos.to(self.device).unsqueeze(1), use_cache=False, dopd_batch=batch)
         return out.logits[:, -1].float()
+
+    def prefill_sample(self, prompts: list[list[int]], params: list[SamplingParams],
+                       on_layer_kv: Callable[[int, torch.Tensor, torch.Tensor], None] | None) -> list[int]:
+        """Prefill and sample each prompt's first token (token index 0 of its completion)."""
+        return sample_batch(self.prefill(prompts, on_layer_kv), params, [0] * len(prompts))
+
+    def decode_sample(self, tokens: list[int], positions: list[int], block_tables: list[list[int]],
+                      params: list[SamplingParams], token_indices: list[int]) -> list[int]:
+        return sample_batch(self.decode(tokens, positions, block_tables), params, token_indices)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from common.kv.block_pool import OutOfBlocks
 from common.kv.wire import KVChunk
-from common.modeling.runner import ModelRunner
+from common.modeling.runner import Runner
 from common.rpc.errors import Aborted, DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
-from common.sampling import SamplingParams, sample_batch
+from common.sampling import SamplingParams
 from services.decode.scheduler import DecodeScheduler, DecodeSeq, Finish, SeqState
 from services.worker import metrics
 
@@ -44,7 +44,7 @@ class ErrorEvent:
 
 
 class DecodeEngine:
-    def __init__(self, runner: ModelRunner, scheduler: DecodeScheduler, executor: Executor,
+    def __init__(self, runner: Runner, scheduler: DecodeScheduler, executor: Executor,
                  kv_timeout_s: float) -> None:
         self.runner = runner
         self.scheduler = scheduler
@@ -177,9 +177,9 @@ class DecodeEngine:
             self._update_gauges()
 
     def _step(self, batch: list[DecodeSeq]) -> list[int]:
-        logits = self.runner.decode([s.tokens[-1] for s in batch], [s.next_position for s in batch],
-                                    [s.block_table for s in batch])
-        return sample_batch(logits, [s.params for s in batch], [len(s.tokens) for s in batch])
+        return self.runner.decode_sample([s.tokens[-1] for s in batch], [s.next_position for s in batch],
+                                         [s.block_table for s in batch], [s.params for s in batch],
+                                         [len(s.tokens) for s in batch])
 
     def _deliver(self, batch: list[DecodeSeq], next_tokens: list[int]) -> None:
         finished = self.scheduler.update(batch, next_tokens)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import grpc
 
 from common.kv.wire import KVLayout
-from common.modeling.runner import ModelRunner
+from common.modeling.runner import Runner
 from common.pb import worker_pb2_grpc
 from common.rpc.channels import ChannelPool
 from common.rpc.errors import Unavailable
-from common.sampling import SamplingParams, sample_batch
+from common.sampling import SamplingParams
 from services.prefill.kv_sender import KVSender
 from services.prefill.scheduler import PrefillScheduler
 from services.worker import metrics
@@ -55,7 +55,7 @@ class KVChunkSizes:
 
 
 class PrefillEngine:
-    def __init__(self, runner: ModelRunner, layout: KVLayout, executor: Executor, channels: ChannelPool,
+    def __init__(self, runner: Runner, layout: KVLayout, executor: Executor, channels: ChannelPool,
                  token_budget: int, chunk_sizes: KVChunkSizes) -> None:
         self.runner = runner
         self.layout = layout
@@ -128,8 +128,8 @@ class PrefillEngine:
                 sender.put_layer(layer, k[:, start:end], v[:, start:end])
 
         def forward():
-            logits = self.runner.prefill([job.prompt for job in batch], on_layer_kv)
-            return sample_batch(logits, [job.params for job in batch], [0] * len(batch))
+            return self.runner.prefill_sample([job.prompt for job in batch], [job.params for job in batch],
+                                              on_layer_kv)
 
         try:
             first_tokens = await loop.run_in_executor(self.executor, forward)

@@ -20,9 +20,11 @@ from common.convert import ROLE_TO_PB
 from common.kv.block_pool import BlockPool
 from common.kv.kv_store import PagedKVStore
 from common.kv.wire import dtype_from_name
-from common.modeling.loader import LoadedModel, load_model
+from common.modeling.loader import LoadedModel, is_sim, load_model, sim_profile_name
 from common.modeling.runner import ModelRunner, kv_layout
+from common.modeling.sim_runner import PSEUDO_TOKEN_HIGH, SimRunner
 from common.pb import common_pb2, planner_pb2, planner_pb2_grpc
+from common.profile import load_profile
 from common.rpc.channels import ChannelPool
 from common.rpc.server import ServerHandle
 from services.decode.engine import DecodeEngine
@@ -46,6 +48,8 @@ class WorkerRuntime:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.loaded: LoadedModel | None = None
         self.runner_layout = None
+        self.vocab_size = 0
+        self.attention = ""
         self.pool: BlockPool | None = None
         self.prefill: PrefillEngine | None = None
         self.decode: DecodeEngine | None = None
@@ -65,32 +69,43 @@ class WorkerRuntime:
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         await handle.set_serving(True)
         log.info("%s serving as %s on %s (%s, attention %s, %d KV blocks)", self.worker_id, self.role,
-                 self.address, self.loaded.name, self.loaded.attention, self.pool.num_blocks)
+                 self.address, self.settings.model, self.attention, self.pool.num_blocks)
 
     def _load(self) -> None:
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
+        runner = self._load_sim() if is_sim(s.model) else self._load_model()
+        self.runner_layout = runner.store.layout
+        self.pool = BlockPool(s.kv_blocks, s.block_size)
+        metrics.KV_BLOCKS_TOTAL.set(s.kv_blocks)
+        metrics.KV_BLOCKS_USED.set(0)
+        self.prefill = PrefillEngine(runner, self.runner_layout, self.executor, self.channels,
+                                     s.prefill_token_budget, KVChunkSizes(s.kv_chunk_min_bytes, s.kv_chunk_max_bytes))
+        self.decode = DecodeEngine(runner, DecodeScheduler(self.pool, s.max_batch_size), self.executor,
+                                   s.kv_timeout_s)
+
+    def _load_model(self) -> ModelRunner:
+        s = self.settings
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       transient=False) as progress:
             task = progress.add_task(f"loading {s.model}", total=3)
             loaded = load_model(s.model, s.device, dtype_from_name(s.dtype))
             progress.update(task, advance=1, description="allocating the KV pool")
-            layout = kv_layout(loaded)
-            store = PagedKVStore(layout, s.kv_blocks, s.block_size, loaded.device)
-            runner = ModelRunner(loaded, store)
+            runner = ModelRunner(loaded, PagedKVStore(kv_layout(loaded), s.kv_blocks, s.block_size, loaded.device))
             progress.update(task, advance=1, description="warming up")
             runner.prefill([[1, 2, 3]], None)
             progress.update(task, advance=1, description=f"{s.model} ready")
         self.loaded = loaded
-        self.runner_layout = layout
-        self.pool = BlockPool(s.kv_blocks, s.block_size)
-        metrics.KV_BLOCKS_TOTAL.set(s.kv_blocks)
-        metrics.KV_BLOCKS_USED.set(0)
-        self.prefill = PrefillEngine(runner, layout, self.executor, self.channels, s.prefill_token_budget,
-                                     KVChunkSizes(s.kv_chunk_min_bytes, s.kv_chunk_max_bytes))
-        self.decode = DecodeEngine(runner, DecodeScheduler(self.pool, s.max_batch_size), self.executor,
-                                   s.kv_timeout_s)
+        self.vocab_size = loaded.config.vocab_size
+        self.attention = loaded.attention
+        return runner
+
+    def _load_sim(self) -> SimRunner:
+        profile = load_profile(sim_profile_name(self.settings.model))
+        self.vocab_size = PSEUDO_TOKEN_HIGH
+        self.attention = f"sim ({profile.name}, time scale {self.settings.time_scale:g})"
+        return SimRunner(profile, self.settings.kv_blocks, self.settings.block_size, self.settings.time_scale)
 
     def _set_role_gauge(self) -> None:
         for role in ROLES:

@@ -35,7 +35,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def _check_tokens(self, prompt) -> list[int]:
         if not prompt:
             raise InvalidArgument("prompt_token_ids is empty")
-        vocab = self.rt.loaded.config.vocab_size
+        vocab = self.rt.vocab_size
         ids = list(prompt)
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidArgument(f"prompt_token_ids must lie in [0, {vocab})")
@@ -67,10 +67,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             blocks = len(self.rt.decode.scheduler.seqs[request.request_id].block_table)
             yield worker_pb2.DecodeEvent(reserved=worker_pb2.DecodeEvent.Reserved(blocks=blocks))
+            pending = None
             while True:
-                event = await queue.get()
+                event, pending = pending or await queue.get(), None
                 if isinstance(event, TokensEvent):
-                    yield worker_pb2.DecodeEvent(tokens=worker_pb2.DecodeEvent.Tokens(token_ids=event.token_ids))
+                    # Tokens that queued up while the reader was slow go out as one message.
+                    token_ids = list(event.token_ids)
+                    while pending is None and not queue.empty():
+                        nxt = queue.get_nowait()
+                        if isinstance(nxt, TokensEvent):
+                            token_ids.extend(nxt.token_ids)
+                        else:
+                            pending = nxt
+                    yield worker_pb2.DecodeEvent(tokens=worker_pb2.DecodeEvent.Tokens(token_ids=token_ids))
                 elif isinstance(event, FinishedEvent):
                     yield worker_pb2.DecodeEvent(finished=worker_pb2.DecodeEvent.Finished(
                         reason=FINISH_TO_PB[event.finish.value], completion_tokens=event.completion_tokens))
@@ -109,7 +118,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     if not bool(written.all()):
                         raise wire.WireError(f"KV push ended with {int((~written).sum())} of "
                                              f"{written.numel()} (layer, token) cells missing")
-                    if not 0 <= message.end.first_token_id < self.rt.loaded.config.vocab_size:
+                    if not 0 <= message.end.first_token_id < self.rt.vocab_size:
                         raise wire.WireError(f"first_token_id {message.end.first_token_id} is outside the vocabulary")
                     engine.kv_complete(request_id, message.end.first_token_id)
                     return worker_pb2.PushKVResponse(bytes_received=received)

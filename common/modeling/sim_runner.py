@@ -1,0 +1,84 @@
+"""The `sim` engine: no weights. Forward passes take the time a latency profile gives, tokens are
+deterministic pseudo-tokens, and prefill hands out per-layer K/V of the profiled model's real
+size, so KV transfers carry the bytes the profiled model would through the same PushKV path.
+Everything around it (engines, schedulers, block accounting, gateway, planner) is the real code.
+
+`time_scale` runs the cluster that many times slower than the profile (sleeps are multiplied by
+it); the benchmark divides measured latencies by it to report in profile time. It exists because
+N simulated GPUs can emit tokens faster than one Python gateway on 2 cores can stream them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from common.kv.wire import KVLayout, dtype_from_name
+from common.modeling.runner import LayerKVHook
+from common.profile import LatencyProfile
+from common.sampling import SamplingParams
+
+# Pseudo-tokens stay inside the SmolLM2 tokenizer's vocabulary, so the gateway can detokenize
+# them, and above the special tokens, so none is ever EOS.
+PSEUDO_TOKEN_LOW = 100
+PSEUDO_TOKEN_HIGH = 49152
+
+
+def pseudo_token(previous: int, position: int) -> int:
+    return PSEUDO_TOKEN_LOW + (previous * 1_000_003 + position * 7919) % (PSEUDO_TOKEN_HIGH - PSEUDO_TOKEN_LOW)
+
+
+def profile_layout(profile: LatencyProfile) -> KVLayout:
+    m = profile.model
+    return KVLayout(m.num_layers, m.num_kv_heads, m.head_dim, dtype_from_name(m.dtype))
+
+
+class NullKVStore:
+    """Block accounting without memory: a simulated GPU's KV pool holds no bytes here."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int) -> None:
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        positions = torch.arange(start, end)
+        return torch.tensor(block_table)[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def write_chunk(self, layer_start: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        pass  # the bytes crossed the wire and were checked; a simulated pool keeps nothing
+
+
+class SimRunner:
+    def __init__(self, profile: LatencyProfile, num_blocks: int, block_size: int, time_scale: float = 1.0) -> None:
+        self.profile = profile
+        self.layout = profile_layout(profile)
+        self.store = NullKVStore(self.layout, num_blocks, block_size)
+        self.time_scale = time_scale
+
+    def prefill_sample(self, prompts: list[list[int]], params: list[SamplingParams],
+                       on_layer_kv: LayerKVHook | None) -> list[int]:
+        total = sum(len(p) for p in prompts)
+        per_layer = self.profile.prefill_time(total) * self.time_scale / self.layout.num_layers
+        kv = None
+        if on_layer_kv is not None:  # one zero tensor of the real size, handed out for every layer
+            kv = torch.zeros(self.layout.num_kv_heads, total, self.layout.head_dim, dtype=self.layout.dtype)
+        start = time.perf_counter()
+        for layer in range(self.layout.num_layers):
+            _sleep_until(start + per_layer * (layer + 1))
+            if kv is not None:
+                on_layer_kv(layer, kv, kv)
+        return [pseudo_token(p[-1], len(p)) for p in prompts]
+
+    def decode_sample(self, tokens: list[int], positions: list[int], block_tables: list[list[int]],
+                      params: list[SamplingParams], token_indices: list[int]) -> list[int]:
+        mean_context = sum(positions) / len(positions) + 1
+        _sleep_until(time.perf_counter() + self.profile.decode_step_time(len(tokens), mean_context) * self.time_scale)
+        return [pseudo_token(t, p + 1) for t, p in zip(tokens, positions, strict=True)]
+
+
+def _sleep_until(deadline: float) -> None:
+    delay = deadline - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)

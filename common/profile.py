@@ -1,0 +1,114 @@
+"""Latency profiles: how long prefill and decode take for a model on a device, and how many KV
+bytes a token makes. The `sim` engine runs on them; `dopd profile` measures one on the real
+engine; shipped ones live in common/profiles/NAME.json. Pure: no I/O but the loader.
+
+File format (JSON):
+
+    {
+      "name": "llama3-8b-h100",
+      "description": "...", "sources": ["..."], "assumptions": ["..."],
+      "model": {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16",
+                "vocab_size": 128256, "max_context": 8192},
+      "prefill": {"tokens": [128, 512, ...], "seconds": [0.01, 0.03, ...]},
+      "decode": {"batch": [1, 8, ...], "context": [128, 1024, ...],
+                 "seconds": [[...per context...] per batch]}
+    }
+
+`prefill.seconds[i]` is the time of one forward over `tokens[i]` prompt tokens in total (a batch
+of prompts costs what their total costs: the curve is convex in the total). `decode.seconds[b][c]`
+is one step of a batch of `batch[b]` requests whose mean context is `context[c]`. Between grid
+points the time is interpolated linearly (bilinearly for decode); beyond the grid it is
+extrapolated from the last two points, never below zero.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+
+
+@dataclass(frozen=True)
+class ProfiledModel:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    vocab_size: int
+    max_context: int
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[self.dtype]
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+def _interp(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys), extrapolated from the end segments, clamped at 0."""
+    if len(xs) == 1:
+        return max(0.0, ys[0])
+    i = min(max(bisect.bisect_right(xs, x), 1), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    name: str
+    model: ProfiledModel
+    prefill_tokens: tuple[float, ...]
+    prefill_seconds: tuple[float, ...]
+    decode_batch: tuple[float, ...]
+    decode_context: tuple[float, ...]
+    decode_seconds: tuple[tuple[float, ...], ...]
+    description: str = ""
+
+    def prefill_time(self, total_tokens: int) -> float:
+        return _interp(list(self.prefill_tokens), list(self.prefill_seconds), total_tokens)
+
+    def decode_step_time(self, batch_size: int, mean_context: float) -> float:
+        per_batch = [_interp(list(self.decode_context), list(row), mean_context) for row in self.decode_seconds]
+        return _interp(list(self.decode_batch), per_batch, batch_size)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> LatencyProfile:
+        try:
+            model = ProfiledModel(**doc["model"])
+            prefill, decode = doc["prefill"], doc["decode"]
+            profile = cls(
+                name=doc["name"], model=model, description=doc.get("description", ""),
+                prefill_tokens=tuple(prefill["tokens"]), prefill_seconds=tuple(prefill["seconds"]),
+                decode_batch=tuple(decode["batch"]), decode_context=tuple(decode["context"]),
+                decode_seconds=tuple(tuple(row) for row in decode["seconds"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a latency profile: {exc}") from None
+        profile._check()
+        return profile
+
+    def _check(self) -> None:
+        for label, xs in (("prefill.tokens", self.prefill_tokens), ("decode.batch", self.decode_batch),
+                          ("decode.context", self.decode_context)):
+            if not xs or list(xs) != sorted(set(xs)):
+                raise ValueError(f"profile {self.name}: {label} must be non-empty and strictly increasing")
+        if len(self.prefill_seconds) != len(self.prefill_tokens):
+            raise ValueError(f"profile {self.name}: prefill.seconds must match prefill.tokens")
+        if len(self.decode_seconds) != len(self.decode_batch) or any(
+                len(row) != len(self.decode_context) for row in self.decode_seconds):
+            raise ValueError(f"profile {self.name}: decode.seconds must be [batch][context]")
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: str) -> LatencyProfile:
+    """A shipped profile by name, or a profile file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no latency profile {name_or_path!r}; shipped: {', '.join(list_profiles())}")
+    return LatencyProfile.from_dict(json.loads(path.read_text()))
