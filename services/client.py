@@ -70,7 +70,8 @@ async def cluster_status(target: str, timeout: float = 5.0) -> dict:
         {"name": "gateway", "role": "gateway", "address": status.gateway_address,
          "metrics": status.gateway_metrics_address, "health": await health(status.gateway_address),
          "running": status.running_requests, "kv_used": None, "kv_total": None},
-        {"name": "planner", "role": "planner", "address": status.planner_address, "metrics": None,
+        {"name": "planner", "role": "planner", "address": status.planner_address,
+         "metrics": status.topology.planner_metrics_address or None,
          "health": await health(status.planner_address), "running": None, "kv_used": None, "kv_total": None},
     ]
     for w in status.topology.workers:

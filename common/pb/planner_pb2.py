@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from common.pb import common_pb2 as dopd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64opd/v1/planner.proto\x12\x07\x64opd.v1\x1a\x14\x64opd/v1/common.proto\"\x16\n\x14ReportWorkerResponse\"(\n\x13RemoveWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x16\n\x14RemoveWorkerResponse\"\x14\n\x12GetTopologyRequest\"A\n\x08Topology\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.dopd.v1.WorkerInfo\x12\x0f\n\x07version\x18\x02 \x01(\x03\x32\xd9\x01\n\x07Planner\x12\x42\n\x0cReportWorker\x12\x13.dopd.v1.WorkerInfo\x1a\x1d.dopd.v1.ReportWorkerResponse\x12K\n\x0cRemoveWorker\x12\x1c.dopd.v1.RemoveWorkerRequest\x1a\x1d.dopd.v1.RemoveWorkerResponse\x12=\n\x0bGetTopology\x12\x1b.dopd.v1.GetTopologyRequest\x1a\x11.dopd.v1.Topologyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64opd/v1/planner.proto\x12\x07\x64opd.v1\x1a\x14\x64opd/v1/common.proto\"\x16\n\x14ReportWorkerResponse\"(\n\x13RemoveWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x16\n\x14RemoveWorkerResponse\"\x14\n\x12GetTopologyRequest\"b\n\x08Topology\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.dopd.v1.WorkerInfo\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1f\n\x17planner_metrics_address\x18\x03 \x01(\t2\xd9\x01\n\x07Planner\x12\x42\n\x0cReportWorker\x12\x13.dopd.v1.WorkerInfo\x1a\x1d.dopd.v1.ReportWorkerResponse\x12K\n\x0cRemoveWorker\x12\x1c.dopd.v1.RemoveWorkerRequest\x1a\x1d.dopd.v1.RemoveWorkerResponse\x12=\n\x0bGetTopology\x12\x1b.dopd.v1.GetTopologyRequest\x1a\x11.dopd.v1.Topologyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,7 +42,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETTOPOLOGYREQUEST']._serialized_start=146
   _globals['_GETTOPOLOGYREQUEST']._serialized_end=166
   _globals['_TOPOLOGY']._serialized_start=168
-  _globals['_TOPOLOGY']._serialized_end=233
-  _globals['_PLANNER']._serialized_start=236
-  _globals['_PLANNER']._serialized_end=453
+  _globals['_TOPOLOGY']._serialized_end=266
+  _globals['_PLANNER']._serialized_start=269
+  _globals['_PLANNER']._serialized_end=486
 # @@protoc_insertion_point(module_scope)

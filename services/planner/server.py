@@ -56,7 +56,9 @@ class PlannerServicer(planner_pb2_grpc.PlannerServicer):
         workers = self.registry.live(time.monotonic())
         for role in (1, 2):
             LIVE_WORKERS.labels({1: "prefill", 2: "decode"}[role]).set(sum(w.role == role for w in workers))
-        return planner_pb2.Topology(workers=workers, version=self.registry.version)
+        return planner_pb2.Topology(
+            workers=workers, version=self.registry.version,
+            planner_metrics_address=f"{self.settings.public_host}:{self.settings.planner_metrics_port}")
 
     async def _mirror(self, info) -> None:
         if self.redis is None:
