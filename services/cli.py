@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=300.0)
     gen.set_defaults(func=_generate)
 
+    from services.bench.cli import add_bench_parser
+    from services.profiler import add_profile_parser
+
+    add_bench_parser(sub)
+    add_profile_parser(sub)
+
     st = sub.add_parser("status", help="every service with its role, health and load")
     st.add_argument("--target", default=DEFAULT_TARGET)
     st.add_argument("--json", action="store_true")

@@ -66,14 +66,16 @@ class PrefillEngine:
         self.num_running = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._completions: set[asyncio.Future] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="prefill-loop")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for future in [self._task, *self._completions]:
+            if future:
+                future.cancel()
+        await asyncio.gather(*filter(None, [self._task, *self._completions]), return_exceptions=True)
 
     async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, decode_address: str,
                       timeout: float) -> PrefillResult:
@@ -96,6 +98,11 @@ class PrefillEngine:
     @property
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
+
+    @property
+    def busy(self) -> bool:
+        """Prompts queued or running, or KV still on its way to a decode worker."""
+        return bool(self.scheduler.num_waiting or self.num_running or self._completions)
 
     async def _loop(self) -> None:
         while True:
@@ -141,8 +148,12 @@ class PrefillEngine:
         metrics.PREFILL_SECONDS.observe(forward_done - started)
         for sender, token in zip(senders, first_tokens, strict=True):
             sender.finish(token)
-        await asyncio.gather(*(self._complete(job, sender, token, started, forward_done)
-                               for job, sender, token in zip(batch, senders, first_tokens, strict=True)))
+        # NOTE: the next batch need not wait for this one's KV to land: the tail of the transfer
+        # overlaps the next forward pass. Each job's caller is answered when its KV is confirmed.
+        completion = asyncio.gather(*(self._complete(job, sender, token, started, forward_done)
+                                      for job, sender, token in zip(batch, senders, first_tokens, strict=True)))
+        self._completions.add(completion)
+        completion.add_done_callback(self._completions.discard)
 
     async def _complete(self, job: PrefillJob, sender: KVSender, token: int, started: float,
                         forward_done: float) -> None:

@@ -125,8 +125,7 @@ class WorkerRuntime:
             waiting_requests=waiting, block_size=self.settings.block_size, serving=self.ready)
 
     def is_idle(self) -> bool:
-        return not self.ready or (not self.decode.scheduler.seqs and self.prefill.num_waiting == 0
-                                  and self.prefill.num_running == 0)
+        return not self.ready or (not self.decode.scheduler.seqs and not self.prefill.busy)
 
     async def _heartbeat_loop(self) -> None:
         stub = planner_pb2_grpc.PlannerStub(self.channels.get(self.settings.planner_address))

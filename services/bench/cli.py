@@ -1,0 +1,173 @@
+"""`dopd bench`: run a workload or a trace open loop against a gateway and write DIR/results.json
+(metrics, config, harness ceiling, timeline), DIR/requests.jsonl (one line per request) and
+DIR/*.png; `dopd bench sweep` runs it at several rates for DistServe's goodput.
+
+    dopd bench --target ADDR (--workload NAME | --trace FILE) [--rate R] [--burstiness B]
+               [--duration S] [--seed N] --slo-ttft MS --slo-tpot MS --out DIR
+               [--time-scale F] [--max-context N] [--request-timeout S]
+    dopd bench sweep ... (--rates R1,R2,... | --min-rate R [--max-rate R]) [--max-runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+DEFAULT_RATE = 1.0
+DEFAULT_DURATION = 60.0
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be numbers > 0, got {text!r}")
+    return rates
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `bench` (and its `sweep` mode) to a `dopd` subparsers object; it runs `run_bench`."""
+    from services.bench.workloads import WORKLOADS
+
+    p = subparsers.add_parser("bench", help="benchmark a cluster: latency percentiles, SLO attainment, goodput",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", choices=("run", "sweep"), default="run",
+                   help="run once (default), or sweep rates for the highest that meets the SLOs")
+    p.add_argument("--target", required=True, help="gateway address host:port")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workload", choices=sorted(WORKLOADS), help="a built-in seeded workload")
+    source.add_argument("--trace", type=Path, help="a JSONL trace (services/bench/trace.py)")
+    p.add_argument("--rate", type=float, help=f"requests/s (workloads: default {DEFAULT_RATE}; traces: rescale "
+                                              "the trace's times to this mean rate)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape: 1 = Poisson, < 1 burstier")
+    p.add_argument("--duration", type=float, help=f"seconds of arrivals (workloads: default {DEFAULT_DURATION}; "
+                                                  "traces: drop requests from this time on)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo-ttft", type=float, required=True, metavar="MS", help="TTFT SLO in ms")
+    p.add_argument("--slo-tpot", type=float, required=True, metavar="MS", help="TPOT SLO in ms")
+    p.add_argument("--out", type=Path, required=True, help="directory for results.json and the plots")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="send at t x F wall seconds; latencies are divided by F (results in profile time)")
+    p.add_argument("--max-context", type=int, default=2048, help="workloads: prompt + output tokens at most")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds (profile time) per request")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep = p.add_argument_group("sweep")
+    sweep.add_argument("--rates", type=_rates, help="comma-separated rates to run, e.g. 0.5,1,2,4")
+    sweep.add_argument("--min-rate", type=float, help="doubling search from this rate, then bisection")
+    sweep.add_argument("--max-rate", type=float, help="the search's ceiling")
+    sweep.add_argument("--max-runs", type=int, default=8, help="runs at most")
+    sweep.add_argument("--attainment-target", type=float, default=0.9,
+                       help="fraction of requests meeting both SLOs (DistServe: 0.9)")
+    p.set_defaults(func=run_bench)
+    return p
+
+
+def _requests(args, rate: float | None):
+    from services.bench.trace import read_trace, scale_to_rate
+    from services.bench.workloads import generate
+
+    if args.workload:
+        duration = args.duration if args.duration is not None else DEFAULT_DURATION
+        reqs = generate(args.workload, rate=rate or DEFAULT_RATE, duration=duration, seed=args.seed,
+                        burstiness=args.burstiness, max_context=args.max_context)
+        return reqs, duration
+    reqs = read_trace(args.trace)
+    if rate is not None:
+        reqs = scale_to_rate(reqs, rate)
+    if args.duration is not None:
+        reqs = [r for r in reqs if r.t < args.duration]
+    duration = args.duration if args.duration is not None else max((r.t for r in reqs), default=0.0)
+    return reqs, duration
+
+
+async def _status(target: str):
+    import grpc
+
+    from common.pb import gateway_pb2, gateway_pb2_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        return await gateway_pb2_grpc.GatewayStub(channel).GetStatus(gateway_pb2.GetStatusRequest(), timeout=5.0)
+
+
+def _run_once(args, rate: float | None, out_dir: Path, model: str) -> dict:
+    from services.bench.plots import plot_latency_cdfs, plot_timeline
+    from services.bench.report import build_results
+    from services.bench.runner import RunSettings, run_load
+
+    requests, duration = _requests(args, rate)
+    settings = RunSettings(target=args.target, request_timeout=args.request_timeout, time_scale=args.time_scale,
+                           seed=args.seed, progress=not args.no_progress)
+    config = {"target": args.target, "model": model, "workload": args.workload,
+              "trace": str(args.trace) if args.trace else None, "rate": rate if rate is not None else (
+                  DEFAULT_RATE if args.workload else None), "burstiness": args.burstiness, "duration_s": duration,
+              "seed": args.seed, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
+              "time_scale": args.time_scale, "max_context": args.max_context,
+              "request_timeout_s": args.request_timeout, "requests": len(requests)}
+    outcome = asyncio.run(run_load(requests, settings))
+    results = build_results(requests, outcome, config, duration, args.slo_ttft, args.slo_tpot)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    with open(out_dir / "requests.jsonl", "w") as f:
+        for r in outcome.results:
+            f.write(json.dumps(asdict(r)) + "\n")
+    plot_latency_cdfs(outcome.results, out_dir, args.slo_ttft, args.slo_tpot)
+    plot_timeline(outcome.samples, results["timeline"]["arrivals_per_s"], out_dir)
+    _print_summary(results, out_dir)
+    return results
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def _print_summary(r: dict, out_dir: Path) -> None:
+    h = r["harness"]
+    print(f"{r['completed']}/{r['requests']} completed, {r['failed']} failed {r['errors'] or ''} "
+          f"in {r['duration_s']:.1f} s -> {out_dir}")
+    for m in ("ttft", "tpot", "itl", "e2el"):
+        print(f"  {m.upper():5} ms  mean {_fmt(r[f'mean_{m}_ms'])}  median {_fmt(r[f'median_{m}_ms'])}  "
+              f"p90 {_fmt(r[f'p90_{m}_ms'])}  p99 {_fmt(r[f'p99_{m}_ms'])}")
+    print(f"  SLO attainment {_fmt(r['slo_attainment'])}  goodput {r['goodput']:.2f} req/s  "
+          f"throughput {r['request_throughput']:.2f} req/s, {r['output_throughput']:.1f} tok/s")
+    if h["saturated"]:
+        print(f"  warning: the harness may be the limit: {'; '.join(h['saturation_reasons'])}", file=sys.stderr)
+
+
+def run_bench(args) -> int:
+    """`dopd bench` and `dopd bench sweep`. 0 when the run(s) finished and some request completed;
+    1 when the gateway does not answer or no request completed; 2 on bad arguments."""
+    import grpc
+
+    from services.bench.sweep import RateSearch, run_sweep
+
+    if args.mode == "run" and (args.rates or args.min_rate or args.max_rate):
+        print("error: --rates/--min-rate/--max-rate are for `bench sweep`", file=sys.stderr)
+        return 2
+    if args.mode == "sweep" and (args.rates is None) == (args.min_rate is None):
+        print("error: `bench sweep` takes one of --rates and --min-rate", file=sys.stderr)
+        return 2
+    try:
+        status = asyncio.run(_status(args.target))
+    except grpc.aio.AioRpcError as exc:
+        print(f"error: gateway {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    try:
+        if args.mode == "run":
+            results = _run_once(args, args.rate, args.out, status.model)
+            return 0 if results["completed"] or not results["requests"] else 1
+        search = RateSearch(rates=args.rates, min_rate=args.min_rate, max_rate=args.max_rate,
+                            target=args.attainment_target, max_runs=args.max_runs)
+        result = run_sweep(search, lambda rate: _run_once(args, rate, args.out / f"rate-{rate:g}", status.model),
+                           args.out)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"goodput (highest rate with >= {args.attainment_target:.0%} of requests meeting both SLOs): "
+          f"{_fmt(result['goodput_rate'])} req/s -> {args.out / 'sweep.json'}")
+    return 0

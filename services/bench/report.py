@@ -1,0 +1,65 @@
+"""What results.json holds, assembled from a run's outcome (pure): the metrics, the harness's own
+ceiling, and the timeline."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+
+from services.bench.arrivals import arrivals_per_second
+from services.bench.metrics import summarize
+from services.bench.outcome import RunOutcome
+from services.bench.workloads import BenchRequest
+
+CPU_SATURATED = 0.9  # client CPU time / wall time above this: the client, not the server, may be the limit
+LATE_SATURATED = 0.1  # p99 send lateness above this fraction of the schedule's duration
+
+
+def harness_report(outcome: RunOutcome, schedule_duration: float) -> dict:
+    """What the client sustained: messages and tokens received per wall second, its CPU use, and
+    how late the sends went out against the schedule (profile time). `saturated` says the numbers
+    may describe the harness rather than the cluster."""
+    wall = max(outcome.wall_s, 1e-9)
+    cpu_util = outcome.cpu_s / wall
+    late_ms = np.asarray(outcome.lateness, dtype=float) * 1000.0
+    p99_late_ms = float(np.percentile(late_ms, 99)) if len(late_ms) else 0.0
+    not_sent = len(outcome.results) - outcome.sent
+    reasons = []
+    if cpu_util > CPU_SATURATED:
+        reasons.append(f"client CPU utilization {cpu_util:.2f} > {CPU_SATURATED}")
+    if p99_late_ms / 1000.0 > LATE_SATURATED * schedule_duration:
+        reasons.append(f"p99 send lateness {p99_late_ms:.0f} ms > {LATE_SATURATED:.0%} of the "
+                       f"{schedule_duration:g} s schedule")
+    if not_sent:
+        reasons.append(f"{not_sent} requests not sent before the run's deadline")
+    return {
+        "wall_s": outcome.wall_s,
+        "client_cpu_s": outcome.cpu_s,
+        "client_cpu_utilization": cpu_util,
+        "messages_received": outcome.messages,
+        "tokens_received": outcome.tokens,
+        "messages_per_s": outcome.messages / wall,
+        "tokens_per_s": outcome.tokens / wall,
+        "sent": outcome.sent,
+        "not_sent": not_sent,
+        "send_lateness_median_ms": float(np.median(late_ms)) if len(late_ms) else 0.0,
+        "send_lateness_p99_ms": p99_late_ms,
+        "send_lateness_max_ms": float(late_ms.max()) if len(late_ms) else 0.0,
+        "output_length_mismatch": outcome.length_mismatch,
+        "saturated": bool(reasons),
+        "saturation_reasons": reasons,
+    }
+
+
+def build_results(requests: list[BenchRequest], outcome: RunOutcome, config: dict, schedule_duration: float,
+                  slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> dict:
+    """results.json: the metrics at the top level (vLLM's names), then config, harness, timeline."""
+    out = summarize(outcome.results, outcome.duration, slo_ttft_ms, slo_tpot_ms)
+    out["config"] = config
+    out["harness"] = harness_report(outcome, schedule_duration)
+    out["timeline"] = {
+        "arrivals_per_s": arrivals_per_second([r.t for r in requests], max(schedule_duration, outcome.duration)),
+        "samples": [asdict(s) for s in outcome.samples],
+    }
+    return out
