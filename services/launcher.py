@@ -128,12 +128,16 @@ class Cluster:
         self._spawn("gateway", "gateway", "services.gateway", s.port, metrics_ports[1], {
             **common, "DOPD_GATEWAY_PORT": str(s.port), "DOPD_GATEWAY_METRICS_PORT": str(metrics_ports[1])})
         roles = ["prefill"] * s.prefill + ["decode"] * s.decode
+        # NOTE: torch's default (one thread per core in every worker) oversubscribes the cores as
+        # soon as two workers compute at once, and on 2 cores that is many times slower than one
+        # thread each. 0 means: share the cores out.
+        threads = s.torch_threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
         for i, role in enumerate(roles):
             name = f"{role}-{i if role == 'prefill' else i - s.prefill}"
             self._spawn(name, role, "services.worker", grpc_ports[1 + i], metrics_ports[2 + i], {
                 **common, "DOPD_ROLE": role, "DOPD_WORKER_ID": name, "DOPD_WORKER_PORT": str(grpc_ports[1 + i]),
                 "DOPD_WORKER_METRICS_PORT": str(metrics_ports[2 + i]), "DOPD_KV_BLOCKS": str(s.kv_blocks),
-                "DOPD_TORCH_THREADS": str(s.torch_threads), "DOPD_TIME_SCALE": str(s.time_scale)})
+                "DOPD_TORCH_THREADS": str(threads), "DOPD_TIME_SCALE": str(s.time_scale)})
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Until every service is healthy and the gateway sees every worker; raises on a dead child."""
