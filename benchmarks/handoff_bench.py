@@ -133,13 +133,16 @@ def measure_timeline(gateway: str, prefill_metrics: str, decode_metrics: str, pr
 
 
 def run_handoff(gateway: str, prefill_metrics: str, decode_metrics: str, prompts: list[list[int]],
-                log=print) -> dict:
+                reference: ReferencePrefill | None = None, log=print) -> dict:
     runs = []
     for i, prompt in enumerate(prompts):
         m = measure_one(gateway, prefill_metrics, prompt)
+        if reference is not None:
+            m["reference_prefill_s"] = reference(prompt)
         runs.append(m)
+        ref = f", in-process reference {m['reference_prefill_s']:.3f}s" if reference is not None else ""
         log(f"handoff: request {i + 1}/{len(prompts)}: {m['prompt_tokens']} tokens, prefill {m['prefill_s']:.3f}s, "
-            f"hand-off {m['handoff_s'] * 1e3:.1f} ms, {m['kv_bytes'] / 1e6:.1f} MB")
+            f"hand-off {m['handoff_s'] * 1e3:.1f} ms, {m['kv_bytes'] / 1e6:.1f} MB{ref}")
     timeline = measure_timeline(gateway, prefill_metrics, decode_metrics, prompts[-1])
     tl = timeline.get("timeline")
     if not tl:
@@ -155,4 +158,26 @@ def run_handoff(gateway: str, prefill_metrics: str, decode_metrics: str, prompts
     kv_bytes = sum(r["kv_bytes"] for r in runs) / n
     return {"runs": runs, "polled_run": timeline, "mean_prefill_s": prefill, "mean_handoff_s": handoff,
             "mean_kv_bytes": kv_bytes, "handoff_over_prefill": handoff / prefill,
-            "stream_mb_s": kv_bytes / (prefill + handoff) / 1e6}
+            "stream_mb_s": kv_bytes / (prefill + handoff) / 1e6,
+            "mean_reference_prefill_s": sum(r["reference_prefill_s"] for r in runs) / n if reference else None}
+
+
+
+class ReferencePrefill:
+    """ModelRunner.prefill in this process with no KV callback (nothing streams): what a prefill costs
+    when no KV leaves the process. Run between cluster requests (the cluster idle), so that each
+    cluster figure has a reference taken at the same moment on this noisy machine."""
+
+    def __init__(self, model_name: str, warmup_tokens: int) -> None:
+        from common.kv.kv_store import PagedKVStore
+        from common.modeling.loader import load_model
+        from common.modeling.runner import ModelRunner, kv_layout
+
+        loaded = load_model(model_name)
+        self.runner = ModelRunner(loaded, PagedKVStore(kv_layout(loaded), 1, 16, loaded.device))
+        self.runner.prefill([[100] * warmup_tokens], None)  # first calls at a new length pay one-time costs
+
+    def __call__(self, prompt: list[int]) -> float:
+        t = time.perf_counter()
+        self.runner.prefill([prompt], None)
+        return time.perf_counter() - t

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=50051, help="gateway port; other services take the next free ports")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--kv-blocks", type=int, default=2048, help="KV blocks per worker (16 tokens each)")
-    up.add_argument("--torch-threads", type=int, default=0, help="torch threads per worker (0: the cores shared out among the workers)")
+    up.add_argument("--torch-threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     up.add_argument("--log-dir", help="where each service's log goes (default runs/up-<time>)")
     up.add_argument("--ready-timeout", type=float, default=600.0)
     up.set_defaults(func=_up)
