@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from benchmarks import decode_bench, e2e_bench, handoff_bench  # noqa: E402
+from benchmarks.cpu import describe  # noqa: E402
 from benchmarks.report import Figure, Report, at_least, at_most, console  # noqa: E402
 from common.modeling.loader import load_config  # noqa: E402
 from services.launcher import Cluster, ClusterSpec, free_port  # noqa: E402
@@ -51,6 +52,9 @@ def section_decode(report: Report, args) -> None:
     report.add(Figure(s, "paged (ModelRunner.decode)", r["paged_tok_s"], "tok/s", note=steps))
     report.add(Figure(s, "HF forward + DynamicCache (sdpa)", r["hf_tok_s"], "tok/s", note=steps))
     report.add(Figure(s, "paged / HF", r["ratio"], "x", f">= {DECODE_TARGET}x", at_least(r["ratio"], DECODE_TARGET)))
+    worst = min(r["cpu_per_round"], key=lambda c: c["our_cores"])
+    report.add(Figure(s, "CPU in the round with the least for us", describe(worst),
+                      note="other processes took CPU: a shared machine" if worst["other_cores"] > 0.1 else ""))
     report.add(Figure(s, "greedy tokens agreeing (paged vs HF)",
                       f"{r['greedy_agree_tokens']}/{r['greedy_total_tokens']}", note="sanity check, fp32"))
 
@@ -80,8 +84,10 @@ def section_cluster(report: Report, args, want_e2e: bool, want_handoff: bool) ->
         if want_e2e:
             log(f"e2e/cluster: {len(work)} requests, {sum(len(p) for p, _ in work)} prompt tokens, "
                 f"{sum(n for _, n in work)} output tokens, all sent at once")
-            cluster_e2e = e2e_bench.run_cluster_e2e(cluster.gateway_address, work)
-            log(f"e2e/cluster: {cluster_e2e['output_tokens']} tokens in {cluster_e2e['wall_s']:.1f}s")
+            pids = [p.popen.pid for p in cluster.procs] + ([cluster.redis.pid] if cluster.redis else [])
+            cluster_e2e = e2e_bench.run_cluster_e2e(cluster.gateway_address, work, pids)
+            log(f"e2e/cluster: {cluster_e2e['output_tokens']} tokens in {cluster_e2e['wall_s']:.1f}s; "
+                f"CPU {describe(cluster_e2e['cpu'])}")
         if want_handoff:
             by_role = {p.role: p for p in cluster.procs}
             n = 1 if args.quick else 3
@@ -100,7 +106,7 @@ def section_cluster(report: Report, args, want_e2e: bool, want_handoff: bool) ->
     if cluster_e2e is not None:
         log("e2e/hf: transformers continuous batching on the same requests (cluster stopped)")
         hf = e2e_bench.run_hf_continuous_batching(args.model, work, log=log)
-        log(f"e2e/hf: {hf['output_tokens']} tokens in {hf['wall_s']:.1f}s")
+        log(f"e2e/hf: {hf['output_tokens']} tokens in {hf['wall_s']:.1f}s; CPU {describe(hf['cpu'])}")
         agree = e2e_bench.compare_outputs(cluster_e2e["outputs"], hf["outputs"])
         report.details["e2e"] = {"workload": e2e_bench.workload_dict(workload), "cluster": cluster_e2e, "hf": hf,
                                  "agreement": agree}
@@ -119,6 +125,9 @@ def section_cluster(report: Report, args, want_e2e: bool, want_handoff: bool) ->
         report.add(Figure(s, "greedy outputs identical (cluster vs HF)",
                           f"{agree['identical_requests']}/{agree['requests']}",
                           note=f"{agree['prefix_agree_tokens']}/{agree['tokens']} tokens before first split"))
+        report.add(Figure(s, "CPU during cluster run", describe(cluster_e2e["cpu"]),
+                          note="ours = cluster processes + this client"))
+        report.add(Figure(s, "CPU during HF run", describe(hf["cpu"])))
         report.add(Figure(s, "cluster latency p50 / p90", f"{cluster_e2e['latency']['p50_s']:.1f} / "
                           f"{cluster_e2e['latency']['p90_s']:.1f}", "s"))
 
@@ -167,7 +176,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="write the figures and details as JSON here")
     p.add_argument("--quick", action="store_true", help="fewer steps and requests (development)")
     p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny-random or a local HF directory")
-    p.add_argument("--cluster-threads", type=int, default=2, help="torch threads of each cluster worker")
+    p.add_argument("--cluster-threads", type=int, default=2,
+                   help="torch threads of each cluster worker (0: the launcher's default, cores shared out)")
     return p.parse_args(argv)
 
 

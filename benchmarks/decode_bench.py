@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from benchmarks.cpu import CpuMeter, describe
 from common.kv.block_pool import BlockPool
 from common.kv.kv_store import PagedKVStore
 from common.modeling.loader import LoadedModel, load_model
@@ -133,14 +134,17 @@ def run_decode(model_name: str, cfg: DecodeConfig, log=print) -> dict:
     times: dict[str, list[float]] = {"paged": [], "hf": []}
     outputs: dict[str, list[list[int]]] = {}
     gc.collect()
+    cpu = []
     for r in range(cfg.rounds):
         order = [("paged", paged), ("hf", hf)] if r % 2 == 0 else [("hf", hf), ("paged", paged)]
-        for key, contender in order:
-            t = time.perf_counter()
-            outputs[key] = contender.run(cfg.steps)
-            times[key].append(time.perf_counter() - t)
+        with CpuMeter() as meter:
+            for key, contender in order:
+                t = time.perf_counter()
+                outputs[key] = contender.run(cfg.steps)
+                times[key].append(time.perf_counter() - t)
+        cpu.append(meter.result)
         log(f"decode: round {r + 1}/{cfg.rounds}: paged {times['paged'][-1] / cfg.steps * 1e3:.1f} ms/step, "
-            f"hf {times['hf'][-1] / cfg.steps * 1e3:.1f} ms/step")
+            f"hf {times['hf'][-1] / cfg.steps * 1e3:.1f} ms/step; CPU {describe(meter.result)}")
 
     tokens = cfg.batch * cfg.steps * cfg.rounds
     result = {
@@ -149,7 +153,7 @@ def run_decode(model_name: str, cfg: DecodeConfig, log=print) -> dict:
         "paged_ms_per_step": [s / cfg.steps * 1e3 for s in times["paged"]],
         "hf_ms_per_step": [s / cfg.steps * 1e3 for s in times["hf"]],
         "paged_prefill_s": paged_prefill_s, "hf_prefill_s": hf_prefill_s,
-        "first_tokens_agree": paged.first == hf.first,
+        "first_tokens_agree": paged.first == hf.first, "cpu_per_round": cpu,
     }
     result["ratio"] = result["paged_tok_s"] / result["hf_tok_s"]
     result["greedy_agree_tokens"], result["greedy_total_tokens"] = _agreement(outputs["paged"], outputs["hf"])

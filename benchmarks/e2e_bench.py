@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
+from benchmarks.cpu import CpuMeter
 from common.rpc.server import CHANNEL_OPTIONS
 from services.client import generate
 
@@ -56,17 +57,18 @@ async def _timed(channel, prompt: list[int], max_tokens: int, t0: float):
     return c, time.perf_counter() - t0
 
 
-async def _cluster_run(gateway: str, work: list[tuple[list[int], int]]) -> dict:
+async def _cluster_run(gateway: str, work: list[tuple[list[int], int]], pids: list[int] = ()) -> dict:
     async with grpc.aio.insecure_channel(gateway, options=CHANNEL_OPTIONS) as channel:
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(_timed(channel, p, n, t0) for p, n in work))
-        wall = time.perf_counter() - t0
+        with CpuMeter(pids) as meter:
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(_timed(channel, p, n, t0) for p, n in work))
+            wall = time.perf_counter() - t0
     completions = [c for c, _ in results]
     tokens = sum(len(c.token_ids) for c in completions)
     exact = sum(len(c.token_ids) == n for c, (_, n) in zip(completions, work, strict=True))
     return {"wall_s": wall, "output_tokens": tokens, "tok_s": tokens / wall, "exact_lengths": exact,
-            "latency": _latency_summary([dt for _, dt in results]),
-            "outputs": [c.token_ids for c in completions]}
+            "latency": _latency_summary([dt for _, dt in results]), "cpu": meter.result,
+            "outputs": [list(c.token_ids) for c in completions]}
 
 
 def warm_cluster(gateway: str, vocab: int) -> None:
@@ -75,8 +77,9 @@ def warm_cluster(gateway: str, vocab: int) -> None:
     asyncio.run(_cluster_run(gateway, work))
 
 
-def run_cluster_e2e(gateway: str, work: list[tuple[list[int], int]]) -> dict:
-    return asyncio.run(_cluster_run(gateway, work))
+def run_cluster_e2e(gateway: str, work: list[tuple[list[int], int]], pids: list[int]) -> dict:
+    """pids: the cluster's processes, whose CPU counts as ours (with this client's)."""
+    return asyncio.run(_cluster_run(gateway, work, pids))
 
 
 # -- transformers' continuous batching --------------------------------------------------------
@@ -115,19 +118,20 @@ def run_hf_continuous_batching(model_name: str, work: list[tuple[list[int], int]
         warmup_s = time.perf_counter() - t
         log(f"e2e/hf: manager ready in {warmup_s:.1f}s (attn {model.config._attn_implementation}, "
             f"{num_blocks} blocks of {page_size} tokens, {torch.get_num_threads()} threads)")
-        t0 = time.perf_counter()
-        ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
-        results, finished_at = {}, {}
-        while len(results) < len(ids):
-            r = manager.get_result(timeout=1)
-            if r is None:
-                if not manager.is_running():
-                    raise RuntimeError("transformers' continuous batching loop stopped before finishing")
-                continue
-            if r.is_finished():
-                results[r.request_id] = r
-                finished_at[r.request_id] = time.perf_counter() - t0
-        wall = time.perf_counter() - t0
+        with CpuMeter() as meter:
+            t0 = time.perf_counter()
+            ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in work]
+            results, finished_at = {}, {}
+            while len(results) < len(ids):
+                r = manager.get_result(timeout=1)
+                if r is None:
+                    if not manager.is_running():
+                        raise RuntimeError("transformers' continuous batching loop stopped before finishing")
+                    continue
+                if r.is_finished():
+                    results[r.request_id] = r
+                    finished_at[r.request_id] = time.perf_counter() - t0
+            wall = time.perf_counter() - t0
     errors = [r.error for r in results.values() if r.error]
     if errors:
         raise RuntimeError(f"transformers' continuous batching failed {len(errors)} requests: {errors[0]}")
@@ -137,7 +141,7 @@ def run_hf_continuous_batching(model_name: str, work: list[tuple[list[int], int]
     del model, loaded
     gc.collect()
     return {"wall_s": wall, "output_tokens": tokens, "tok_s": tokens / wall, "exact_lengths": exact,
-            "latency": _latency_summary(list(finished_at.values())), "warmup_s": warmup_s,
+            "latency": _latency_summary(list(finished_at.values())), "warmup_s": warmup_s, "cpu": meter.result,
             "attn_implementation": attn, "cb_config": {"page_size": page_size, "num_blocks": num_blocks},
             "per_request_max_new_tokens": True, "outputs": outputs}
 

@@ -36,7 +36,7 @@ class ClusterSpec:
     port: int = 50051  # the gateway; the planner and workers take the next free ports
     log_dir: Path = Path("runs/cluster")
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_prefix: str = "dopd:"
+    redis_prefix: str = ""  # default: dopd:<gateway port>: so that clusters sharing a Redis don't mix
     kv_blocks: int = 2048
     torch_threads: int = 0
     time_scale: float = 1.0  # sim models only
@@ -124,7 +124,7 @@ class Cluster:
         common = {"DOPD_HOST": s.host, "DOPD_MODEL": s.model, "DOPD_PLANNER_ADDRESS": planner_address}
         self._spawn("planner", "planner", "services.planner", grpc_ports[0], metrics_ports[0], {
             **common, "DOPD_PLANNER_PORT": str(grpc_ports[0]), "DOPD_PLANNER_METRICS_PORT": str(metrics_ports[0]),
-            "DOPD_REDIS_URL": self.redis_url, "DOPD_REDIS_PREFIX": s.redis_prefix})
+            "DOPD_REDIS_URL": self.redis_url, "DOPD_REDIS_PREFIX": s.redis_prefix or f"dopd:{s.port}:"})
         self._spawn("gateway", "gateway", "services.gateway", s.port, metrics_ports[1], {
             **common, "DOPD_GATEWAY_PORT": str(s.port), "DOPD_GATEWAY_METRICS_PORT": str(metrics_ports[1])})
         roles = ["prefill"] * s.prefill + ["decode"] * s.decode

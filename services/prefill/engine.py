@@ -135,16 +135,16 @@ class PrefillEngine:
                 sender.put_layer(layer, k[:, start:end], v[:, start:end])
 
         def forward():
-            return self.runner.prefill_sample([job.prompt for job in batch], [job.params for job in batch],
-                                              on_layer_kv)
+            tokens = self.runner.prefill_sample([job.prompt for job in batch], [job.params for job in batch],
+                                                on_layer_kv)
+            return tokens, time.perf_counter()  # the forward's end, as seen by the thread that ran it
 
         try:
-            first_tokens = await loop.run_in_executor(self.executor, forward)
+            first_tokens, forward_done = await loop.run_in_executor(self.executor, forward)
         except BaseException:
             for sender in senders:
                 sender.cancel()
             raise
-        forward_done = time.perf_counter()
         metrics.PREFILL_SECONDS.observe(forward_done - started)
         for sender, token in zip(senders, first_tokens, strict=True):
             sender.finish(token)
