@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,7 +31,7 @@ from rich.table import Table  # noqa: E402
 from benchmarks.sim_cluster import running_cluster  # noqa: E402
 from services.bench.arrivals import arrival_times  # noqa: E402
 from services.bench.metrics import summarize  # noqa: E402
-from services.bench.report import harness_report  # noqa: E402
+from services.bench.report import CEILING_FILE, harness_report  # noqa: E402
 from services.bench.runner import RunSettings, run_load  # noqa: E402
 from services.bench.workloads import BenchRequest  # noqa: E402
 
@@ -65,6 +67,8 @@ def main() -> int:
     parser.add_argument("--token-rates", default="5,10,20,40", help="request rates of the 256-token run")
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--write-ceiling", action="store_true",
+                        help="record the ceiling in services/bench/harness_ceiling.json for dopd bench")
     args = parser.parse_args()
     console = Console(width=160)
     result: dict = {}
@@ -104,6 +108,12 @@ def main() -> int:
                   f"{result['ceiling']['tokens_per_s']} streamed tokens/s on this machine")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2, default=str))
+    if args.write_ceiling and None not in result["ceiling"].values():
+        CEILING_FILE.write_text(json.dumps({
+            **result["ceiling"], "measured_by": "benchmarks/bench_overhead.py --write-ceiling",
+            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+            "note": "one gateway, 1 prefill + 1 decode sim worker on the zero profile, client on the same machine",
+        }, indent=2) + "\n")
     return 0
 
 

@@ -97,7 +97,7 @@ async def _status(target: str):
 
 def _run_once(args, rate: float | None, out_dir: Path, model: str) -> dict:
     from services.bench.plots import plot_latency_cdfs, plot_timeline
-    from services.bench.report import build_results
+    from services.bench.report import build_results, load_ceiling
     from services.bench.runner import RunSettings, run_load
 
     requests, duration = _requests(args, rate)
@@ -110,7 +110,7 @@ def _run_once(args, rate: float | None, out_dir: Path, model: str) -> dict:
               "time_scale": args.time_scale, "max_context": args.max_context,
               "request_timeout_s": args.request_timeout, "requests": len(requests)}
     outcome = asyncio.run(run_load(requests, settings))
-    results = build_results(requests, outcome, config, duration, args.slo_ttft, args.slo_tpot)
+    results = build_results(requests, outcome, config, duration, args.slo_ttft, args.slo_tpot, load_ceiling())
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     with open(out_dir / "requests.jsonl", "w") as f:

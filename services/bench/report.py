@@ -3,20 +3,49 @@ ceiling, and the timeline."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
 from services.bench.arrivals import arrivals_per_second
-from services.bench.metrics import summarize
+from services.bench.metrics import RequestResult, summarize
 from services.bench.outcome import RunOutcome
 from services.bench.workloads import BenchRequest
 
+# What one gateway on this machine sustains, measured by benchmarks/bench_overhead.py --write-ceiling.
+CEILING_FILE = Path(__file__).resolve().parent / "harness_ceiling.json"
+CEILING_MARGIN = 0.5  # a run counts as under the ceiling while its peak stays below half of it
 CPU_SATURATED = 0.9  # client CPU time / wall time above this: the client, not the server, may be the limit
 LATE_SATURATED = 0.1  # p99 send lateness above this fraction of the schedule's duration
 
 
-def harness_report(outcome: RunOutcome, schedule_duration: float) -> dict:
+def peak_wall_rates(results: Sequence[RequestResult], time_scale: float) -> tuple[int, int]:
+    """Most tokens and most requests that reached the client in one wall-clock second. Results
+    are in profile time; token k of a request arrived at t_sent + ttft + sum(itls[:k])."""
+    tokens: Counter[int] = Counter()
+    requests: Counter[int] = Counter()
+    for r in results:
+        if not r.ok or r.ttft is None:
+            continue
+        t = r.t_sent + r.ttft
+        requests[int(r.t_sent * time_scale)] += 1
+        tokens[int(t * time_scale)] += 1
+        for gap in r.itls:
+            t += gap
+            tokens[int(t * time_scale)] += 1
+    return max(tokens.values(), default=0), max(requests.values(), default=0)
+
+
+def load_ceiling(path: Path = CEILING_FILE) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def harness_report(outcome: RunOutcome, schedule_duration: float, time_scale: float = 1.0,
+                   ceiling: dict | None = None) -> dict:
     """What the client sustained: messages and tokens received per wall second, its CPU use, and
     how late the sends went out against the schedule (profile time). `saturated` says the numbers
     may describe the harness rather than the cluster."""
@@ -33,7 +62,19 @@ def harness_report(outcome: RunOutcome, schedule_duration: float) -> dict:
                        f"{schedule_duration:g} s schedule")
     if not_sent:
         reasons.append(f"{not_sent} requests not sent before the run's deadline")
+    peak_tokens, peak_requests = peak_wall_rates(outcome.results, time_scale)
+    under = None
+    if ceiling:
+        under = (peak_tokens < CEILING_MARGIN * ceiling["tokens_per_s"]
+                 and peak_requests < CEILING_MARGIN * ceiling["requests_per_s"])
+        if not under:
+            reasons.append(f"peak {peak_tokens} tokens/s, {peak_requests} requests/s (wall) not under "
+                           f"{CEILING_MARGIN:.0%} of the gateway's ceiling")
     return {
+        "ceiling": ceiling,
+        "peak_tokens_per_wall_s": peak_tokens,
+        "peak_requests_per_wall_s": peak_requests,
+        "under_ceiling": under,
         "wall_s": outcome.wall_s,
         "client_cpu_s": outcome.cpu_s,
         "client_cpu_utilization": cpu_util,
@@ -53,11 +94,11 @@ def harness_report(outcome: RunOutcome, schedule_duration: float) -> dict:
 
 
 def build_results(requests: list[BenchRequest], outcome: RunOutcome, config: dict, schedule_duration: float,
-                  slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> dict:
+                  slo_ttft_ms: float | None, slo_tpot_ms: float | None, ceiling: dict | None = None) -> dict:
     """results.json: the metrics at the top level (vLLM's names), then config, harness, timeline."""
     out = summarize(outcome.results, outcome.duration, slo_ttft_ms, slo_tpot_ms)
     out["config"] = config
-    out["harness"] = harness_report(outcome, schedule_duration)
+    out["harness"] = harness_report(outcome, schedule_duration, config.get("time_scale", 1.0), ceiling)
     out["timeline"] = {
         "arrivals_per_s": arrivals_per_second([r.t for r in requests], max(schedule_duration, outcome.duration)),
         "samples": [asdict(s) for s in outcome.samples],

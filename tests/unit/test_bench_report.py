@@ -72,3 +72,17 @@ def test_plots_are_written(tmp_path):
     samples.append(StatusSample(t=3.0, error="UNAVAILABLE"))
     assert plot_timeline(samples, [1, 3, 0], tmp_path).stat().st_size > 0
     assert plot_latency_cdfs([], tmp_path, None, None, name="empty.png").stat().st_size > 0
+
+
+def test_peak_wall_rates_counts_tokens_per_wall_second():
+    from services.bench.metrics import RequestResult
+    from services.bench.report import peak_wall_rates
+
+    # Profile time; at time scale 2 each profile second is two wall seconds.
+    a = RequestResult("a", t_sent=0.0, ttft=0.1, itls=[0.1, 0.1, 0.1], e2e=0.4, output_tokens=4)
+    b = RequestResult("b", t_sent=0.2, ttft=0.1, itls=[0.1], e2e=0.2, output_tokens=2)
+    failed = RequestResult("c", t_sent=0.1, ttft=None, ok=False, error="UNAVAILABLE")
+    # Wall arrivals: a at 0.2, 0.4, 0.6, 0.8; b at 0.6, 0.8 -> all 6 in wall second 0.
+    assert peak_wall_rates([a, b, failed], time_scale=2.0) == (6, 2)
+    # At time scale 4: a at 0.4, 0.8, 1.2, 1.6; b at 1.2, 1.6 -> 2 in second 0, 4 in second 1.
+    assert peak_wall_rates([a, b, failed], time_scale=4.0) == (4, 2)
