@@ -137,7 +137,7 @@ def section_cluster(report: Report, args, want_e2e: bool, want_handoff: bool) ->
         n = f"mean of {len(handoff['runs'])} single requests"
         report.add(Figure(s, "prefill (forward)", handoff["mean_prefill_s"], "s", note=n))
         report.add(Figure(s, "hand-off (forward end -> decode has all KV)", handoff["mean_handoff_s"] * 1e3, "ms",
-                          note=f"{n}; forward end = when the prefill worker's event loop sees it"))
+                          note=f"{n}; forward end = timestamped in the thread that ran it"))
         ratio = handoff["handoff_over_prefill"]
         report.add(Figure(s, "hand-off / prefill", ratio * 100, "%", f"<= {HANDOFF_TARGET:.0%}",
                           at_most(ratio, HANDOFF_TARGET)))
