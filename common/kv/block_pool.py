@@ -50,7 +50,3 @@ class BlockPool:
             self._used.remove(block)
             self._free.append(block)
 
-
-def slot_of(block_table: list[int], position: int, block_size: int) -> int:
-    """Flat slot index (block * block_size + offset) of token `position` of a request."""
-    return block_table[position // block_size] * block_size + position % block_size

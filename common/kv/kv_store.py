@@ -17,6 +17,12 @@ import torch
 from common.kv.wire import KVLayout
 
 
+def slots_for(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
+    """Flat slots of token positions [start, end) of a request with this block table."""
+    positions = torch.arange(start, end)
+    return torch.tensor(block_table)[positions // block_size] * block_size + positions % block_size
+
+
 class PagedKVStore:
     def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, device: torch.device) -> None:
         self.layout = layout
@@ -39,9 +45,7 @@ class PagedKVStore:
         return self.k.nbytes + self.v.nbytes
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        """Flat slots of token positions [start, end) of a request with this block table."""
-        positions = torch.arange(start, end)
-        return torch.tensor(block_table)[positions // self.block_size] * self.block_size + positions % self.block_size
+        return slots_for(block_table, start, end, self.block_size)
 
     def flat_k(self, layer: int) -> torch.Tensor:
         return self.k[layer].view(-1, self.layout.num_kv_heads, self.layout.head_dim)

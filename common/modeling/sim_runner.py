@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from common.kv.kv_store import slots_for
 from common.kv.wire import KVLayout, dtype_from_name
 from common.modeling.runner import LayerKVHook
 from common.profile import LatencyProfile
@@ -43,8 +44,7 @@ class NullKVStore:
         self.block_size = block_size
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        positions = torch.arange(start, end)
-        return torch.tensor(block_table)[positions // self.block_size] * self.block_size + positions % self.block_size
+        return slots_for(block_table, start, end, self.block_size)
 
     def write_chunk(self, layer_start: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
         pass  # the bytes crossed the wire and were checked; a simulated pool keeps nothing

@@ -2,7 +2,8 @@ import random
 
 import pytest
 
-from common.kv.block_pool import BlockPool, OutOfBlocks, slot_of
+from common.kv.block_pool import BlockPool, OutOfBlocks
+from common.kv.kv_store import slots_for
 
 
 def test_allocate_and_free_round_trip():
@@ -58,14 +59,12 @@ def test_blocks_for(tokens, expected):
     assert BlockPool(8, 16).blocks_for(tokens) == expected
 
 
-def test_slot_of():
+def test_slots_for():
     table = [7, 2, 5]
-    assert slot_of(table, 0, 4) == 28
-    assert slot_of(table, 3, 4) == 31
-    assert slot_of(table, 4, 4) == 8
-    assert slot_of(table, 9, 4) == 21
-    slots = [slot_of(table, p, 4) for p in range(12)]
+    slots = slots_for(table, 0, 12, 4).tolist()
+    assert slots[0] == 28 and slots[3] == 31 and slots[4] == 8 and slots[9] == 21
     assert len(set(slots)) == 12
+    assert slots_for(table, 3, 6, 4).tolist() == slots[3:6]
 
 
 def test_invariant_through_random_sequence():
