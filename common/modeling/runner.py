@@ -25,6 +25,7 @@ def kv_layout(loaded: LoadedModel) -> KVLayout:
     return KVLayout(config.num_hidden_layers, config.num_key_value_heads, head_dim, loaded.dtype)
 
 
+FLASH_PAGE_MULTIPLE = 256
 LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -49,6 +50,9 @@ class ModelRunner:
         self.store = store
         self.device = loaded.device
         self.use_flash = loaded.attention == "flash_attention_2"
+        # flash-attn's paged kernel takes blocks of a multiple of 256 tokens only; with smaller
+        # blocks, decode on CUDA gathers through the block tables and runs SDPA like the CPU does.
+        self.use_flash_decode = self.use_flash and store.block_size % FLASH_PAGE_MULTIPLE == 0
         self.model.set_attn_implementation(paged_attention.register())
 
     @torch.inference_mode()
@@ -75,7 +79,7 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64)
         slot_mapping = tables.gather(1, (pos // bs).unsqueeze(1)).squeeze(1) * bs + pos % bs
         gather_slots = attn_mask = None
-        if not self.use_flash:
+        if not self.use_flash_decode:
             max_ctx = max(context_lens)
             slots = (tables.unsqueeze(2) * bs + torch.arange(bs)).view(len(tokens), -1)[:, :max_ctx]
             valid = torch.arange(max_ctx).unsqueeze(0) < torch.tensor(context_lens).unsqueeze(1)
@@ -86,7 +90,7 @@ class ModelRunner:
             store=self.store, slot_mapping=slot_mapping.to(self.device),
             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=self.device),
             block_tables=tables.to(torch.int32).to(self.device), gather_slots=gather_slots,
-            attn_mask=attn_mask, use_flash=self.use_flash)
+            attn_mask=attn_mask, use_flash=self.use_flash_decode)
         out = self.model(input_ids=torch.tensor(tokens, device=self.device).unsqueeze(1),
                          position_ids=pos.to(self.device).unsqueeze(1), use_cache=False, dopd_batch=batch)
         return out.logits[:, -1].float()
