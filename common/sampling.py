@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 _SEED_STRIDE = 1_000_003
+# Below this, dividing logits by the temperature overflows float32; it is greedy in effect (vLLM's epsilon).
+GREEDY_EPSILON = 1e-5
 
 
 @dataclass(frozen=True)
@@ -25,22 +27,23 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_EPSILON
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, token_index: int) -> int:
     """Sample one token id from a [vocab] row of logits."""
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
+    # On the CPU whatever the model's device: the (seed, index) stream is then the same everywhere.
+    logits = logits.float().cpu() / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens ranked above it already cover top_p; keep the first always.
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+        drop = probs.cumsum(dim=-1) - probs >= params.top_p
         logits = logits.scatter(0, order[drop], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     generator = torch.Generator().manual_seed((params.seed * _SEED_STRIDE + token_index) % (2**63))

@@ -35,7 +35,7 @@ class ClusterSpec:
     host: str = "127.0.0.1"
     port: int = 50051  # the gateway; the planner and workers take the next free ports
     log_dir: Path = Path("runs/cluster")
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default_factory=lambda: os.environ.get("DOPD_REDIS_URL", "redis://127.0.0.1:6379/0"))
     redis_prefix: str = ""  # default: dopd:<gateway port>: so that clusters sharing a Redis don't mix
     kv_blocks: int = 2048
     torch_threads: int = 0

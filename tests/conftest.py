@@ -39,7 +39,7 @@ def redis_prefix(redis_url) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_cluster(redis_url, redis_prefix, tmp_path_factory) -> ClusterHandle:
-    handle = start_cluster("tiny-random", tmp_path_factory.mktemp("tiny-cluster"), redis_url, redis_prefix,
+    handle = start_cluster("tiny-random", tmp_path_factory.mktemp("tiny-cluster"), redis_url, redis_prefix + "tiny:",
                            kv_blocks=1536, env={"DOPD_KV_TIMEOUT_S": "3"})
     yield handle
     codes = handle.cluster.stop()

@@ -40,10 +40,6 @@ class PagedKVStore:
     def null_slot(self) -> int:
         return self.null_block * self.block_size
 
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         return slots_for(block_table, start, end, self.block_size)
 
@@ -65,8 +61,3 @@ class PagedKVStore:
         kv = kv.to(self.k.device)
         self.k[layer_start:layer_start + num_layers].view(shape)[:, slots] = kv[:, 0]
         self.v[layer_start:layer_start + num_layers].view(shape)[:, slots] = kv[:, 1]
-
-    def read_tokens(self, slots: torch.Tensor) -> torch.Tensor:
-        """All layers' KV at `slots` as [layers, 2, tokens, heads, head_dim] (tests, migration)."""
-        shape = (self.layout.num_layers, -1, self.layout.num_kv_heads, self.layout.head_dim)
-        return torch.stack([self.k.view(shape)[:, slots], self.v.view(shape)[:, slots]], dim=1)

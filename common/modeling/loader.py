@@ -33,9 +33,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DOPD_CACHE_DIR", Path.home() / ".cache" / "dopd"))
 
 
-def select_attention(device: torch.device) -> str:
-    """`flash_attention_2` on CUDA when flash-attn imports, else torch SDPA. Decided at run time."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def select_attention(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """`flash_attention_2` on CUDA when flash-attn imports and the dtype is one its kernels take
+    (fp16, bf16), else torch SDPA. Decided at run time."""
+    if device.type == "cuda" and dtype in HALF_DTYPES and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
@@ -164,7 +168,7 @@ class LoadedModel:
 def load_model(name: str, device: str = "auto", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load weights once, on the chosen device, in eval mode."""
     dev = select_device(device)
-    attention = select_attention(dev)
+    attention = select_attention(dev, dtype)
     source = model_source(name)
     if source is None:
         config = tiny_random_config()

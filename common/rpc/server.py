@@ -27,6 +27,17 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default; larger messages get RESOU
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Keepalive pings on open calls: a peer whose host died (not just its process) is noticed in
+    # seconds, so a KV push or a decode stream to it fails instead of waiting out its deadline.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),  # accept the clients' pings
 ]
 
 
@@ -55,7 +66,7 @@ class ServerHandle:
 async def run_server(*, host: str, port: int, metrics_port: int, services: list[Service],
                      start: Callable[[ServerHandle], Awaitable[None]] | None = None,
                      drain: Callable[[], Awaitable[None]] | None = None, grace: float = 10.0) -> None:
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     for service in services:
         service.add_to_server(service.servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -91,22 +102,6 @@ async def run_server(*, host: str, port: int, metrics_port: int, services: list[
     finally:
         metrics_server.shutdown()
         log.info("stopped")
-
-
-async def wait_serving(address: str, timeout: float, service: str = "") -> bool:
-    """Poll a server's health until SERVING or the timeout passes."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while asyncio.get_running_loop().time() < deadline:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return True
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.2)
-    return False
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:

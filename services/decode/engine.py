@@ -147,39 +147,38 @@ class DecodeEngine:
 
     # -- the loop ---------------------------------------------------------------------------
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self.scheduler.has_work():
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             batch = self.scheduler.schedule()
-            self._in_flight = {s.request_id for s in batch}
-            started = time.perf_counter()
             try:
-                next_tokens = await loop.run_in_executor(self.executor, self._step, batch)
-            except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the worker
+                await self._run_step(batch)
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the loop
                 log.exception("decode step failed")
-                next_tokens = None
-                error = exc
-            finally:
-                self._in_flight = set()
-            metrics.DECODE_STEP_SECONDS.observe(time.perf_counter() - started)
-            metrics.DECODE_BATCH_SIZE.observe(len(batch))
-            if next_tokens is None:
                 for seq in batch:
-                    self.fail(seq.request_id, ServiceError(f"decode step failed: {error}"))
-            else:
-                self._deliver(batch, next_tokens)
-            for request_id in self._deferred_aborts:
-                self.scheduler.abort(request_id)
-            self._deferred_aborts.clear()
-            self._update_gauges()
+                    self.fail(seq.request_id, ServiceError(f"decode step failed: {exc}"))
+            finally:
+                for request_id in self._deferred_aborts:
+                    self.scheduler.abort(request_id)
+                self._deferred_aborts.clear()
+                self._update_gauges()
 
-    def _step(self, batch: list[DecodeSeq]) -> list[int]:
-        return self.runner.decode_sample([s.tokens[-1] for s in batch], [s.next_position for s in batch],
-                                         [s.block_table for s in batch], [s.params for s in batch],
-                                         [len(s.tokens) for s in batch])
+    async def _run_step(self, batch: list[DecodeSeq]) -> None:
+        # Inputs are read here, on the loop thread: the executor thread only runs the model.
+        inputs = ([s.tokens[-1] for s in batch], [s.next_position for s in batch], [s.block_table for s in batch],
+                  [s.params for s in batch], [len(s.tokens) for s in batch])
+        self._in_flight = {s.request_id for s in batch}
+        started = time.perf_counter()
+        try:
+            next_tokens = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.runner.decode_sample, *inputs)
+        finally:
+            self._in_flight = set()
+        metrics.DECODE_STEP_SECONDS.observe(time.perf_counter() - started)
+        metrics.DECODE_BATCH_SIZE.observe(len(batch))
+        self._deliver(batch, next_tokens)
 
     def _deliver(self, batch: list[DecodeSeq], next_tokens: list[int]) -> None:
         finished = self.scheduler.update(batch, next_tokens)

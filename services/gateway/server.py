@@ -31,7 +31,7 @@ from common.pb import (
     worker_pb2_grpc,
 )
 from common.rpc.channels import ChannelPool
-from common.rpc.errors import ResourceExhausted, Unavailable, grpc_errors
+from common.rpc.errors import ResourceExhausted, Unavailable, grpc_errors, is_refusal
 from common.rpc.server import Service, run_server
 from common.sampling import SamplingParams
 from services.gateway import metrics
@@ -108,7 +108,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         params = validate_params(request, self.settings.default_max_tokens)
         prompt = self._prompt_ids(request)
         validate_context(len(prompt), params.max_tokens, self.config.max_position_embeddings)
+        metrics.PROMPT_TOKENS.inc(len(prompt))
         request_id = request.request_id or uuid.uuid4().hex
+        # Towards the workers every request has an id of the gateway's own: two clients that
+        # chose the same request_id must not meet on a worker.
+        worker_request_id = uuid.uuid4().hex
         sampling = SamplingParams(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             seed=params.seed if params.seed is not None else random.getrandbits(63),
@@ -122,8 +126,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         metrics.RUNNING.set(self._running)
         decode_call = decode_worker = None
         try:
-            decode_call, decode_worker = await self._reserve_decode(request_id, len(prompt), sampling, remaining)
-            first = await self._prefill(request_id, prompt, sampling, decode_worker, remaining)
+            decode_call, decode_worker = await self._reserve_decode(worker_request_id, len(prompt), sampling,
+                                                                    remaining)
+            first = await self._prefill(worker_request_id, prompt, sampling, decode_worker, remaining)
             detok = Detokenizer(self.tokenizer, params.stop)
             metrics.TTFT.observe(time.perf_counter() - arrived)
             first_at = time.perf_counter()
@@ -187,7 +192,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     request_id=request_id, prompt_token_ids=prompt, sampling=sampling_to_pb(sampling),
                     decode_address=decode_worker.address), timeout=remaining())
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION and "draining" not in (exc.details() or ""):
+                if not is_refusal(exc):
                     raise
                 log.info("prefill worker %s refused %s: %s; trying another", worker.worker_id, request_id,
                          exc.details())
@@ -211,8 +216,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 call.cancel()
                 raise
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
-                                  grpc.StatusCode.FAILED_PRECONDITION):
+                if exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
                     refusals.append(f"{worker.worker_id}: {exc.details()}")
                     continue
                 raise

@@ -17,6 +17,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from common.config import PlannerSettings
+from common.convert import ROLE_FROM_PB
 from common.pb import planner_pb2, planner_pb2_grpc
 from common.rpc.errors import InvalidArgument, grpc_errors
 from common.rpc.server import Service, run_server
@@ -54,8 +55,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServicer):
     @grpc_errors
     async def GetTopology(self, request, context):
         workers = self.registry.live(time.monotonic())
-        for role in (1, 2):
-            LIVE_WORKERS.labels({1: "prefill", 2: "decode"}[role]).set(sum(w.role == role for w in workers))
+        for role, name in ROLE_FROM_PB.items():
+            LIVE_WORKERS.labels(name).set(sum(w.role == role for w in workers))
         return planner_pb2.Topology(
             workers=workers, version=self.registry.version,
             planner_metrics_address=f"{self.settings.public_host}:{self.settings.planner_metrics_port}")

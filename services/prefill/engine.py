@@ -18,7 +18,7 @@ from common.kv.wire import KVLayout
 from common.modeling.runner import Runner
 from common.pb import worker_pb2_grpc
 from common.rpc.channels import ChannelPool
-from common.rpc.errors import Unavailable
+from common.rpc.errors import DeadlineExceeded, Unavailable
 from common.sampling import SamplingParams
 from services.prefill.kv_sender import KVSender
 from services.prefill.scheduler import PrefillScheduler
@@ -114,7 +114,7 @@ class PrefillEngine:
             self.num_running = len(batch)
             try:
                 await self._run_batch(batch)
-            except Exception as exc:  # noqa: BLE001 - fail the batch, keep the worker
+            except Exception as exc:  # noqa: BLE001 - fail the batch, never the loop
                 log.exception("prefill batch failed")
                 for job in batch:
                     if not job.future.done():
@@ -162,16 +162,19 @@ class PrefillEngine:
             return
         try:
             kv_bytes = await sender.wait()
-        except grpc.aio.AioRpcError as exc:
+            handoff = sender.done_at - forward_done
+            metrics.KV_HANDOFF_SECONDS.observe(handoff)
             if not job.future.done():
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                    job.future.set_exception(Unavailable(
-                        f"KV push to decode worker {job.decode_address} failed: {exc.details()}"))
-                else:
-                    job.future.set_exception(exc)
-            return
-        handoff = sender.done_at - forward_done
-        metrics.KV_HANDOFF_SECONDS.observe(handoff)
-        if not job.future.done():
-            job.future.set_result(PrefillResult(token, started - job.enqueued_at, forward_done - started,
-                                                handoff, kv_bytes))
+                job.future.set_result(PrefillResult(token, started - job.enqueued_at, forward_done - started,
+                                                    handoff, kv_bytes))
+        except grpc.aio.AioRpcError as exc:
+            # Whatever the decode worker said, to our caller it is a failed hand-off, not its input.
+            code = DeadlineExceeded if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else Unavailable
+            if not job.future.done():
+                job.future.set_exception(code(f"KV push to decode worker {job.decode_address} failed: "
+                                              f"{exc.code().name}: {exc.details()}"))
+        finally:
+            # NOTE: a push that broke on our side (its message stream raised) ends as a local
+            # cancel, not an AioRpcError; the caller must still get an answer, never a hang.
+            if not job.future.done():
+                job.future.set_exception(Unavailable(f"KV push to decode worker {job.decode_address} broke off"))

@@ -28,7 +28,6 @@ class KVSender:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._builder = ChunkBuilder(layout, num_tokens, min_bytes, max_bytes)
         self._begin = wire.begin_message(request_id, num_tokens, layout)
-        self.bytes_sent = 0
         self.done_at: float | None = None
         self.call = stub.PushKV(self._messages(), timeout=timeout)
 
@@ -64,6 +63,5 @@ class KVSender:
 
     def _chunk(self, chunk: wire.KVChunk):
         message = wire.chunk_message(chunk)
-        self.bytes_sent += len(message.chunk.data)
         metrics.KV_TRANSFER_BYTES.labels("sent").inc(len(message.chunk.data))
         return message

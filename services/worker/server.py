@@ -11,9 +11,10 @@ from common.config import WorkerSettings
 from common.convert import FINISH_TO_PB, sampling_from_pb
 from common.kv import wire
 from common.pb import worker_pb2, worker_pb2_grpc
-from common.rpc.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable, grpc_errors
+from common.rpc.errors import InvalidArgument, Refused, ServiceError, Unavailable, grpc_errors
 from common.rpc.server import Service, run_server
 from services.decode.engine import ErrorEvent, FinishedEvent, TokensEvent
+from services.decode.scheduler import SeqState
 from services.worker import metrics
 from services.worker.runtime import WorkerRuntime
 
@@ -26,11 +27,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def _require(self, role: str, new_work: bool = True) -> None:
         if not self.rt.ready:
-            raise Unavailable("worker is still loading its model")
+            raise Refused("worker is still loading its model")
         if new_work and self.rt.draining:  # KV for a request already held is still taken
-            raise Unavailable(f"worker {self.rt.worker_id} is draining")
+            raise Refused(f"worker {self.rt.worker_id} is draining")
         if self.rt.role != role:
-            raise FailedPrecondition(f"worker {self.rt.worker_id} serves {self.rt.role}, not {role}")
+            raise Refused(f"worker {self.rt.worker_id} serves {self.rt.role}, not {role}")
 
     def _check_tokens(self, prompt) -> list[int]:
         if not prompt:
@@ -99,7 +100,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if first is None or first.WhichOneof("part") != "begin":
             raise InvalidArgument("a KV push must start with a begin message")
         request_id = first.begin.request_id
-        if request_id not in engine.scheduler.seqs:
+        reserved = engine.scheduler.seqs.get(request_id)
+        if reserved is None:
             raise InvalidArgument(f"KV pushed for unknown request {request_id!r}: no reservation on this worker")
         try:
             num_tokens = wire.parse_begin(first.begin, layout)
@@ -127,13 +129,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise wire.WireError("KV push ended without an end message")
         except asyncio.CancelledError:
             # The prefill side went away mid-transfer: the KV will not complete.
-            engine.fail(request_id, Unavailable(f"KV push for request {request_id!r} broke off"))
+            self._fail_if_waiting(reserved, Unavailable(f"KV push for request {request_id!r} broke off"))
             raise
         except (wire.WireError, ServiceError) as exc:
             # The request cannot complete: its decode stream gets the same error, its blocks go back.
             error = InvalidArgument(str(exc)) if isinstance(exc, wire.WireError) else exc
-            engine.fail(request_id, error)
+            self._fail_if_waiting(reserved, error)
             raise error from None
+
+    def _fail_if_waiting(self, seq, error: ServiceError) -> None:
+        """Fail the reservation this push was for, if it is still that one and still waiting for
+        its KV: a stray or duplicate push must not end a request that is already decoding, nor a
+        newer request that reuses the id."""
+        if self.rt.decode.scheduler.seqs.get(seq.request_id) is seq and seq.state is SeqState.WAITING_KV:
+            self.rt.decode.fail(seq.request_id, error)
 
     @grpc_errors
     async def GetStats(self, request, context):

@@ -14,7 +14,7 @@ from tests.helpers import gateway_topology, start_cluster
 
 @pytest.fixture
 def drain_cluster(redis_url, redis_prefix, tmp_path):
-    handle = start_cluster("tiny-random", tmp_path, redis_url, redis_prefix, kv_blocks=256)
+    handle = start_cluster("tiny-random", tmp_path, redis_url, redis_prefix + "drain:", kv_blocks=256)
     yield handle
     handle.cluster.stop()
 

@@ -68,6 +68,6 @@ def test_dopd_generate_cli(tiny_cluster):
 
 def test_planner_mirrors_registry_to_redis(tiny_cluster, redis_url, redis_prefix):
     client = redis.Redis.from_url(redis_url)
-    workers = client.hgetall(redis_prefix + "workers")
+    workers = client.hgetall(redis_prefix + "tiny:workers")  # each test cluster has its own prefix
     roles = sorted(json.loads(v)["role"] for v in workers.values())
     assert roles == ["ROLE_DECODE", "ROLE_PREFILL"]

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2_cluster(redis_url, redis_prefix, tmp_path_factory):
-    handle = start_cluster("smollm2", tmp_path_factory.mktemp("smollm2-cluster"), redis_url, redis_prefix,
+    handle = start_cluster("smollm2", tmp_path_factory.mktemp("smollm2-cluster"), redis_url, redis_prefix + "smollm2:",
                            kv_blocks=1600)
     yield handle
     codes = handle.cluster.stop()

@@ -28,7 +28,7 @@ KV_BYTES_PER_TOKEN = 2 * 4 * 2 * 32 * 2
 def sim_cluster(redis_url, redis_prefix, tmp_path_factory):
     path = tmp_path_factory.mktemp("profile") / "test-flat.json"
     path.write_text(json.dumps(PROFILE))
-    handle = start_cluster(f"sim:{path}", tmp_path_factory.mktemp("sim-cluster"), redis_url, redis_prefix,
+    handle = start_cluster(f"sim:{path}", tmp_path_factory.mktemp("sim-cluster"), redis_url, redis_prefix + "sim:",
                            prefill=2, decode=2, kv_blocks=256)
     yield handle
     codes = handle.cluster.stop()

@@ -16,6 +16,7 @@ from common.kv import wire
 from common.kv.wire import KVChunk, KVLayout
 from common.modeling.loader import tiny_random_config
 from common.pb import worker_pb2, worker_pb2_grpc
+from common.rpc.errors import is_refusal
 from common.sampling import SamplingParams
 from services.client import generate
 from tests.helpers import assert_no_leaks
@@ -134,4 +135,6 @@ async def test_prefill_on_a_decode_worker_is_refused(tiny_cluster):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Prefill(worker_pb2.PrefillRequest(request_id="x", prompt_token_ids=[1, 2],
                                                      decode_address="127.0.0.1:1"), timeout=5)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # Refused before any work, and marked so: the gateway may try another worker.
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert is_refusal(err.value)

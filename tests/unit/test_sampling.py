@@ -82,3 +82,9 @@ def test_sample_batch_mixes_greedy_and_sampled_rows():
     assert out == expected
     assert out == [sample_token(logits[i], p, indices[i]) for i, p in enumerate(params)]
     assert sample_batch(logits, params, indices) == out
+
+
+def test_denormal_temperature_is_greedy_not_a_crash():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 30
+    params = [SamplingParams(temperature=1e-40, seed=1)] * 3
+    assert sample_batch(logits, params, [0, 1, 2]) == logits.argmax(dim=-1).tolist()
