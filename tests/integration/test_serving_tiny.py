@@ -102,3 +102,12 @@ async def test_deadline_exceeded_frees_blocks(tiny_cluster):
             await generate(ch, list(range(10, 500)), max_tokens=1500, temperature=0.0, ignore_eos=True, timeout=1.0)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await assert_no_leaks(tiny_cluster)
+
+
+async def test_clients_may_reuse_a_request_id(tiny_cluster):
+    async with tiny_cluster.channel() as ch:
+        a, b = await asyncio.gather(generate(ch, [5, 6, 7], max_tokens=6, request_id="same"),
+                                    generate(ch, [8, 9, 10], max_tokens=6, request_id="same"))
+    assert a.request_id == b.request_id == "same"
+    assert a.completion_tokens == b.completion_tokens == 6
+    await assert_no_leaks(tiny_cluster)
