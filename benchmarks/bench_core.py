@@ -16,6 +16,7 @@ baseline run, so each contender has the whole machine.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -63,7 +64,8 @@ def _cluster_spec(args, log_dir: Path) -> ClusterSpec:
     # A redis URL nobody answers: the launcher starts (and stops) a private redis-server.
     return ClusterSpec(model=args.model, prefill=1, decode=1, port=free_port(), log_dir=log_dir,
                        redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_prefix="dopd-bench:",
-                       torch_threads=args.cluster_threads)
+                       torch_threads=args.cluster_threads,
+                       extra_env={k: v for k, v in os.environ.items() if k.startswith("DOPD_")})
 
 
 def section_cluster(report: Report, args, want_e2e: bool, want_handoff: bool) -> None:
@@ -93,7 +95,8 @@ def section_cluster(report: Report, args, want_e2e: bool, want_handoff: bool) ->
             n = 1 if args.quick else 3
             prompts = [e2e_bench.Workload(requests=1, prompt_min=1000, prompt_max=1000, seed=100 + i).build(vocab)[0][0]
                        for i in range(n)]
-            reference = handoff_bench.ReferencePrefill(args.model, len(prompts[0]))
+            worker_threads = args.cluster_threads or max(1, (os.cpu_count() or 1) // 2)
+            reference = handoff_bench.ReferencePrefill(args.model, len(prompts[0]), worker_threads)
             handoff = handoff_bench.run_handoff(cluster.gateway_address, by_role["prefill"].metrics_address,
                                                 by_role["decode"].metrics_address, prompts, reference, log=log)
             del reference
@@ -111,7 +114,8 @@ def section_cluster(report: Report, args, want_e2e: bool, want_handoff: bool) ->
         report.details["e2e"] = {"workload": e2e_bench.workload_dict(workload), "cluster": cluster_e2e, "hf": hf,
                                  "agreement": agree}
         s = f"e2e {workload.requests} req"
-        threads = f"{args.cluster_threads} torch threads per worker"
+        threads = (f"{args.cluster_threads} torch threads per worker" if args.cluster_threads
+                   else "torch threads: cores / workers (the launcher's default)")
         report.add(Figure(s, "cluster (1P+1D)", cluster_e2e["tok_s"], "tok/s",
                           note=f"{cluster_e2e['output_tokens']} tokens in {cluster_e2e['wall_s']:.1f}s; {threads}"))
         report.add(Figure(s, f"HF generate_batch machinery ({hf['attn_implementation']})", hf["tok_s"], "tok/s",
@@ -176,7 +180,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="write the figures and details as JSON here")
     p.add_argument("--quick", action="store_true", help="fewer steps and requests (development)")
     p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny-random or a local HF directory")
-    p.add_argument("--cluster-threads", type=int, default=2,
+    p.add_argument("--cluster-threads", type=int, default=0,
                    help="torch threads of each cluster worker (0: the launcher's default, cores shared out)")
     return p.parse_args(argv)
 

@@ -168,16 +168,24 @@ class ReferencePrefill:
     when no KV leaves the process. Run between cluster requests (the cluster idle), so that each
     cluster figure has a reference taken at the same moment on this noisy machine."""
 
-    def __init__(self, model_name: str, warmup_tokens: int) -> None:
+    def __init__(self, model_name: str, warmup_tokens: int, threads: int) -> None:
         from common.kv.kv_store import PagedKVStore
         from common.modeling.loader import load_model
         from common.modeling.runner import ModelRunner, kv_layout
 
         loaded = load_model(model_name)
+        self.threads = threads  # the prefill worker's, so that the two differ only in streaming
         self.runner = ModelRunner(loaded, PagedKVStore(kv_layout(loaded), 1, 16, loaded.device))
-        self.runner.prefill([[100] * warmup_tokens], None)  # first calls at a new length pay one-time costs
+        self([100] * warmup_tokens)  # first calls at a new length pay one-time costs
 
     def __call__(self, prompt: list[int]) -> float:
-        t = time.perf_counter()
-        self.runner.prefill([prompt], None)
-        return time.perf_counter() - t
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            t = time.perf_counter()
+            self.runner.prefill([prompt], None)
+            return time.perf_counter() - t
+        finally:
+            torch.set_num_threads(before)

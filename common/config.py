@@ -58,7 +58,10 @@ class WorkerSettings(_Base):
     # Decode: most requests in one running batch.
     max_batch_size: int = 64
     # Prefill: most prompt tokens in one forward pass (one prompt longer than this runs alone).
-    prefill_token_budget: int = 2048
+    # On a CPU, tokens/s is flat above ~256 tokens a pass (common/profiles/smollm2-cpu2.json), so
+    # smaller batches cost nothing and hand KV to decode sooner, which measured better end to end
+    # (benchmarks/bench_core.py). A GPU wants thousands: docker-compose.yml sets 8192.
+    prefill_token_budget: int = 512
     # How long a decode worker holds a reservation whose KV has not arrived.
     kv_timeout_s: float = 30.0
     # KV is sent in chunks of at least/at most this many bytes (layers are coalesced up to
