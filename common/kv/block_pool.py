@@ -11,6 +11,12 @@ from __future__ import annotations
 from collections import deque
 
 
+def kv_tokens_for(prompt_len: int, max_tokens: int) -> int:
+    """KV a request needs at most: its prompt and every completion token but the last (whose
+    KV is never computed)."""
+    return prompt_len + max_tokens - 1
+
+
 class OutOfBlocks(Exception):
     """Not enough free blocks for a reservation."""
 

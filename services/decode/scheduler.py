@@ -20,7 +20,7 @@ import enum
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from common.kv.block_pool import BlockPool, OutOfBlocks
+from common.kv.block_pool import BlockPool, OutOfBlocks, kv_tokens_for
 from common.sampling import SamplingParams
 
 
@@ -73,8 +73,7 @@ class DecodeScheduler:
         """Take the blocks for the whole request. Raises OutOfBlocks, ValueError on a duplicate id."""
         if seq.request_id in self.seqs:
             raise ValueError(f"request {seq.request_id!r} is already on this worker")
-        # The last sampled token's KV is never computed: prompt + max_tokens - 1 tokens of KV.
-        seq.block_table = self.pool.allocate(self.pool.blocks_for(seq.prompt_len + seq.params.max_tokens - 1))
+        seq.block_table = self.pool.allocate(self.pool.blocks_for(kv_tokens_for(seq.prompt_len, seq.params.max_tokens)))
         seq.state = SeqState.WAITING_KV
         self.seqs[seq.request_id] = seq
 

@@ -28,6 +28,6 @@ def pick_prefill(workers: list[WorkerView], outstanding_tokens: dict[str, int]) 
 def decode_preference(workers: list[WorkerView], outstanding: dict[str, int], tokens_needed: int) -> list[WorkerView]:
     """Decode workers, best first; those whose last report shows too few free blocks go last."""
     def key(w: WorkerView):
-        short = w.kv_free_blocks * w.block_size < tokens_needed
+        short = w.kv_free_blocks < -(-tokens_needed // max(1, w.block_size))  # whole blocks, as reserved
         return (short, outstanding.get(w.worker_id, 0), -w.kv_free_blocks, w.worker_id)
     return sorted(workers, key=key)

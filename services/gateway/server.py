@@ -20,6 +20,7 @@ import grpc
 
 from common.config import GatewaySettings
 from common.convert import FINISH_FROM_PB, FINISH_TO_PB, sampling_to_pb
+from common.kv.block_pool import kv_tokens_for
 from common.modeling.loader import load_config, load_tokenizer
 from common.pb import (
     common_pb2,
@@ -202,7 +203,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _reserve_decode(self, request_id, prompt_len, sampling, remaining):
         """Open Decode on the first decode worker that reserves the request's KV blocks."""
         workers = decode_preference(self._workers(common_pb2.ROLE_DECODE), self._outstanding_decode,
-                                    prompt_len + sampling.max_tokens)
+                                    kv_tokens_for(prompt_len, sampling.max_tokens))
         if not workers:
             raise Unavailable("no decode worker is serving")
         refusals = []
