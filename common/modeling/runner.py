@@ -45,7 +45,6 @@ class ModelRunner:
     """The engines call `prefill_sample` and `decode_sample`; SimRunner offers the same two."""
 
     def __init__(self, loaded: LoadedModel, store: PagedKVStore) -> None:
-        self.loaded = loaded
         self.model = loaded.model
         self.store = store
         self.device = loaded.device

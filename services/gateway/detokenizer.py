@@ -22,21 +22,25 @@ class Detokenizer:
     def add(self, token_ids: list[int]) -> str:
         """Feed new tokens; return the text that can be shown now ('' if none)."""
         self.ids.extend(token_ids)
-        prefix = self.tokenizer.decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix):]
+        new = self._pending_text()
+        if new and not new.endswith("\ufffd"):
+            self.text += new
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.ids)
         return self._release(final=False)
 
     def flush(self) -> str:
         """The request ended: return whatever was held back, an unfinished character included."""
-        prefix = self.tokenizer.decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
-        self.text += full[len(prefix):]
+        self.text += self._pending_text()
         self._prefix_offset = self._read_offset = len(self.ids)
         return self._release(final=True)
+
+    def _pending_text(self) -> str:
+        """Text the tokens after `_read_offset` add, decoded with a few tokens of left context (a
+        token's text can depend on its neighbours)."""
+        prefix = self.tokenizer.decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
+        return full[len(prefix):]
 
     def _release(self, final: bool) -> str:
         if self.stopped:

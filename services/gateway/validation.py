@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common.prompts import validate_prompt_ids  # noqa: F401 - part of the gateway's checks
 from common.rpc.errors import InvalidArgument
 
 MAX_STOP_STRINGS = 16
@@ -42,14 +43,6 @@ def validate_params(request, default_max_tokens: int) -> GenerateParams:
     return GenerateParams(max_tokens, temperature, top_p, top_k,
                           request.seed if request.HasField("seed") else None, tuple(request.stop),
                           request.ignore_eos)
-
-
-def validate_prompt_ids(ids: list[int], vocab_size: int) -> None:
-    if not ids:
-        raise InvalidArgument("prompt is empty")
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise InvalidArgument(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 def validate_context(prompt_len: int, max_tokens: int, max_context: int) -> None:

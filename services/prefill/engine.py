@@ -33,7 +33,6 @@ class PrefillJob:
     prompt: list[int]
     params: SamplingParams
     decode_address: str
-    timeout: float
     future: asyncio.Future
     sender: KVSender
     enqueued_at: float = field(default_factory=time.perf_counter)
@@ -85,7 +84,7 @@ class PrefillEngine:
         loop = asyncio.get_running_loop()
         sender = KVSender(loop, worker_pb2_grpc.WorkerStub(self.channels.get(decode_address)), request_id,
                           len(prompt), self.layout, timeout, self.chunk_sizes.min_bytes, self.chunk_sizes.max_bytes)
-        job = PrefillJob(request_id, prompt, params, decode_address, timeout, loop.create_future(), sender)
+        job = PrefillJob(request_id, prompt, params, decode_address, loop.create_future(), sender)
         self.scheduler.add(job, len(prompt))
         self._wake.set()
         try:

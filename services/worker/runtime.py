@@ -20,7 +20,7 @@ from common.convert import ROLE_TO_PB
 from common.kv.block_pool import BlockPool
 from common.kv.kv_store import PagedKVStore
 from common.kv.wire import dtype_from_name
-from common.modeling.loader import LoadedModel, is_sim, load_model, sim_profile_name
+from common.modeling.loader import is_sim, load_model, sim_profile_name
 from common.modeling.runner import ModelRunner, kv_layout
 from common.modeling.sim_runner import PSEUDO_TOKEN_HIGH, SimRunner
 from common.pb import common_pb2, planner_pb2, planner_pb2_grpc
@@ -46,7 +46,6 @@ class WorkerRuntime:
         self.channels = ChannelPool()
         # The model is not re-entrant: one thread runs every forward pass of this worker.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.loaded: LoadedModel | None = None
         self.runner_layout = None
         self.vocab_size = 0
         self.attention = ""
@@ -96,7 +95,6 @@ class WorkerRuntime:
             progress.update(task, advance=1, description="warming up")
             runner.prefill([[1, 2, 3]], None)
             progress.update(task, advance=1, description=f"{s.model} ready")
-        self.loaded = loaded
         self.vocab_size = loaded.config.vocab_size
         self.attention = loaded.attention
         return runner

@@ -11,6 +11,7 @@ from common.config import WorkerSettings
 from common.convert import FINISH_TO_PB, sampling_from_pb
 from common.kv import wire
 from common.pb import worker_pb2, worker_pb2_grpc
+from common.prompts import validate_prompt_ids
 from common.rpc.errors import InvalidArgument, Refused, ServiceError, Unavailable, grpc_errors
 from common.rpc.server import Service, run_server
 from services.decode.engine import ErrorEvent, FinishedEvent, TokensEvent
@@ -34,12 +35,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise Refused(f"worker {self.rt.worker_id} serves {self.rt.role}, not {role}")
 
     def _check_tokens(self, prompt) -> list[int]:
-        if not prompt:
-            raise InvalidArgument("prompt_token_ids is empty")
-        vocab = self.rt.vocab_size
         ids = list(prompt)
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise InvalidArgument(f"prompt_token_ids must lie in [0, {vocab})")
+        validate_prompt_ids(ids, self.rt.vocab_size)
         return ids
 
     @grpc_errors
