@@ -1,0 +1,224 @@
+"""The reconfiguration policy: turns a target Split and the workers' reports into role changes.
+Pure and stateful: no I/O, no clock reads; every call gets `now` (seconds, the caller's clock).
+
+    policy = ReconfigPolicy(PolicyConfig(...))
+    changes = policy.decide(now, workers, target)     # -> list[RoleChange]; the planner applies them
+    policy.record_switch(now, change, ok)             # when a switch has finished (or failed)
+
+Split of duties. The planner makes the forecast far enough ahead to cover a switch (drain plus
+warm-up) and computes the target from it (services/planner/split.py). This policy is proactive in
+that it acts on that target as soon as hysteresis allows, not when queues already overflow; the
+emergency path is the safety net for what the forecast missed. The planner applies the changes and
+reports each outcome with record_switch.
+
+Rules, in the order decide() applies them:
+  1. Hysteresis: the target must differ from the current split by >= min_diff workers, in the same
+     direction, for persist_intervals consecutive calls. A flip of direction restarts the count.
+  2. Emergency (bypasses hysteresis and cooldown): a role under pressure (prefill: queued prompt
+     tokens per prefill worker above emergency_prefill_queue_tokens; decode: KV usage above
+     emergency_kv_usage; either: no worker of the role at all) gets one worker from the other
+     role at once, unless an emergency move toward it is still under way. If both roles are under
+     pressure, nothing moves: a move would only shift the overload. An emergency call returns
+     only the emergency change.
+  3. Cooldown: no forecast move while a switch is under way (one we issued, or a worker reports
+     `switching`), nor within cooldown_s of the last completed switch.
+  4. Forecast move: up to max_switches_per_interval workers toward the target.
+
+Which worker: decode -> prefill takes the decode worker with the fewest running + waiting
+requests (least KV to migrate); prefill -> decode the prefill worker with the least queued prefill
+tokens; ties by worker_id. A worker whose switch failed is skipped for cooldown_s.
+
+Invariants (every call): at most max_switches_per_interval changes, all toward one role, at most
+one per worker, none for a worker that is `switching` or has a change of ours under way, and a
+role never drops below min_per_role workers that serve it (not switching, no change under way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from services.planner.load import Split, WorkerLoad
+
+PREFILL = "prefill"
+DECODE = "decode"
+ROLES = (PREFILL, DECODE)
+
+
+def _other(role: str) -> str:
+    return DECODE if role == PREFILL else PREFILL
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    cooldown_s: float = 30.0  # after a completed switch, no forecast move for this long
+    max_switches_per_interval: int = 1  # changes one decide() call may return
+    min_diff: int = 1  # hysteresis: |target - current| prefill workers needed to act
+    persist_intervals: int = 2  # hysteresis: consecutive calls the target must persist
+    emergency_prefill_queue_tokens: int = 8192  # queued prompt tokens per prefill worker
+    emergency_kv_usage: float = 0.95  # used / total KV blocks over the decode workers
+    min_per_role: int = 1
+    pending_timeout_s: float = 300.0  # a change never reported back is forgotten after this
+
+    def __post_init__(self) -> None:
+        if self.cooldown_s < 0 or self.pending_timeout_s <= 0:
+            raise ValueError("cooldown_s must be >= 0 and pending_timeout_s > 0")
+        if self.max_switches_per_interval < 1 or self.min_diff < 1 or self.persist_intervals < 1:
+            raise ValueError("max_switches_per_interval, min_diff and persist_intervals must be >= 1")
+        if self.min_per_role < 1:
+            raise ValueError("min_per_role must be >= 1")
+        if self.emergency_prefill_queue_tokens < 1 or not 0 < self.emergency_kv_usage <= 1:
+            raise ValueError("need emergency_prefill_queue_tokens >= 1 and 0 < emergency_kv_usage <= 1")
+
+
+@dataclass(frozen=True)
+class RoleChange:
+    worker_id: str
+    to_role: str  # "prefill" | "decode"
+    reason: str  # "forecast: ..." | "emergency: ..."
+
+    @property
+    def emergency(self) -> bool:
+        return self.reason.startswith("emergency")
+
+
+@dataclass(frozen=True)
+class _Pending:
+    change: RoleChange
+    since: float
+
+
+class ReconfigPolicy:
+    def __init__(self, config: PolicyConfig | None = None) -> None:
+        self.config = config or PolicyConfig()
+        self._pending: dict[str, _Pending] = {}  # changes issued and not yet reported back
+        self._failed: dict[str, float] = {}  # worker_id -> when its switch failed
+        self._last_switch_at: float | None = None
+        self._direction = 0  # +1: target wants more prefill, -1: more decode, 0: close enough
+        self._streak = 0  # consecutive calls with that direction
+
+    @property
+    def pending(self) -> Mapping[str, str]:
+        """worker_id -> role, for every change issued and not yet reported back."""
+        return {wid: p.change.to_role for wid, p in self._pending.items()}
+
+    def record_switch(self, now: float, change: RoleChange, ok: bool) -> None:
+        """The outcome of a change decide() returned. A success starts the cooldown; a failure
+        leaves the split as it was (so the target still applies) and benches that worker."""
+        pending = self._pending.get(change.worker_id)
+        if pending is not None and pending.change.to_role == change.to_role:
+            del self._pending[change.worker_id]
+        if ok:
+            self._last_switch_at = now
+        else:
+            self._failed[change.worker_id] = now
+
+    def decide(self, now: float, workers: Sequence[WorkerLoad], target: Split) -> list[RoleChange]:
+        cfg = self.config
+        ws = {w.worker_id: w for w in workers if w.role in ROLES}
+        self._forget(now, ws)
+        role = {wid: self._pending[wid].change.to_role if wid in self._pending else w.role for wid, w in ws.items()}
+        count = {r: sum(1 for x in role.values() if x == r) for r in ROLES}
+        # Serving: counted toward a role and free to leave it. Only these may move, and a role
+        # keeps at least min_per_role of them: a switching worker is not serving anyone.
+        movable = {wid for wid, w in ws.items() if not w.switching and wid not in self._pending}
+        serving = {r: sum(1 for wid in movable if role[wid] == r) for r in ROLES}
+
+        desired = self._desired_prefill(len(ws), target)
+        diff = desired - count[PREFILL] if desired is not None else 0
+        self._update_streak(diff)
+
+        emergency = self._emergency(ws, role, count, serving, movable)
+        if emergency is not None:
+            return self._issue(now, [emergency])
+
+        if abs(diff) < cfg.min_diff or self._streak < cfg.persist_intervals:
+            return []
+        if self._pending or any(w.switching for w in ws.values()):
+            return []  # a switch is under way: the counts are in flux
+        if self._last_switch_at is not None and now - self._last_switch_at < cfg.cooldown_s:
+            return []
+        to_role = PREFILL if diff > 0 else DECODE
+        donor = _other(to_role)
+        room = max(0, serving[donor] - cfg.min_per_role)
+        chosen = self._pick(ws, role, movable, donor)[:min(abs(diff), cfg.max_switches_per_interval, room)]
+        reason = (f"forecast: target {target.prefill}P/{target.decode}D, "
+                  f"now {count[PREFILL]}P/{count[DECODE]}D")
+        return self._issue(now, [RoleChange(wid, to_role, reason) for wid in chosen])
+
+    # -- the rules ---------------------------------------------------------------------------
+
+    def _desired_prefill(self, n: int, target: Split) -> int | None:
+        """The target's prefill count for the n workers there are now (the target may have been
+        computed for another total: scale it), kept within [min_per_role, n - min_per_role]."""
+        if target.total <= 0 or n < 2 * self.config.min_per_role:
+            return None  # no usable target, or too few workers to have min_per_role of each
+        p = target.prefill if target.total == n else int(target.prefill * n / target.total + 0.5)
+        return min(max(p, self.config.min_per_role), n - self.config.min_per_role)
+
+    def _update_streak(self, diff: int) -> None:
+        direction = 0 if abs(diff) < self.config.min_diff else (1 if diff > 0 else -1)
+        self._streak = self._streak + 1 if direction != 0 and direction == self._direction else int(direction != 0)
+        self._direction = direction
+
+    def _emergency(self, ws: Mapping[str, WorkerLoad], role: Mapping[str, str], count: Mapping[str, int],
+                   serving: Mapping[str, int], movable: set[str]) -> RoleChange | None:
+        cfg = self.config
+        if not ws:
+            return None
+        pressure: dict[str, str] = {}
+        pre = [w for w in ws.values() if w.role == PREFILL and not w.switching]
+        dec = [w for w in ws.values() if w.role == DECODE and not w.switching]
+        if pre:
+            queued = sum(w.prefill_waiting_tokens for w in pre) / len(pre)
+            if queued > cfg.emergency_prefill_queue_tokens:
+                pressure[PREFILL] = f"prefill queue {queued:.0f} tokens/worker > {cfg.emergency_prefill_queue_tokens}"
+        total_kv = sum(w.kv_blocks_total for w in dec)
+        if total_kv:
+            usage = sum(w.kv_blocks_used for w in dec) / total_kv
+            if usage > cfg.emergency_kv_usage:
+                pressure[DECODE] = f"decode KV usage {usage:.2f} > {cfg.emergency_kv_usage:.2f}"
+        missing = [r for r in ROLES if count[r] == 0]
+        if missing:  # nothing can be served without both roles: this outranks any queue
+            pressure = {missing[0]: f"no {missing[0]} worker"}
+        if len(pressure) != 1:
+            return None  # none, or both: moving a worker would only shift the overload
+        (to_role, why), = pressure.items()
+        if any(p.change.emergency and p.change.to_role == to_role for p in self._pending.values()):
+            return None  # one emergency move toward a role at a time: let it land first
+        donor = _other(to_role)
+        if serving[donor] <= cfg.min_per_role:
+            return None
+        chosen = self._pick(ws, role, movable, donor)[:1]
+        return RoleChange(chosen[0], to_role, f"emergency: {why}") if chosen else None
+
+    def _pick(self, ws: Mapping[str, WorkerLoad], role: Mapping[str, str], movable: set[str],
+              donor: str) -> list[str]:
+        """Movable workers of the donor role, cheapest to move first; recently failed ones out
+        (_forget keeps a failure for cooldown_s)."""
+        cands = [ws[wid] for wid in movable if role[wid] == donor and wid not in self._failed]
+        if donor == DECODE:  # fewest requests holding KV on it: least to migrate or drain
+            key = lambda w: (w.decode_running + w.decode_waiting, w.worker_id)
+        else:
+            key = lambda w: (w.prefill_waiting_tokens, w.worker_id)
+        return [w.worker_id for w in sorted(cands, key=key)]
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _issue(self, now: float, changes: list[RoleChange]) -> list[RoleChange]:
+        for c in changes:
+            self._pending[c.worker_id] = _Pending(c, now)
+        return changes
+
+    def _forget(self, now: float, ws: Mapping[str, WorkerLoad]) -> None:
+        """Settle changes without waiting for record_switch: a worker that now reports its new
+        role (and is done switching) has switched; one that is gone, or silent past
+        pending_timeout_s, is dropped (as failed: no cooldown)."""
+        for wid, p in list(self._pending.items()):
+            w = ws.get(wid)
+            if w is not None and w.role == p.change.to_role and not w.switching:
+                del self._pending[wid]
+                self._last_switch_at = now
+            elif w is None or now - p.since > self.config.pending_timeout_s:
+                del self._pending[wid]
+        self._failed = {wid: at for wid, at in self._failed.items() if now - at < self.config.cooldown_s}
