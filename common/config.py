@@ -36,6 +36,32 @@ class PlannerSettings(_Base):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "dopd:"
     redis_timeout_s: float = 0.5
+    # dynamic: forecast, split and switch roles; static: forecast and split, never switch;
+    # off: only the registry of workers.
+    planner_mode: str = Field("static", pattern="^(dynamic|static|off)$")
+    predictor: str = "arima"
+    # One planner interval in profile seconds; wall seconds are this times time_scale (sim engine).
+    interval_s: float = 1.0
+    time_scale: float = 1.0
+    # The latency profile the split is computed from ("" = the sim engine's, or smollm2-cpu2).
+    planner_profile: str = ""
+    model: str = "smollm2"
+    slo_ttft_ms: float = 2000.0
+    slo_tpot_ms: float = 200.0
+    history_max_age_s: float = 6 * 3600.0
+    # GetTopology answers UNAVAILABLE this long after a start, until the workers' heartbeats are
+    # in: a restarted planner must not hand the gateway an empty topology.
+    warmup_s: float = 1.5
+    # The workers' engine settings (same variables as theirs), for the split.
+    max_batch_size: int = 64
+    prefill_token_budget: int = 512
+    # Reconfiguration policy (services/planner/policy.py), in profile seconds.
+    cooldown_s: float = 5.0
+    persist_intervals: int = 2
+    max_switches_per_interval: int = 1
+    emergency_prefill_queue_tokens: int = 8192
+    emergency_kv_usage: float = 0.95
+    switch_timeout_s: float = 120.0
 
 
 class WorkerSettings(_Base):
@@ -76,6 +102,12 @@ class GatewaySettings(_Base):
     model: str = "smollm2"
     planner_address: str = "127.0.0.1:50052"
     topology_refresh_s: float = 0.5
+    # When no worker of a role takes a request (none serving, all refusing while roles change),
+    # wait this long for the topology to change before answering UNAVAILABLE.
+    no_worker_wait_s: float = 5.0
+    # How often the gateway reports the load it saw to the planner (wall seconds; `dopd up` scales
+    # it by the sim engine's time scale, so that an interval is one second of profile time).
+    load_interval_s: float = 1.0
     default_max_tokens: int = 64
     # Longest a request may run end to end when the client set no deadline.
     request_timeout_s: float = 600.0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from common.pb import common_pb2
-from common.sampling import SamplingParams
+from common.types import Role, SamplingParams
 
-ROLE_TO_PB = {"prefill": common_pb2.ROLE_PREFILL, "decode": common_pb2.ROLE_DECODE}
+ROLE_TO_PB = {Role.PREFILL: common_pb2.ROLE_PREFILL, Role.DECODE: common_pb2.ROLE_DECODE}
 ROLE_FROM_PB = {v: k for k, v in ROLE_TO_PB.items()}
 FINISH_TO_PB = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
                 "abort": common_pb2.FINISH_REASON_ABORT}

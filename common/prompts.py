@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.rpc.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 
 def validate_prompt_ids(ids: list[int], vocab_size: int) -> None:

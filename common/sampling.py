@@ -7,27 +7,13 @@ and the same seed still gives the same output wherever each token is sampled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from common.types import GREEDY_EPSILON, SamplingParams
+
+__all__ = ["GREEDY_EPSILON", "SamplingParams", "sample_batch", "sample_token"]
+
 _SEED_STRIDE = 1_000_003
-# Below this, dividing logits by the temperature overflows float32; it is greedy in effect (vLLM's epsilon).
-GREEDY_EPSILON = 1e-5
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int = 0
-    max_tokens: int = 16
-    stop_token_ids: frozenset[int] = frozenset()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_EPSILON
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, token_index: int) -> int:

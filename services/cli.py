@@ -29,7 +29,9 @@ def _up(args) -> int:
         load_profile(args.profile)  # fail here, not in every worker, on a bad name
     cluster = Cluster(ClusterSpec(model=model, prefill=args.prefill, decode=args.decode, host=args.host,
                                   port=args.port, log_dir=log_dir, kv_blocks=args.kv_blocks,
-                                  torch_threads=args.torch_threads, time_scale=args.time_scale))
+                                  torch_threads=args.torch_threads, time_scale=args.time_scale,
+                                  planner=args.planner, predictor=args.predictor, slo_ttft_ms=args.slo_ttft,
+                                  slo_tpot_ms=args.slo_tpot, interval_s=args.interval))
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -92,6 +94,26 @@ def _generate(args) -> int:
     return 0
 
 
+def _role(args) -> int:
+    import grpc
+
+    from services.client import set_worker_role
+
+    try:
+        reply = asyncio.run(set_worker_role(args.target, args.worker, args.role, timeout=args.timeout))
+    except (grpc.aio.AioRpcError, LookupError) as exc:
+        detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+        print(f"error: {detail}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2) if args.json else
+          f"{args.worker}: {reply['from_role']} -> {reply['to_role']} in {reply['total_seconds'] * 1e3:.1f} ms "
+          f"(drain {reply['drain_seconds'] * 1e3:.1f} ms, migration {reply['migration_seconds'] * 1e3:.1f} ms, "
+          f"{reply['migrated_requests']} request(s) moved, {reply['migrated_bytes'] / 1e6:.2f} MB"
+          + (f", {reply['drained_requests']} finished here: {reply['note']}" if reply["fell_back_to_drain"] else "")
+          + ")")
+    return 0
+
+
 def _status(args) -> int:
     import grpc
     from rich.console import Console
@@ -114,7 +136,27 @@ def _status(args) -> int:
         kv = f"{s['kv_used']}/{s['kv_total']}" if s.get("kv_total") is not None else "-"
         running = "-" if s.get("running") is None else str(s["running"])
         table.add_row(s["name"], s["role"], s["address"], s["metrics"] or "-", s["health"], running, kv)
-    Console(width=160).print(table)
+    console = Console(width=160)
+    console.print(table)
+    plan = status.get("plan")
+    if plan:
+        console.print(f"planner: {plan['mode']} ({plan['predictor']}); split now {plan['split_now']}, "
+                      f"target {plan['target_prefill']}P:{plan['target_decode']}D; observed "
+                      f"{plan['observed_rate']:.2f} req/s, predicted {plan['predicted_rate']:.2f} req/s "
+                      f"(prompt p50 {plan['predicted_prompt_p50']:.0f}, p90 {plan['predicted_prompt_p90']:.0f}; "
+                      f"output p50 {plan['predicted_output_p50']:.0f}); {plan['intervals_recorded']} intervals "
+                      f"recorded, Redis {'ok' if plan['redis_ok'] else 'away'}; last decision "
+                      f"{plan['decision_seconds'] * 1e3:.1f} ms")
+        switches = Table(title="last role switches")
+        for col in ("at", "worker", "from", "to", "ms", "moved", "MB", "ok", "reason / error"):
+            switches.add_column(col)
+        for sw in plan["recent_switches"][-10:]:
+            switches.add_row(time.strftime("%H:%M:%S", time.localtime(sw["at_unix"])), sw["worker_id"],
+                             sw["from_role"], sw["to_role"], f"{sw['seconds'] * 1e3:.0f}",
+                             str(sw["migrated_requests"]), f"{sw['migrated_bytes'] / 1e6:.2f}",
+                             "yes" if sw["ok"] else "no", sw["error"] or sw["reason"])
+        if plan["recent_switches"]:
+            console.print(switches)
     return 0
 
 
@@ -134,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--kv-blocks", type=int, default=2048, help="KV blocks per worker (16 tokens each)")
     up.add_argument("--torch-threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
+    up.add_argument("--planner", choices=["dynamic", "static", "off"], default="dynamic",
+                    help="dynamic: forecast, split, switch roles in place; static: forecast only; off: registry")
+    up.add_argument("--predictor", default="arima", help="constant | ewma | holt-winters | arima")
+    up.add_argument("--slo-ttft", type=float, default=2000.0, help="TTFT SLO the planner splits for (ms)")
+    up.add_argument("--slo-tpot", type=float, default=200.0, help="TPOT SLO the planner splits for (ms)")
+    up.add_argument("--interval", type=float, default=1.0, help="planner interval (seconds of profile time)")
     up.add_argument("--log-dir", help="where each service's log goes (default runs/up-<time>)")
     up.add_argument("--ready-timeout", type=float, default=600.0)
     up.set_defaults(func=_up)
@@ -156,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     add_profile_parser(sub)
+
+    role = sub.add_parser("role", help="switch one worker's role in place and wait until it is done")
+    role.add_argument("worker", help="the worker as `dopd status` names it, e.g. decode-0")
+    role.add_argument("role", choices=["prefill", "decode"])
+    role.add_argument("--target", default=DEFAULT_TARGET, help="the gateway")
+    role.add_argument("--timeout", type=float, default=120.0)
+    role.add_argument("--json", action="store_true")
+    role.set_defaults(func=_role)
 
     st = sub.add_parser("status", help="every service with its role, health and load")
     st.add_argument("--target", default=DEFAULT_TARGET)

@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.convert import FINISH_FROM_PB, ROLE_FROM_PB
-from common.pb import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
+from common.convert import FINISH_FROM_PB, ROLE_FROM_PB, ROLE_TO_PB
+from common.pb import gateway_pb2, gateway_pb2_grpc, planner_pb2, planner_pb2_grpc, worker_pb2, worker_pb2_grpc
 from common.rpc.server import CHANNEL_OPTIONS
+from common.types import Role
 
 
 @dataclass
@@ -84,7 +86,54 @@ async def cluster_status(target: str, timeout: float = 5.0) -> dict:
         except grpc.aio.AioRpcError:
             entry.update(running=None, kv_used=None, kv_total=None)
         services.append(entry)
-    return {"model": status.model, "topology_version": status.topology.version, "services": services}
+    plan = await planner_plan(status.planner_address, timeout)
+    if plan is not None:
+        roles = [ROLE_FROM_PB.get(w.role) for w in status.topology.workers]
+        plan["split_now"] = f"{roles.count(Role.PREFILL)}P:{roles.count(Role.DECODE)}D"
+    return {"model": status.model, "topology_version": status.topology.version, "services": services, "plan": plan}
+
+
+def _pb_dict(message) -> dict:
+    doc = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    for key in ("migrated_bytes", "intervals_recorded"):  # int64 comes out of JSON as a string
+        if key in doc:
+            doc[key] = int(doc[key])
+    return doc
+
+
+def _role_names(doc: dict) -> dict:
+    """Enum names as JSON gives them (ROLE_PREFILL) to the roles' own names (prefill)."""
+    for key in ("from_role", "to_role"):
+        if key in doc:
+            doc[key] = doc[key].removeprefix("ROLE_").lower()
+    return doc
+
+
+async def planner_plan(address: str, timeout: float = 5.0) -> dict | None:
+    """The planner's GetPlan as a dict (roles as names), or None when it does not answer."""
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            plan = await planner_pb2_grpc.PlannerStub(channel).GetPlan(planner_pb2.GetPlanRequest(), timeout=timeout)
+    except grpc.aio.AioRpcError:
+        return None
+    doc = _pb_dict(plan)
+    doc["recent_switches"] = [_role_names(_pb_dict(sw)) for sw in plan.recent_switches]
+    return doc
+
+
+async def set_worker_role(target: str, worker: str, role: str, timeout: float = 120.0) -> dict:
+    """Switch `worker` (its id in the topology, e.g. decode-0) to `role` through SetRole; wait until
+    it is done and return its timings. Raises LookupError when the gateway's topology lacks it."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        status = await gateway_pb2_grpc.GatewayStub(channel).GetStatus(gateway_pb2.GetStatusRequest(), timeout=10)
+    match = [w for w in status.topology.workers if w.worker_id == worker]
+    if not match:
+        known = ", ".join(sorted(w.worker_id for w in status.topology.workers)) or "none"
+        raise LookupError(f"no worker {worker!r} in the topology (workers: {known})")
+    async with grpc.aio.insecure_channel(match[0].address, options=CHANNEL_OPTIONS) as channel:
+        reply = await worker_pb2_grpc.WorkerStub(channel).SetRole(
+            worker_pb2.SetRoleRequest(role=ROLE_TO_PB[Role(role)]), timeout=timeout)
+    return _role_names(_pb_dict(reply))
 
 
 async def cluster_ready(target: str, addresses: list[str], n_workers: int) -> bool:

@@ -25,6 +25,8 @@ class Proc:
     metrics_address: str
     log_path: Path
     popen: subprocess.Popen
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -40,6 +42,11 @@ class ClusterSpec:
     kv_blocks: int = 2048
     torch_threads: int = 0
     time_scale: float = 1.0  # sim models only
+    planner: str = "static"  # dynamic | static | off (services/planner)
+    predictor: str = "arima"
+    slo_ttft_ms: float = 2000.0  # the SLOs the planner splits for
+    slo_tpot_ms: float = 200.0
+    interval_s: float = 1.0  # one planner interval, profile seconds
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -75,13 +82,13 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def start_redis(host: str, log_dir: Path) -> tuple[subprocess.Popen, str]:
-    """Start a private redis-server (no persistence) on a free port."""
+def start_redis(host: str, log_dir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a private redis-server (no persistence) on `port` (default: a free one)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("no Redis answers and redis-server is not installed (apt-get install redis-server)")
-    port = free_port(host)
-    log = open(log_dir / "redis.log", "w")
+    port = port or free_port(host)
+    log = open(log_dir / "redis.log", "a")
     popen = subprocess.Popen([exe, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"],
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"redis://{host}:{port}/0"
@@ -107,10 +114,28 @@ class Cluster:
     def _spawn(self, name: str, role: str, module: str, port: int, metrics_port: int, env: dict) -> None:
         log_path = self.spec.log_dir / f"{name}.log"
         full_env = {**os.environ, **self.spec.extra_env, **env, "PYTHONUNBUFFERED": "1"}
-        popen = subprocess.Popen([sys.executable, "-m", module], env=full_env, stdout=open(log_path, "w"),
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        argv = [sys.executable, "-m", module]
+        popen = subprocess.Popen(argv, env=full_env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                                 start_new_session=True)
         h = self.spec.host
-        self.procs.append(Proc(name, role, f"{h}:{port}", f"{h}:{metrics_port}", log_path, popen))
+        self.procs.append(Proc(name, role, f"{h}:{port}", f"{h}:{metrics_port}", log_path, popen, argv, full_env))
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill one service (SIGKILL by default: no drain, as a crash)."""
+        p = self.proc(name)
+        p.popen.send_signal(sig)
+        p.popen.wait()
+
+    def restart(self, name: str) -> None:
+        """Start a service again with the same command, environment and ports (after kill)."""
+        p = self.proc(name)
+        if p.popen.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        p.popen = subprocess.Popen(p.argv, env=p.env, stdout=open(p.log_path, "a"), stderr=subprocess.STDOUT,
+                                   start_new_session=True)
 
     def start(self) -> None:
         s = self.spec
@@ -121,12 +146,16 @@ class Cluster:
         grpc_ports = _ports(s.host, s.port + 1, 1 + n_workers)
         metrics_ports = _ports(s.host, s.port + 1000, 2 + n_workers)
         planner_address = f"{s.host}:{grpc_ports[0]}"
-        common = {"DOPD_HOST": s.host, "DOPD_MODEL": s.model, "DOPD_PLANNER_ADDRESS": planner_address}
+        common = {"DOPD_HOST": s.host, "DOPD_MODEL": s.model, "DOPD_PLANNER_ADDRESS": planner_address,
+                  "DOPD_TIME_SCALE": str(s.time_scale)}
         self._spawn("planner", "planner", "services.planner", grpc_ports[0], metrics_ports[0], {
             **common, "DOPD_PLANNER_PORT": str(grpc_ports[0]), "DOPD_PLANNER_METRICS_PORT": str(metrics_ports[0]),
-            "DOPD_REDIS_URL": self.redis_url, "DOPD_REDIS_PREFIX": s.redis_prefix or f"dopd:{s.port}:"})
+            "DOPD_REDIS_URL": self.redis_url, "DOPD_REDIS_PREFIX": s.redis_prefix or f"dopd:{s.port}:",
+            "DOPD_PLANNER_MODE": s.planner, "DOPD_PREDICTOR": s.predictor, "DOPD_INTERVAL_S": str(s.interval_s),
+            "DOPD_SLO_TTFT_MS": str(s.slo_ttft_ms), "DOPD_SLO_TPOT_MS": str(s.slo_tpot_ms)})
         self._spawn("gateway", "gateway", "services.gateway", s.port, metrics_ports[1], {
-            **common, "DOPD_GATEWAY_PORT": str(s.port), "DOPD_GATEWAY_METRICS_PORT": str(metrics_ports[1])})
+            **common, "DOPD_GATEWAY_PORT": str(s.port), "DOPD_GATEWAY_METRICS_PORT": str(metrics_ports[1]),
+            "DOPD_LOAD_INTERVAL_S": str(s.interval_s * s.time_scale)})
         roles = ["prefill"] * s.prefill + ["decode"] * s.decode
         # NOTE: torch's default (one thread per core in every worker) oversubscribes the cores as
         # soon as two workers compute at once, and on 2 cores that is many times slower than one
@@ -137,7 +166,7 @@ class Cluster:
             self._spawn(name, role, "services.worker", grpc_ports[1 + i], metrics_ports[2 + i], {
                 **common, "DOPD_ROLE": role, "DOPD_WORKER_ID": name, "DOPD_WORKER_PORT": str(grpc_ports[1 + i]),
                 "DOPD_WORKER_METRICS_PORT": str(metrics_ports[2 + i]), "DOPD_KV_BLOCKS": str(s.kv_blocks),
-                "DOPD_TORCH_THREADS": str(threads), "DOPD_TIME_SCALE": str(s.time_scale)})
+                "DOPD_TORCH_THREADS": str(threads)})
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Until every service is healthy and the gateway sees every worker; raises on a dead child."""

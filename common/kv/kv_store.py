@@ -61,3 +61,15 @@ class PagedKVStore:
         kv = kv.to(self.k.device)
         self.k[layer_start:layer_start + num_layers].view(shape)[:, slots] = kv[:, 0]
         self.v[layer_start:layer_start + num_layers].view(shape)[:, slots] = kv[:, 1]
+
+    def read_chunk(self, layer_start: int, layer_end: int, slots: torch.Tensor) -> torch.Tensor:
+        """A copy of layers [layer_start, layer_end) at `slots`, as a wire chunk's tensor
+        ([layers, 2, tokens, heads, head_dim]) on this pool's device. One gather per layer and
+        side, straight into the result (no intermediate copies: migration reads a lot)."""
+        slots = slots.to(self.k.device)
+        out = torch.empty(layer_end - layer_start, 2, len(slots), self.layout.num_kv_heads, self.layout.head_dim,
+                          dtype=self.layout.dtype, device=self.k.device)
+        for i, layer in enumerate(range(layer_start, layer_end)):
+            torch.index_select(self.flat_k(layer), 0, slots, out=out[i, 0])
+            torch.index_select(self.flat_v(layer), 0, slots, out=out[i, 1])
+        return out

@@ -65,10 +65,13 @@ def end_message(first_token_id: int) -> pb.KVPush:
 
 
 def chunk_message(chunk: KVChunk) -> pb.KVPush:
-    data = chunk.kv.contiguous().cpu().view(torch.uint8).numpy().tobytes()
-    return pb.KVPush(chunk=pb.KVPush.Chunk(
-        layer_start=chunk.layer_start, layer_end=chunk.layer_end,
-        token_start=chunk.token_start, token_end=chunk.token_end, data=data))
+    message = pb.KVPush()
+    # Fields set in place: building a Chunk and passing it to KVPush(chunk=...) copies its bytes again.
+    part = message.chunk
+    part.layer_start, part.layer_end = chunk.layer_start, chunk.layer_end
+    part.token_start, part.token_end = chunk.token_start, chunk.token_end
+    part.data = chunk.kv.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return message
 
 
 class ChunkBuilder:

@@ -104,22 +104,21 @@ def tiny_random_config() -> LlamaConfig:
 
 
 def is_sim(name: str) -> bool:
-    return name.startswith("sim:")
+    """A model without weights (the sim or the fake engine): no files, pseudo-tokens."""
+    from common.modeling.registry import engine_of
 
-
-def sim_profile_name(name: str) -> str:
-    return name.removeprefix("sim:")
+    return engine_of(name) in ("sim", "fake")
 
 
 def sim_config(name: str) -> SimpleNamespace:
-    """What the gateway needs to know of a simulated model: its pseudo-token vocabulary (the
-    SmolLM2 tokenizer's, which detokenizes them) and the profiled model's context."""
+    """What the gateway needs to know of a model without weights: its pseudo-token vocabulary
+    (the SmolLM2 tokenizer's, which detokenizes them) and its context (the profiled model's)."""
+    from common.modeling.registry import engine_of
     from common.modeling.sim_runner import PSEUDO_TOKEN_HIGH
     from common.profile import load_profile
 
-    profile = load_profile(sim_profile_name(name))
-    return SimpleNamespace(vocab_size=PSEUDO_TOKEN_HIGH, max_position_embeddings=profile.model.max_context,
-                           eos_token_id=None)
+    context = 2048 if engine_of(name) == "fake" else load_profile(name.removeprefix("sim:")).model.max_context
+    return SimpleNamespace(vocab_size=PSEUDO_TOKEN_HIGH, max_position_embeddings=context, eos_token_id=None)
 
 
 def model_source(name: str) -> Path | None:

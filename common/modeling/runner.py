@@ -7,16 +7,20 @@ about requests comes in as plain lists, so the engines own all scheduling state.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 
 from common.kv.kv_store import PagedKVStore
-from common.kv.wire import KVLayout
+from common.kv.wire import KVLayout, dtype_from_name
 from common.modeling import paged_attention
-from common.modeling.loader import LoadedModel
+from common.modeling.base import LayerKVHook, Runner
+from common.modeling.loader import LoadedModel, load_model
 from common.modeling.paged_attention import DecodeBatch, PrefillBatch
-from common.sampling import SamplingParams, sample_batch
+from common.modeling.registry import BuiltRunner, RunnerSpec, register_runner
+from common.sampling import sample_batch
+from common.types import SamplingParams
+
+__all__ = ["FLASH_PAGE_MULTIPLE", "LayerKVHook", "ModelRunner", "Runner", "kv_layout"]
 
 
 def kv_layout(loaded: LoadedModel) -> KVLayout:
@@ -26,19 +30,6 @@ def kv_layout(loaded: LoadedModel) -> KVLayout:
 
 
 FLASH_PAGE_MULTIPLE = 256
-LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
-
-
-class Runner(Protocol):
-    """What the role engines need from whatever runs the model: ModelRunner or SimRunner."""
-
-    store: PagedKVStore
-
-    def prefill_sample(self, prompts: list[list[int]], params: list[SamplingParams],
-                       on_layer_kv: LayerKVHook | None) -> list[int]: ...
-
-    def decode_sample(self, tokens: list[int], positions: list[int], block_tables: list[list[int]],
-                      params: list[SamplingParams], token_indices: list[int]) -> list[int]: ...
 
 
 class ModelRunner:
@@ -102,3 +93,19 @@ class ModelRunner:
     def decode_sample(self, tokens: list[int], positions: list[int], block_tables: list[list[int]],
                       params: list[SamplingParams], token_indices: list[int]) -> list[int]:
         return sample_batch(self.decode(tokens, positions, block_tables), params, token_indices)
+
+
+@register_runner("hf")
+def build_hf_runner(spec: RunnerSpec) -> BuiltRunner:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  transient=False) as progress:
+        task = progress.add_task(f"loading {spec.model}", total=3)
+        loaded = load_model(spec.model, spec.device, dtype_from_name(spec.dtype))
+        progress.update(task, advance=1, description="allocating the KV pool")
+        runner = ModelRunner(loaded, PagedKVStore(kv_layout(loaded), spec.kv_blocks, spec.block_size, loaded.device))
+        progress.update(task, advance=1, description="warming up")
+        runner.prefill([[1, 2, 3]], None)
+        progress.update(task, advance=1, description=f"{spec.model} ready")
+    return BuiltRunner(runner, loaded.config.vocab_size, loaded.attention)

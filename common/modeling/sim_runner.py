@@ -16,9 +16,10 @@ import torch
 
 from common.kv.kv_store import slots_for
 from common.kv.wire import KVLayout, dtype_from_name
-from common.modeling.runner import LayerKVHook
-from common.profile import LatencyProfile
-from common.sampling import SamplingParams
+from common.modeling.base import LayerKVHook
+from common.modeling.registry import BuiltRunner, RunnerSpec, register_runner
+from common.profile import LatencyProfile, load_profile
+from common.types import SamplingParams
 
 # Pseudo-tokens stay inside the SmolLM2 tokenizer's vocabulary, so the gateway can detokenize
 # them, and above the special tokens, so none is ever EOS.
@@ -48,6 +49,11 @@ class NullKVStore:
 
     def write_chunk(self, layer_start: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
         pass  # the bytes crossed the wire and were checked; a simulated pool keeps nothing
+
+    def read_chunk(self, layer_start: int, layer_end: int, slots: torch.Tensor) -> torch.Tensor:
+        """Zeros of the real size: a migration moves the bytes the profiled model would."""
+        return torch.zeros(layer_end - layer_start, 2, len(slots), self.layout.num_kv_heads, self.layout.head_dim,
+                           dtype=self.layout.dtype)
 
 
 class SimRunner:
@@ -82,3 +88,10 @@ def _sleep_until(deadline: float) -> None:
     delay = deadline - time.perf_counter()
     if delay > 0:
         time.sleep(delay)
+
+
+@register_runner("sim")
+def build_sim_runner(spec: RunnerSpec) -> BuiltRunner:
+    profile = load_profile(spec.model_arg)
+    return BuiltRunner(SimRunner(profile, spec.kv_blocks, spec.block_size, spec.time_scale), PSEUDO_TOKEN_HIGH,
+                       f"sim ({profile.name}, time scale {spec.time_scale:g})")

@@ -45,7 +45,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "metrics_address", "model", "kv_blocks_total", "kv_blocks_used", "running_requests", "waiting_requests", "block_size", "serving")
+    __slots__ = ("worker_id", "role", "address", "metrics_address", "model", "kv_blocks_total", "kv_blocks_used", "running_requests", "waiting_requests", "block_size", "serving", "prefill_waiting", "prefill_waiting_tokens", "decode_running", "decode_waiting", "switching")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,11 @@ class WorkerInfo(_message.Message):
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_WAITING_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_WAITING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    DECODE_WAITING_FIELD_NUMBER: _ClassVar[int]
+    SWITCHING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     address: str
@@ -68,4 +73,9 @@ class WorkerInfo(_message.Message):
     waiting_requests: int
     block_size: int
     serving: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., model: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., block_size: _Optional[int] = ..., serving: _Optional[bool] = ...) -> None: ...
+    prefill_waiting: int
+    prefill_waiting_tokens: int
+    decode_running: int
+    decode_waiting: int
+    switching: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., model: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., block_size: _Optional[int] = ..., serving: _Optional[bool] = ..., prefill_waiting: _Optional[int] = ..., prefill_waiting_tokens: _Optional[int] = ..., decode_running: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., switching: _Optional[bool] = ...) -> None: ...

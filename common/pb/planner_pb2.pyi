@@ -35,3 +35,91 @@ class Topology(_message.Message):
     version: int
     planner_metrics_address: str
     def __init__(self, workers: _Optional[_Iterable[_Union[_common_pb2.WorkerInfo, _Mapping]]] = ..., version: _Optional[int] = ..., planner_metrics_address: _Optional[str] = ...) -> None: ...
+
+class LoadReport(_message.Message):
+    __slots__ = ("source", "start_unix", "duration_s", "arrivals", "prompt_lens", "output_lens", "rejected", "ttft_s", "tpot_s")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    ARRIVALS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_LENS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    TPOT_S_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    start_unix: float
+    duration_s: float
+    arrivals: int
+    prompt_lens: _containers.RepeatedScalarFieldContainer[int]
+    output_lens: _containers.RepeatedScalarFieldContainer[int]
+    rejected: int
+    ttft_s: _containers.RepeatedScalarFieldContainer[float]
+    tpot_s: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, source: _Optional[str] = ..., start_unix: _Optional[float] = ..., duration_s: _Optional[float] = ..., arrivals: _Optional[int] = ..., prompt_lens: _Optional[_Iterable[int]] = ..., output_lens: _Optional[_Iterable[int]] = ..., rejected: _Optional[int] = ..., ttft_s: _Optional[_Iterable[float]] = ..., tpot_s: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ReportLoadResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetPlanRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RoleSwitch(_message.Message):
+    __slots__ = ("worker_id", "from_role", "to_role", "at_unix", "seconds", "migrated_requests", "migrated_bytes", "ok", "reason", "error", "fell_back_to_drain")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_ROLE_FIELD_NUMBER: _ClassVar[int]
+    TO_ROLE_FIELD_NUMBER: _ClassVar[int]
+    AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FELL_BACK_TO_DRAIN_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    from_role: _common_pb2.Role
+    to_role: _common_pb2.Role
+    at_unix: float
+    seconds: float
+    migrated_requests: int
+    migrated_bytes: int
+    ok: bool
+    reason: str
+    error: str
+    fell_back_to_drain: bool
+    def __init__(self, worker_id: _Optional[str] = ..., from_role: _Optional[_Union[_common_pb2.Role, str]] = ..., to_role: _Optional[_Union[_common_pb2.Role, str]] = ..., at_unix: _Optional[float] = ..., seconds: _Optional[float] = ..., migrated_requests: _Optional[int] = ..., migrated_bytes: _Optional[int] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., fell_back_to_drain: _Optional[bool] = ...) -> None: ...
+
+class PlanStatus(_message.Message):
+    __slots__ = ("mode", "predictor", "target_prefill", "target_decode", "predicted_rate", "predicted_prompt_p50", "predicted_prompt_p90", "predicted_output_p50", "observed_rate", "intervals_recorded", "redis_ok", "recent_switches", "split_detail", "decision_seconds")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_DECODE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_RATE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_PROMPT_P50_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_PROMPT_P90_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_OUTPUT_P50_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_RATE_FIELD_NUMBER: _ClassVar[int]
+    INTERVALS_RECORDED_FIELD_NUMBER: _ClassVar[int]
+    REDIS_OK_FIELD_NUMBER: _ClassVar[int]
+    RECENT_SWITCHES_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    DECISION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    predictor: str
+    target_prefill: int
+    target_decode: int
+    predicted_rate: float
+    predicted_prompt_p50: float
+    predicted_prompt_p90: float
+    predicted_output_p50: float
+    observed_rate: float
+    intervals_recorded: int
+    redis_ok: bool
+    recent_switches: _containers.RepeatedCompositeFieldContainer[RoleSwitch]
+    split_detail: str
+    decision_seconds: float
+    def __init__(self, mode: _Optional[str] = ..., predictor: _Optional[str] = ..., target_prefill: _Optional[int] = ..., target_decode: _Optional[int] = ..., predicted_rate: _Optional[float] = ..., predicted_prompt_p50: _Optional[float] = ..., predicted_prompt_p90: _Optional[float] = ..., predicted_output_p50: _Optional[float] = ..., observed_rate: _Optional[float] = ..., intervals_recorded: _Optional[int] = ..., redis_ok: _Optional[bool] = ..., recent_switches: _Optional[_Iterable[_Union[RoleSwitch, _Mapping]]] = ..., split_detail: _Optional[str] = ..., decision_seconds: _Optional[float] = ...) -> None: ...

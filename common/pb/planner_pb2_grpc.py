@@ -51,6 +51,16 @@ class PlannerStub:
                 request_serializer=dopd_dot_v1_dot_planner__pb2.GetTopologyRequest.SerializeToString,
                 response_deserializer=dopd_dot_v1_dot_planner__pb2.Topology.FromString,
                 _registered_method=True)
+        self.ReportLoad = channel.unary_unary(
+                '/dopd.v1.Planner/ReportLoad',
+                request_serializer=dopd_dot_v1_dot_planner__pb2.LoadReport.SerializeToString,
+                response_deserializer=dopd_dot_v1_dot_planner__pb2.ReportLoadResponse.FromString,
+                _registered_method=True)
+        self.GetPlan = channel.unary_unary(
+                '/dopd.v1.Planner/GetPlan',
+                request_serializer=dopd_dot_v1_dot_planner__pb2.GetPlanRequest.SerializeToString,
+                response_deserializer=dopd_dot_v1_dot_planner__pb2.PlanStatus.FromString,
+                _registered_method=True)
 
 
 class PlannerServicer:
@@ -77,6 +87,20 @@ class PlannerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportLoad(self, request, context):
+        """The gateway's load over one interval (arrivals, lengths, latencies, refusals).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPlan(self, request, context):
+        """The planner's state: mode, split, prediction, the last role switches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +118,16 @@ def add_PlannerServicer_to_server(servicer, server):
                     servicer.GetTopology,
                     request_deserializer=dopd_dot_v1_dot_planner__pb2.GetTopologyRequest.FromString,
                     response_serializer=dopd_dot_v1_dot_planner__pb2.Topology.SerializeToString,
+            ),
+            'ReportLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLoad,
+                    request_deserializer=dopd_dot_v1_dot_planner__pb2.LoadReport.FromString,
+                    response_serializer=dopd_dot_v1_dot_planner__pb2.ReportLoadResponse.SerializeToString,
+            ),
+            'GetPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlan,
+                    request_deserializer=dopd_dot_v1_dot_planner__pb2.GetPlanRequest.FromString,
+                    response_serializer=dopd_dot_v1_dot_planner__pb2.PlanStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +211,60 @@ class Planner:
             '/dopd.v1.Planner/GetTopology',
             dopd_dot_v1_dot_planner__pb2.GetTopologyRequest.SerializeToString,
             dopd_dot_v1_dot_planner__pb2.Topology.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dopd.v1.Planner/ReportLoad',
+            dopd_dot_v1_dot_planner__pb2.LoadReport.SerializeToString,
+            dopd_dot_v1_dot_planner__pb2.ReportLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dopd.v1.Planner/GetPlan',
+            dopd_dot_v1_dot_planner__pb2.GetPlanRequest.SerializeToString,
+            dopd_dot_v1_dot_planner__pb2.PlanStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from common.pb import common_pb2 as dopd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64opd/v1/worker.proto\x12\x07\x64opd.v1\x1a\x14\x64opd/v1/common.proto\"\x81\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.dopd.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\"\x84\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x03 \x01(\x01\x12\x17\n\x0fhandoff_seconds\x18\x04 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x03\"b\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_len\x18\x02 \x01(\x05\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.dopd.v1.SamplingParams\"\xb2\x02\n\x0b\x44\x65\x63odeEvent\x12\x31\n\x08reserved\x18\x01 \x01(\x0b\x32\x1d.dopd.v1.DecodeEvent.ReservedH\x00\x12-\n\x06tokens\x18\x02 \x01(\x0b\x32\x1b.dopd.v1.DecodeEvent.TokensH\x00\x12\x31\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1d.dopd.v1.DecodeEvent.FinishedH\x00\x1a\x1a\n\x08Reserved\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x05\x1a\x1b\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x1aL\n\x08\x46inished\x12%\n\x06reason\x18\x01 \x01(\x0e\x32\x15.dopd.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x42\x07\n\x05\x65vent\"\x86\x03\n\x06KVPush\x12&\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x15.dopd.v1.KVPush.BeginH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.dopd.v1.KVPush.ChunkH\x00\x12\"\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.dopd.v1.KVPush.EndH\x00\x1az\n\x05\x42\x65gin\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x1a\x65\n\x05\x43hunk\x12\x13\n\x0blayer_start\x18\x01 \x01(\x05\x12\x11\n\tlayer_end\x18\x02 \x01(\x05\x12\x13\n\x0btoken_start\x18\x03 \x01(\x05\x12\x11\n\ttoken_end\x18\x04 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x1a\x1d\n\x03\x45nd\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x42\x06\n\x04part\"(\n\x0ePushKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"\x11\n\x0fGetStatsRequest2\xf1\x01\n\x06Worker\x12<\n\x07Prefill\x12\x17.dopd.v1.PrefillRequest\x1a\x18.dopd.v1.PrefillResponse\x12\x38\n\x06\x44\x65\x63ode\x12\x16.dopd.v1.DecodeRequest\x1a\x14.dopd.v1.DecodeEvent0\x01\x12\x34\n\x06PushKV\x12\x0f.dopd.v1.KVPush\x1a\x17.dopd.v1.PushKVResponse(\x01\x12\x39\n\x08GetStats\x12\x18.dopd.v1.GetStatsRequest\x1a\x13.dopd.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64opd/v1/worker.proto\x12\x07\x64opd.v1\x1a\x14\x64opd/v1/common.proto\"\x81\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.dopd.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\"\x84\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x03 \x01(\x01\x12\x17\n\x0fhandoff_seconds\x18\x04 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x03\"r\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_len\x18\x02 \x01(\x05\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.dopd.v1.SamplingParams\x12\x0e\n\x06\x61ttach\x18\x04 \x01(\x08\"\xb5\x03\n\x0b\x44\x65\x63odeEvent\x12\x31\n\x08reserved\x18\x01 \x01(\x0b\x32\x1d.dopd.v1.DecodeEvent.ReservedH\x00\x12-\n\x06tokens\x18\x02 \x01(\x0b\x32\x1b.dopd.v1.DecodeEvent.TokensH\x00\x12\x31\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1d.dopd.v1.DecodeEvent.FinishedH\x00\x12+\n\x05moved\x18\x04 \x01(\x0b\x32\x1a.dopd.v1.DecodeEvent.MovedH\x00\x1a\x1a\n\x08Reserved\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x05\x1a\x30\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x13\n\x0bstart_index\x18\x02 \x01(\x05\x1aL\n\x08\x46inished\x12%\n\x06reason\x18\x01 \x01(\x0e\x32\x15.dopd.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x1a?\n\x05Moved\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nnext_index\x18\x03 \x01(\x05\x42\x07\n\x05\x65vent\"\xb2\x04\n\x06KVPush\x12&\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x15.dopd.v1.KVPush.BeginH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.dopd.v1.KVPush.ChunkH\x00\x12\"\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.dopd.v1.KVPush.EndH\x00\x1a\xa0\x01\n\x05\x42\x65gin\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12$\n\x05\x61\x64opt\x18\x07 \x01(\x0b\x32\x15.dopd.v1.KVPush.Adopt\x1a`\n\x05\x41\x64opt\x12\x12\n\nprompt_len\x18\x01 \x01(\x05\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.dopd.v1.SamplingParams\x12\x18\n\x10source_worker_id\x18\x03 \x01(\t\x1a\x65\n\x05\x43hunk\x12\x13\n\x0blayer_start\x18\x01 \x01(\x05\x12\x11\n\tlayer_end\x18\x02 \x01(\x05\x12\x13\n\x0btoken_start\x18\x03 \x01(\x05\x12\x11\n\ttoken_end\x18\x04 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x1a@\n\x03\x45nd\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x11\n\tkv_tokens\x18\x03 \x01(\x05\x42\x06\n\x04part\"(\n\x0ePushKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"\x11\n\x0fGetStatsRequest\"-\n\x0eSetRoleRequest\x12\x1b\n\x04role\x18\x01 \x01(\x0e\x32\r.dopd.v1.Role\"\xe5\x02\n\x0fSetRoleResponse\x12 \n\tfrom_role\x18\x01 \x01(\x0e\x32\r.dopd.v1.Role\x12\x1e\n\x07to_role\x18\x02 \x01(\x0e\x32\r.dopd.v1.Role\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\x12\x15\n\rdrain_seconds\x18\x04 \x01(\x01\x12\x19\n\x11migration_seconds\x18\x05 \x01(\x01\x12\x19\n\x11migrated_requests\x18\x06 \x01(\x05\x12\x16\n\x0emigrated_bytes\x18\x07 \x01(\x03\x12\x18\n\x10\x64rained_requests\x18\x08 \x01(\x05\x12\x1a\n\x12\x66\x65ll_back_to_drain\x18\t \x01(\x08\x12\x0c\n\x04note\x18\n \x01(\t\x12%\n\x1dlongest_request_pause_seconds\x18\x0b \x01(\x01\x12)\n!longest_request_migration_seconds\x18\x0c \x01(\x01\x32\xaf\x02\n\x06Worker\x12<\n\x07Prefill\x12\x17.dopd.v1.PrefillRequest\x1a\x18.dopd.v1.PrefillResponse\x12\x38\n\x06\x44\x65\x63ode\x12\x16.dopd.v1.DecodeRequest\x1a\x14.dopd.v1.DecodeEvent0\x01\x12\x34\n\x06PushKV\x12\x0f.dopd.v1.KVPush\x1a\x17.dopd.v1.PushKVResponse(\x01\x12\x39\n\x08GetStats\x12\x18.dopd.v1.GetStatsRequest\x1a\x13.dopd.v1.WorkerInfo\x12<\n\x07SetRole\x12\x17.dopd.v1.SetRoleRequest\x1a\x18.dopd.v1.SetRoleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,27 +38,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLRESPONSE']._serialized_start=188
   _globals['_PREFILLRESPONSE']._serialized_end=320
   _globals['_DECODEREQUEST']._serialized_start=322
-  _globals['_DECODEREQUEST']._serialized_end=420
-  _globals['_DECODEEVENT']._serialized_start=423
-  _globals['_DECODEEVENT']._serialized_end=729
-  _globals['_DECODEEVENT_RESERVED']._serialized_start=587
-  _globals['_DECODEEVENT_RESERVED']._serialized_end=613
-  _globals['_DECODEEVENT_TOKENS']._serialized_start=615
-  _globals['_DECODEEVENT_TOKENS']._serialized_end=642
-  _globals['_DECODEEVENT_FINISHED']._serialized_start=644
-  _globals['_DECODEEVENT_FINISHED']._serialized_end=720
-  _globals['_KVPUSH']._serialized_start=732
-  _globals['_KVPUSH']._serialized_end=1122
-  _globals['_KVPUSH_BEGIN']._serialized_start=858
-  _globals['_KVPUSH_BEGIN']._serialized_end=980
-  _globals['_KVPUSH_CHUNK']._serialized_start=982
-  _globals['_KVPUSH_CHUNK']._serialized_end=1083
-  _globals['_KVPUSH_END']._serialized_start=1085
-  _globals['_KVPUSH_END']._serialized_end=1114
-  _globals['_PUSHKVRESPONSE']._serialized_start=1124
-  _globals['_PUSHKVRESPONSE']._serialized_end=1164
-  _globals['_GETSTATSREQUEST']._serialized_start=1166
-  _globals['_GETSTATSREQUEST']._serialized_end=1183
-  _globals['_WORKER']._serialized_start=1186
-  _globals['_WORKER']._serialized_end=1427
+  _globals['_DECODEREQUEST']._serialized_end=436
+  _globals['_DECODEEVENT']._serialized_start=439
+  _globals['_DECODEEVENT']._serialized_end=876
+  _globals['_DECODEEVENT_RESERVED']._serialized_start=648
+  _globals['_DECODEEVENT_RESERVED']._serialized_end=674
+  _globals['_DECODEEVENT_TOKENS']._serialized_start=676
+  _globals['_DECODEEVENT_TOKENS']._serialized_end=724
+  _globals['_DECODEEVENT_FINISHED']._serialized_start=726
+  _globals['_DECODEEVENT_FINISHED']._serialized_end=802
+  _globals['_DECODEEVENT_MOVED']._serialized_start=804
+  _globals['_DECODEEVENT_MOVED']._serialized_end=867
+  _globals['_KVPUSH']._serialized_start=879
+  _globals['_KVPUSH']._serialized_end=1441
+  _globals['_KVPUSH_BEGIN']._serialized_start=1006
+  _globals['_KVPUSH_BEGIN']._serialized_end=1166
+  _globals['_KVPUSH_ADOPT']._serialized_start=1168
+  _globals['_KVPUSH_ADOPT']._serialized_end=1264
+  _globals['_KVPUSH_CHUNK']._serialized_start=1266
+  _globals['_KVPUSH_CHUNK']._serialized_end=1367
+  _globals['_KVPUSH_END']._serialized_start=1369
+  _globals['_KVPUSH_END']._serialized_end=1433
+  _globals['_PUSHKVRESPONSE']._serialized_start=1443
+  _globals['_PUSHKVRESPONSE']._serialized_end=1483
+  _globals['_GETSTATSREQUEST']._serialized_start=1485
+  _globals['_GETSTATSREQUEST']._serialized_end=1502
+  _globals['_SETROLEREQUEST']._serialized_start=1504
+  _globals['_SETROLEREQUEST']._serialized_end=1549
+  _globals['_SETROLERESPONSE']._serialized_start=1552
+  _globals['_SETROLERESPONSE']._serialized_end=1909
+  _globals['_WORKER']._serialized_start=1912
+  _globals['_WORKER']._serialized_end=2215
 # @@protoc_insertion_point(module_scope)

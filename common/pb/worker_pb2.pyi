@@ -35,27 +35,31 @@ class PrefillResponse(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., handoff_seconds: _Optional[float] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_len", "sampling")
+    __slots__ = ("request_id", "prompt_len", "sampling", "attach")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_len: int
     sampling: _common_pb2.SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., prompt_len: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    attach: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_len: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., attach: _Optional[bool] = ...) -> None: ...
 
 class DecodeEvent(_message.Message):
-    __slots__ = ("reserved", "tokens", "finished")
+    __slots__ = ("reserved", "tokens", "finished", "moved")
     class Reserved(_message.Message):
         __slots__ = ("blocks",)
         BLOCKS_FIELD_NUMBER: _ClassVar[int]
         blocks: int
         def __init__(self, blocks: _Optional[int] = ...) -> None: ...
     class Tokens(_message.Message):
-        __slots__ = ("token_ids",)
+        __slots__ = ("token_ids", "start_index")
         TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+        START_INDEX_FIELD_NUMBER: _ClassVar[int]
         token_ids: _containers.RepeatedScalarFieldContainer[int]
-        def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+        start_index: int
+        def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., start_index: _Optional[int] = ...) -> None: ...
     class Finished(_message.Message):
         __slots__ = ("reason", "completion_tokens")
         REASON_FIELD_NUMBER: _ClassVar[int]
@@ -63,31 +67,53 @@ class DecodeEvent(_message.Message):
         reason: _common_pb2.FinishReason
         completion_tokens: int
         def __init__(self, reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    class Moved(_message.Message):
+        __slots__ = ("worker_id", "address", "next_index")
+        WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+        ADDRESS_FIELD_NUMBER: _ClassVar[int]
+        NEXT_INDEX_FIELD_NUMBER: _ClassVar[int]
+        worker_id: str
+        address: str
+        next_index: int
+        def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., next_index: _Optional[int] = ...) -> None: ...
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
     reserved: DecodeEvent.Reserved
     tokens: DecodeEvent.Tokens
     finished: DecodeEvent.Finished
-    def __init__(self, reserved: _Optional[_Union[DecodeEvent.Reserved, _Mapping]] = ..., tokens: _Optional[_Union[DecodeEvent.Tokens, _Mapping]] = ..., finished: _Optional[_Union[DecodeEvent.Finished, _Mapping]] = ...) -> None: ...
+    moved: DecodeEvent.Moved
+    def __init__(self, reserved: _Optional[_Union[DecodeEvent.Reserved, _Mapping]] = ..., tokens: _Optional[_Union[DecodeEvent.Tokens, _Mapping]] = ..., finished: _Optional[_Union[DecodeEvent.Finished, _Mapping]] = ..., moved: _Optional[_Union[DecodeEvent.Moved, _Mapping]] = ...) -> None: ...
 
 class KVPush(_message.Message):
     __slots__ = ("begin", "chunk", "end")
     class Begin(_message.Message):
-        __slots__ = ("request_id", "num_tokens", "num_layers", "num_kv_heads", "head_dim", "dtype")
+        __slots__ = ("request_id", "num_tokens", "num_layers", "num_kv_heads", "head_dim", "dtype", "adopt")
         REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
         NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
         NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
         NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
         HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
         DTYPE_FIELD_NUMBER: _ClassVar[int]
+        ADOPT_FIELD_NUMBER: _ClassVar[int]
         request_id: str
         num_tokens: int
         num_layers: int
         num_kv_heads: int
         head_dim: int
         dtype: str
-        def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+        adopt: KVPush.Adopt
+        def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., adopt: _Optional[_Union[KVPush.Adopt, _Mapping]] = ...) -> None: ...
+    class Adopt(_message.Message):
+        __slots__ = ("prompt_len", "sampling", "source_worker_id")
+        PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+        SAMPLING_FIELD_NUMBER: _ClassVar[int]
+        SOURCE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+        prompt_len: int
+        sampling: _common_pb2.SamplingParams
+        source_worker_id: str
+        def __init__(self, prompt_len: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., source_worker_id: _Optional[str] = ...) -> None: ...
     class Chunk(_message.Message):
         __slots__ = ("layer_start", "layer_end", "token_start", "token_end", "data")
         LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -102,10 +128,14 @@ class KVPush(_message.Message):
         data: bytes
         def __init__(self, layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
     class End(_message.Message):
-        __slots__ = ("first_token_id",)
+        __slots__ = ("first_token_id", "tokens", "kv_tokens")
         FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+        TOKENS_FIELD_NUMBER: _ClassVar[int]
+        KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
         first_token_id: int
-        def __init__(self, first_token_id: _Optional[int] = ...) -> None: ...
+        tokens: _containers.RepeatedScalarFieldContainer[int]
+        kv_tokens: int
+        def __init__(self, first_token_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
     BEGIN_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -123,3 +153,37 @@ class PushKVResponse(_message.Message):
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SetRoleRequest(_message.Message):
+    __slots__ = ("role",)
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    role: _common_pb2.Role
+    def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ...) -> None: ...
+
+class SetRoleResponse(_message.Message):
+    __slots__ = ("from_role", "to_role", "total_seconds", "drain_seconds", "migration_seconds", "migrated_requests", "migrated_bytes", "drained_requests", "fell_back_to_drain", "note", "longest_request_pause_seconds", "longest_request_migration_seconds")
+    FROM_ROLE_FIELD_NUMBER: _ClassVar[int]
+    TO_ROLE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FELL_BACK_TO_DRAIN_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    LONGEST_REQUEST_PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LONGEST_REQUEST_MIGRATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    from_role: _common_pb2.Role
+    to_role: _common_pb2.Role
+    total_seconds: float
+    drain_seconds: float
+    migration_seconds: float
+    migrated_requests: int
+    migrated_bytes: int
+    drained_requests: int
+    fell_back_to_drain: bool
+    note: str
+    longest_request_pause_seconds: float
+    longest_request_migration_seconds: float
+    def __init__(self, from_role: _Optional[_Union[_common_pb2.Role, str]] = ..., to_role: _Optional[_Union[_common_pb2.Role, str]] = ..., total_seconds: _Optional[float] = ..., drain_seconds: _Optional[float] = ..., migration_seconds: _Optional[float] = ..., migrated_requests: _Optional[int] = ..., migrated_bytes: _Optional[int] = ..., drained_requests: _Optional[int] = ..., fell_back_to_drain: _Optional[bool] = ..., note: _Optional[str] = ..., longest_request_pause_seconds: _Optional[float] = ..., longest_request_migration_seconds: _Optional[float] = ...) -> None: ...

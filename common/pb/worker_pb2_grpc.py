@@ -56,6 +56,11 @@ class WorkerStub:
                 request_serializer=dopd_dot_v1_dot_worker__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=dopd_dot_v1_dot_common__pb2.WorkerInfo.FromString,
                 _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/dopd.v1.Worker/SetRole',
+                request_serializer=dopd_dot_v1_dot_worker__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=dopd_dot_v1_dot_worker__pb2.SetRoleResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -90,6 +95,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRole(self, request, context):
+        """Switch this worker's role in place (no restart, no reload); answers when the switch is done.
+        decode -> prefill live-migrates every running request to other decode workers first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +125,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=dopd_dot_v1_dot_worker__pb2.GetStatsRequest.FromString,
                     response_serializer=dopd_dot_v1_dot_common__pb2.WorkerInfo.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=dopd_dot_v1_dot_worker__pb2.SetRoleRequest.FromString,
+                    response_serializer=dopd_dot_v1_dot_worker__pb2.SetRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +240,33 @@ class Worker:
             '/dopd.v1.Worker/GetStats',
             dopd_dot_v1_dot_worker__pb2.GetStatsRequest.SerializeToString,
             dopd_dot_v1_dot_common__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dopd.v1.Worker/SetRole',
+            dopd_dot_v1_dot_worker__pb2.SetRoleRequest.SerializeToString,
+            dopd_dot_v1_dot_worker__pb2.SetRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,8 +1,10 @@
-"""Domain errors and the one place that maps them to gRPC status codes.
+"""The one place where domain errors (common/errors.py) meet gRPC status codes, both ways.
 
-Service code raises these (or lets a downstream AioRpcError through); `grpc_errors` turns them
-into a status with a message that says what is wrong. Anything else is a bug: it is logged and
-answered with INTERNAL, and the server keeps serving.
+`grpc_errors` decorates a servicer method: a domain error becomes its status with its message;
+a downstream call's AioRpcError is passed on where it means the same to our caller; anything else
+is a bug: it is logged and answered with INTERNAL, and the server keeps serving.
+`domain_error` turns a peer's AioRpcError back into a domain error, for code (the gateway's
+request core) that must not know about grpc.
 """
 
 from __future__ import annotations
@@ -14,35 +16,36 @@ import logging
 
 import grpc
 
+from common.errors import (
+    Aborted,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    PeerError,
+    Refused,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
+
 log = logging.getLogger(__name__)
 
-
-class ServiceError(Exception):
-    code = grpc.StatusCode.INTERNAL
-
-
-class InvalidArgument(ServiceError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class ResourceExhausted(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class FailedPrecondition(ServiceError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
+# Most specific first: the first class an error is an instance of gives its code.
+STATUS_OF_ERROR: list[tuple[type[ServiceError], grpc.StatusCode]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Aborted, grpc.StatusCode.ABORTED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ServiceError, grpc.StatusCode.INTERNAL),
+]
 
 REFUSED_KEY = "dopd-refused"
 
 
-class Refused(Unavailable):
-    """A worker turned a call away before doing any work (draining, loading, another role): the
-    caller may safely try another worker. Marked in the trailing metadata, not the message."""
+def status_code(exc: ServiceError) -> grpc.StatusCode:
+    return next(code for cls, code in STATUS_OF_ERROR if isinstance(exc, cls))
 
 
 def is_refusal(exc: grpc.aio.AioRpcError) -> bool:
@@ -52,21 +55,36 @@ def is_refusal(exc: grpc.aio.AioRpcError) -> bool:
 # A peer's status that means the same to our caller; any other (INVALID_ARGUMENT from a worker,
 # say) is our fault, not the caller's, and becomes INTERNAL.
 _PASSED_ON = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+_DOMAIN_OF_PEER_STATUS = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+}
 
 
-class Aborted(ServiceError):
-    code = grpc.StatusCode.ABORTED
-
-
-class DeadlineExceeded(ServiceError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+def domain_error(exc: grpc.aio.AioRpcError, what: str = "") -> ServiceError:
+    """A peer's failure as a domain error: a refusal stays a Refused (safe to try elsewhere), a
+    status that means the same to our caller keeps its kind, anything else is a PeerError."""
+    details = exc.details() or exc.code().name
+    message = f"{what}: {details}" if what else details
+    if is_refusal(exc):
+        return Refused(message)
+    if exc.code() == grpc.StatusCode.CANCELLED:
+        return Unavailable(f"a peer cancelled: {message}")
+    cls = _DOMAIN_OF_PEER_STATUS.get(exc.code())
+    if cls is not None:
+        return cls(message)
+    return PeerError(f"a peer answered {exc.code().name}: {message}")
 
 
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple]:
+    if isinstance(exc, PeerError):
+        return grpc.StatusCode.INTERNAL, str(exc), ()
     if isinstance(exc, Refused):
-        return exc.code, str(exc), ((REFUSED_KEY, "1"),)
+        return status_code(exc), str(exc), ((REFUSED_KEY, "1"),)
     if isinstance(exc, ServiceError):
-        return exc.code, str(exc), ()
+        return status_code(exc), str(exc), ()
     if isinstance(exc, grpc.aio.AioRpcError):  # a downstream call failed
         details = exc.details() or exc.code().name
         if exc.code() in _PASSED_ON:

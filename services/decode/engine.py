@@ -5,7 +5,9 @@ is work: schedule -> forward + sample (executor thread) -> update -> deliver. Ev
 touches scheduler state runs on the event loop thread; the executor thread only runs the model.
 
 Requests join the running batch at any step (as their KV completes) and leave it at any step.
-Each request's events go to its own asyncio.Queue, read by the Decode RPC handler.
+Each request's events go to its own asyncio.Queue, read by the Decode RPC handler; a request
+migrated in has its queue before anyone reads it (the gateway attaches a moment later).
+Migrating a request out is `services/decode/migration.py`; it uses pause/resume/moved here.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from common.errors import Aborted, DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from common.kv.block_pool import OutOfBlocks
 from common.kv.wire import KVChunk
-from common.modeling.runner import Runner
-from common.rpc.errors import Aborted, DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
-from common.sampling import SamplingParams
+from common.modeling.base import Runner
+from common.types import SamplingParams
 from services.decode.scheduler import DecodeScheduler, DecodeSeq, Finish, SeqState
 from services.worker import metrics
 
@@ -30,12 +32,22 @@ log = logging.getLogger(__name__)
 @dataclass
 class TokensEvent:
     token_ids: list[int]
+    start_index: int  # index in the completion of token_ids[0]
 
 
 @dataclass
 class FinishedEvent:
     finish: Finish
     completion_tokens: int
+
+
+@dataclass
+class MovedEvent:
+    """The request goes on on another decode worker; every token produced here was sent before."""
+
+    worker_id: str
+    address: str
+    next_index: int
 
 
 @dataclass
@@ -52,10 +64,13 @@ class DecodeEngine:
         self.kv_timeout_s = kv_timeout_s
         self._queues: dict[str, asyncio.Queue] = {}
         self._kv_timers: dict[str, asyncio.TimerHandle] = {}
+        self._attach_timers: dict[str, asyncio.TimerHandle] = {}
         # NOTE: a request in the step that is running now must keep its blocks until the step
-        # ends (the forward writes its new token's KV there); aborts of such requests wait here.
+        # ends (the forward writes its new token's KV there); aborts of such requests wait here,
+        # and so do pauses (the step's token must be delivered before the KV tail is copied).
         self._in_flight: set[str] = set()
         self._deferred_aborts: set[str] = set()
+        self._deferred_pauses: dict[str, asyncio.Future] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -69,6 +84,17 @@ class DecodeEngine:
 
     # -- requests ---------------------------------------------------------------------------
     def reserve(self, request_id: str, prompt_len: int, params: SamplingParams) -> asyncio.Queue:
+        self._reserve(request_id, prompt_len, params)
+        self._kv_timers[request_id] = asyncio.get_running_loop().call_later(
+            self.kv_timeout_s, self._kv_timed_out, request_id)
+        return self._queues[request_id]
+
+    def adopt(self, request_id: str, prompt_len: int, params: SamplingParams) -> DecodeSeq:
+        """Reserve a request that a migration moves here; its stream is attached later (a broken
+        transfer ends it here before that; see services/kvtransfer/receiver.py)."""
+        return self._reserve(request_id, prompt_len, params)
+
+    def _reserve(self, request_id: str, prompt_len: int, params: SamplingParams) -> DecodeSeq:
         seq = DecodeSeq(request_id, prompt_len, params)
         try:
             self.scheduler.reserve(seq)
@@ -76,12 +102,18 @@ class DecodeEngine:
             raise ResourceExhausted(f"decode worker is out of KV blocks: {exc}") from None
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._kv_timers[request_id] = asyncio.get_running_loop().call_later(
-            self.kv_timeout_s, self._kv_timed_out, request_id)
+        self._queues[request_id] = asyncio.Queue()
         self._update_gauges()
-        return queue
+        return seq
+
+    def attach(self, request_id: str) -> tuple[asyncio.Queue, DecodeSeq | None]:
+        """The stream of a request migrated here (its events so far are queued)."""
+        timer = self._attach_timers.pop(request_id, None)
+        queue = self._queues.get(request_id)
+        if timer is None or queue is None:
+            raise Unavailable(f"request {request_id!r} was not migrated to this worker, or its move failed")
+        timer.cancel()
+        return queue, self.scheduler.seqs.get(request_id)
 
     def expect_kv(self, request_id: str, num_tokens: int) -> DecodeSeq:
         """The reservation a KV transfer writes into; raises InvalidArgument when there is none."""
@@ -114,23 +146,75 @@ class DecodeEngine:
         self._update_gauges()
         self._wake.set()
 
+    def kv_complete_migrated(self, request_id: str, tokens: list[int]) -> None:
+        if request_id not in self.scheduler.seqs:
+            raise Aborted(f"request {request_id!r} ended while its KV was arriving")
+        try:
+            self.scheduler.kv_complete_migrated(request_id, tokens)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        # Its gateway attaches next; if nobody does within the KV timeout, its client is gone.
+        self._attach_timers[request_id] = asyncio.get_running_loop().call_later(
+            self.kv_timeout_s, self._attach_timed_out, request_id)
+        self._update_gauges()
+        self._wake.set()
+
     def fail(self, request_id: str, error: ServiceError) -> None:
         """End a request with an error (bad KV, KV timeout): its stream gets the error, blocks are freed."""
         self._emit(request_id, ErrorEvent(error))
         self.release(request_id)
 
-    def release(self, request_id: str) -> None:
-        """Forget a request whatever its state (finished, cancelled, failed). Idempotent."""
+    def release(self, request_id: str, seq: DecodeSeq | None = None) -> None:
+        """Forget a request whatever its state (finished, cancelled, failed, moved). Idempotent.
+        With `seq`, only if the request under that id is still that one (ids may come back)."""
+        current = self.scheduler.seqs.get(request_id)
+        if seq is not None and current is not None and current is not seq:
+            return
         self._queues.pop(request_id, None)
-        timer = self._kv_timers.pop(request_id, None)
-        if timer:
-            timer.cancel()
+        for timers in (self._kv_timers, self._attach_timers):
+            timer = timers.pop(request_id, None)
+            if timer:
+                timer.cancel()
         if request_id in self._in_flight:
             self._deferred_aborts.add(request_id)
         else:
             self.scheduler.abort(request_id)
         self._update_gauges()
 
+    # -- migration out (services/decode/migration.py drives these) ----------------------------
+    async def pause(self, request_id: str) -> DecodeSeq | None:
+        """Take a request out of the batch, blocks kept; after the step it may be in has ended and
+        delivered its token. None when the request ended meanwhile (finished, cancelled)."""
+        if request_id not in self._in_flight:
+            return self._pause_now(request_id)
+        # NOTE: the loop starts the next step without yielding, so a waiter would never see the
+        # request out of flight; the loop itself pauses it between two steps.
+        future = self._deferred_pauses.get(request_id)
+        if future is None:
+            future = self._deferred_pauses[request_id] = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(future)
+
+    def _pause_now(self, request_id: str) -> DecodeSeq | None:
+        seq = self.scheduler.seqs.get(request_id)
+        if seq is None or seq.state not in (SeqState.READY, SeqState.RUNNING):
+            return None
+        self.scheduler.pause(request_id)
+        return seq
+
+    def resume(self, seq: DecodeSeq) -> None:
+        if self.scheduler.seqs.get(seq.request_id) is seq and seq.state is SeqState.PAUSED:
+            self.scheduler.resume(seq.request_id)
+            self._wake.set()
+
+    def moved(self, seq: DecodeSeq, worker_id: str, address: str) -> None:
+        """The request now lives on `address`: tell its stream, free it here."""
+        if self.scheduler.seqs.get(seq.request_id) is not seq:
+            return
+        self._emit(seq.request_id, MovedEvent(worker_id, address, len(seq.tokens)))
+        self._queues.pop(seq.request_id, None)  # the stream has its last event; the handler ends
+        self.release(seq.request_id, seq)
+
+    # -- timers -----------------------------------------------------------------------------
     def _kv_timed_out(self, request_id: str) -> None:
         self._kv_timers.pop(request_id, None)
         seq = self.scheduler.seqs.get(request_id)
@@ -139,6 +223,12 @@ class DecodeEngine:
                         self.kv_timeout_s)
             self.fail(request_id, DeadlineExceeded(
                 f"KV for request {request_id!r} did not arrive within {self.kv_timeout_s:g}s"))
+
+    def _attach_timed_out(self, request_id: str) -> None:
+        if self._attach_timers.pop(request_id, None) is not None:
+            log.warning("request %s: migrated here but nobody attached within %.1fs; dropped", request_id,
+                        self.kv_timeout_s)
+            self.release(request_id)
 
     def _emit(self, request_id: str, event) -> None:
         queue = self._queues.get(request_id)
@@ -163,6 +253,10 @@ class DecodeEngine:
                 for request_id in self._deferred_aborts:
                     self.scheduler.abort(request_id)
                 self._deferred_aborts.clear()
+                for request_id, future in self._deferred_pauses.items():
+                    if not future.done():
+                        future.set_result(self._pause_now(request_id))
+                self._deferred_pauses.clear()
                 self._update_gauges()
 
     async def _run_step(self, batch: list[DecodeSeq]) -> None:
@@ -183,8 +277,8 @@ class DecodeEngine:
     def _deliver(self, batch: list[DecodeSeq], next_tokens: list[int]) -> None:
         finished = self.scheduler.update(batch, next_tokens)
         for seq, token in zip(batch, next_tokens, strict=True):
-            if seq.request_id not in self._deferred_aborts:
-                self._emit(seq.request_id, TokensEvent([token]))
+            if seq.request_id not in self._deferred_aborts:  # update() appended `token` last
+                self._emit(seq.request_id, TokensEvent([token], len(seq.tokens) - 1))
         for seq in finished:
             self._emit(seq.request_id, FinishedEvent(seq.finish, len(seq.tokens)))
 

@@ -9,6 +9,11 @@ A request's life on a decode worker:
       RUNNING        in every step until update() sees EOS or max_tokens
     finish / abort   blocks go back to the pool
 
+Live migration adds one state: pause() takes a READY or RUNNING request out of the batch with its
+blocks held (PAUSED), so that its KV stops changing while the tail is copied out; resume() puts it
+back (the move failed) and abort() ends it here (the move succeeded). A request migrated in is
+reserved like any other and completed by kv_complete_migrated() with its tokens so far.
+
 Reserving the whole request up front means a running request never runs out of KV, so there is
 no preemption. abort() may arrive while a step that includes the request is in flight; the
 engine then calls it after the step (see DecodeEngine), never during.
@@ -21,13 +26,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from common.kv.block_pool import BlockPool, OutOfBlocks, kv_tokens_for
-from common.sampling import SamplingParams
+from common.types import SamplingParams
 
 
 class SeqState(enum.Enum):
     WAITING_KV = "waiting_kv"
     READY = "ready"
     RUNNING = "running"
+    PAUSED = "paused"
     FINISHED = "finished"
 
 
@@ -89,6 +95,39 @@ class DecodeScheduler:
         else:
             seq.state = SeqState.READY
             self._ready[request_id] = seq
+        return seq
+
+    def kv_complete_migrated(self, request_id: str, tokens: list[int]) -> DecodeSeq:
+        """A migrated request's KV (prompt_len + len(tokens) - 1 positions) and its completion
+        tokens so far arrived; it joins the batch where the source worker left off."""
+        seq = self.seqs[request_id]
+        if seq.state is not SeqState.WAITING_KV:
+            raise ValueError(f"request {request_id!r} already has its KV")
+        if not 1 <= len(tokens) < seq.params.max_tokens:
+            raise ValueError(f"a migrated request carries 1 to {seq.params.max_tokens - 1} tokens, got {len(tokens)}")
+        seq.tokens = list(tokens)
+        seq.state = SeqState.READY
+        self._ready[request_id] = seq
+        return seq
+
+    # -- migration ---------------------------------------------------------------------------
+    def pause(self, request_id: str) -> DecodeSeq:
+        """Out of the batch, blocks kept. The caller must not pause a request inside a running
+        step (the engine waits for the step to end first)."""
+        seq = self.seqs[request_id]
+        if seq.state not in (SeqState.READY, SeqState.RUNNING):
+            raise ValueError(f"request {request_id!r} is {seq.state.value}; only ready or running ones pause")
+        self._ready.pop(request_id, None)
+        self._running.pop(request_id, None)
+        seq.state = SeqState.PAUSED
+        return seq
+
+    def resume(self, request_id: str) -> DecodeSeq:
+        seq = self.seqs[request_id]
+        if seq.state is not SeqState.PAUSED:
+            raise ValueError(f"request {request_id!r} is {seq.state.value}, not paused")
+        seq.state = SeqState.READY
+        self._ready[request_id] = seq
         return seq
 
     # -- steps -------------------------------------------------------------------------------

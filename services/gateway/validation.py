@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common.errors import InvalidArgument
 from common.prompts import validate_prompt_ids  # noqa: F401 - part of the gateway's checks
-from common.rpc.errors import InvalidArgument
 
 MAX_STOP_STRINGS = 16
 

@@ -1,67 +1,146 @@
-"""Streams one request's KV to its decode worker while the prefill forward is still running.
+"""The sending side of one PushKV stream: `begin`, chunks as they are handed in, `end`.
 
-The forward thread hands each layer's K/V over as soon as the layer is computed
-(`put_layer`, thread-safe); the event loop turns layers into wire chunks and feeds them to an
-open client-streaming PushKV call. So by the time the last layer is done, all the others are
-already on their way, and the hand-off costs little more than the last layer's bytes.
+Two producers feed it:
+- prefill: the forward thread hands each layer's K/V over as soon as the layer is computed
+  (`put_layer`, thread-safe); the event loop turns layers into wire chunks. By the time the last
+  layer is done the others are already on their way, so the hand-off costs little more than the
+  last layer's bytes.
+- migration: KV read back out of the pool arrives as ready wire messages (`put_messages`), built
+  off the event loop by `services/kvtransfer/reader.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Protocol
 
+import grpc
 import torch
 
+from common.errors import DeadlineExceeded, Unavailable
 from common.kv import wire
 from common.kv.wire import ChunkBuilder, KVLayout
-from common.pb import worker_pb2_grpc
+from common.pb import worker_pb2, worker_pb2_grpc
+from common.rpc.channels import ChannelPool
 from services.worker import metrics
 
 _END = object()
 
 
+class PrefillSender(Protocol):
+    """What the prefill engine needs of a KV stream to a decode worker (KVSender over gRPC; an
+    in-process one in tests). `wait` raises DeadlineExceeded or Unavailable on a failed hand-off."""
+
+    done_at: float | None
+
+    def put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def finish(self, first_token_id: int) -> None: ...
+
+    def cancel(self) -> None: ...
+
+    async def wait(self) -> int: ...
+
+
+# (decode_address, request_id, num_tokens, timeout) -> an open stream
+OpenSender = Callable[[str, str, int, float], PrefillSender]
+
+
+def grpc_sender_factory(channels: ChannelPool, layout: KVLayout, min_bytes: int, max_bytes: int) -> OpenSender:
+    def open_sender(address: str, request_id: str, num_tokens: int, timeout: float) -> KVSender:
+        stub = worker_pb2_grpc.WorkerStub(channels.get(address))
+        return KVSender.for_prefill(asyncio.get_running_loop(), stub, request_id, num_tokens, layout, timeout,
+                                    min_bytes, max_bytes, address)
+    return open_sender
+
+
 class KVSender:
-    def __init__(self, loop: asyncio.AbstractEventLoop, stub: worker_pb2_grpc.WorkerStub, request_id: str,
-                 num_tokens: int, layout: KVLayout, timeout: float, min_bytes: int, max_bytes: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stub: worker_pb2_grpc.WorkerStub, begin: worker_pb2.KVPush,
+                 layout: KVLayout, timeout: float, min_bytes: int, max_bytes: int, address: str = "") -> None:
         self._loop = loop
+        self.address = address
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._builder = ChunkBuilder(layout, num_tokens, min_bytes, max_bytes)
-        self._begin = wire.begin_message(request_id, num_tokens, layout)
+        self._builder = ChunkBuilder(layout, begin.begin.num_tokens, min_bytes, max_bytes)
+        self._begin = begin
         self.done_at: float | None = None
         self.call = stub.PushKV(self._messages(), timeout=timeout)
+
+    @classmethod
+    def for_prefill(cls, loop, stub, request_id: str, num_tokens: int, layout: KVLayout, timeout: float,
+                    min_bytes: int, max_bytes: int, address: str = "") -> KVSender:
+        return cls(loop, stub, wire.begin_message(request_id, num_tokens, layout), layout, timeout, min_bytes,
+                   max_bytes, address)
 
     def put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """From the forward thread: k, v are this request's [kv_heads, tokens, head_dim] of `layer`."""
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (layer, k, v))
 
+    def put_messages(self, messages: list[worker_pb2.KVPush]) -> None:
+        """From the loop thread: wire chunks already built."""
+        for message in messages:
+            self._queue.put_nowait((None, message))
+
     def finish(self, first_token_id: int) -> None:
-        self._queue.put_nowait((_END, first_token_id))
+        self._queue.put_nowait((_END, wire.end_message(first_token_id)))
+
+    def finish_with(self, end: worker_pb2.KVPush) -> None:
+        self._queue.put_nowait((_END, end))
 
     def cancel(self) -> None:
         self.call.cancel()
 
     async def wait(self) -> int:
-        """Wait until the decode worker acknowledged the whole transfer; return its byte count."""
+        """Wait until the receiver acknowledged the whole transfer; return its byte count."""
+        try:
+            reply = await self.call
+        except grpc.aio.AioRpcError as exc:
+            # Whatever the receiver said, to our caller it is a failed hand-off, not its input.
+            kind = DeadlineExceeded if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else Unavailable
+            raise kind(f"KV push to {self.address or 'the decode worker'} failed: "
+                       f"{exc.code().name}: {exc.details()}") from None
+        self.done_at = time.perf_counter()
+        return reply.bytes_received
+
+    async def wait_raw(self) -> int:
+        """As wait(), but a failure stays the receiver's own status (migration tells refusals apart)."""
         reply = await self.call
         self.done_at = time.perf_counter()
         return reply.bytes_received
+
+    async def sent(self) -> None:
+        """Until gRPC has taken every message handed in so far (a migration pauses its request
+        only then, so that the pause covers the tail alone). Returns early when the call ended:
+        `wait` then says how."""
+        join = asyncio.ensure_future(self._queue.join())
+        try:
+            while not join.done() and not self.call.done():
+                await asyncio.wait({join}, timeout=0.05)
+        finally:
+            join.cancel()
 
     async def _messages(self):
         yield self._begin
         while True:
             layer, *rest = await self._queue.get()
-            if layer is _END:
-                for chunk in self._builder.flush():
-                    yield self._chunk(chunk)
-                yield wire.end_message(rest[0])
-                return
-            k, v = rest
-            kv = torch.stack([k, v]).transpose(1, 2)  # [2, tokens, heads, head_dim]
-            for chunk in self._builder.add_layer(layer, kv):
-                yield self._chunk(chunk)
+            try:
+                if layer is _END:
+                    for chunk in self._builder.flush():
+                        yield _counted(wire.chunk_message(chunk))
+                    yield rest[0]
+                    return
+                if layer is None:
+                    yield _counted(rest[0])
+                    continue
+                k, v = rest
+                kv = torch.stack([k, v]).transpose(1, 2)  # [2, tokens, heads, head_dim]
+                for chunk in self._builder.add_layer(layer, kv):
+                    yield _counted(wire.chunk_message(chunk))
+            finally:
+                self._queue.task_done()
 
-    def _chunk(self, chunk: wire.KVChunk):
-        message = wire.chunk_message(chunk)
-        metrics.KV_TRANSFER_BYTES.labels("sent").inc(len(message.chunk.data))
-        return message
+
+def _counted(message: worker_pb2.KVPush) -> worker_pb2.KVPush:
+    metrics.KV_TRANSFER_BYTES.labels("sent").inc(len(message.chunk.data))
+    return message

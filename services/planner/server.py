@@ -1,7 +1,10 @@
-"""Planner service (minimal for now): the registry of workers and their roles, from which the
-gateway learns the topology. Each report is mirrored to Redis (best effort, short timeouts), so
-an operator or a restarted planner can see who was serving; the planner keeps serving from memory
-when Redis is away.
+"""The planner service: the registry of workers (the topology the gateway routes by), the load
+reports of the gateways, and the control loop that forecasts, splits and switches roles
+(services/planner/controller.py around the pure services/planner/core.py).
+
+Workers' reports are mirrored to Redis and the load history lives there (best effort, short
+timeouts): the planner keeps deciding from memory when Redis is away, and a restarted planner
+resumes from what Redis holds.
 """
 
 from __future__ import annotations
@@ -12,19 +15,50 @@ import time
 
 import redis.asyncio as aioredis
 from google.protobuf.json_format import MessageToDict
-from prometheus_client import Gauge
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from common.config import PlannerSettings
 from common.convert import ROLE_FROM_PB
+from common.errors import InvalidArgument, Unavailable
 from common.pb import planner_pb2, planner_pb2_grpc
-from common.rpc.errors import InvalidArgument, grpc_errors
+from common.profile import load_profile
+from common.rpc.channels import ChannelPool
+from common.rpc.errors import grpc_errors
 from common.rpc.server import Service, run_server
+from services.planner import metrics
+from services.planner.controller import Clock, PlannerController
+from services.planner.core import PlannerCore, PoolShape
+from services.planner.history import LoadHistory
+from services.planner.load import SLO
+from services.planner.policy import PolicyConfig, ReconfigPolicy
+from services.planner.predictors import make_predictor
 from services.planner.registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
-LIVE_WORKERS = Gauge("dopd_planner_live_workers", "Workers in the topology", ["role"])
+
+
+def profile_name(settings: PlannerSettings) -> str:
+    if settings.planner_profile:
+        return settings.planner_profile
+    if settings.model.startswith("sim:"):
+        return settings.model.removeprefix("sim:")
+    return "smollm2-cpu2"  # the real engine on these machines (tiny-random and fake: the same shape)
+
+
+def build_core(settings: PlannerSettings, kv_blocks: int, block_size: int) -> PlannerCore | None:
+    if settings.planner_mode == "off":
+        return None
+    policy = ReconfigPolicy(PolicyConfig(
+        cooldown_s=settings.cooldown_s, persist_intervals=settings.persist_intervals,
+        max_switches_per_interval=settings.max_switches_per_interval,
+        emergency_prefill_queue_tokens=settings.emergency_prefill_queue_tokens,
+        emergency_kv_usage=settings.emergency_kv_usage))
+    return PlannerCore(
+        predictor=make_predictor(settings.predictor), profile=load_profile(profile_name(settings)),
+        slo=SLO(settings.slo_ttft_ms / 1e3, settings.slo_tpot_ms / 1e3),
+        shape=PoolShape(kv_blocks, block_size, settings.max_batch_size, settings.prefill_token_budget),
+        interval_s=settings.interval_s, switching=settings.planner_mode == "dynamic", policy=policy)
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServicer):
@@ -32,13 +66,24 @@ class PlannerServicer(planner_pb2_grpc.PlannerServicer):
         self.settings = settings
         self.registry: WorkerRegistry = WorkerRegistry(ttl=settings.worker_ttl_s)
         self.redis = redis_client
+        self.channels = ChannelPool()
+        self.controller = PlannerController(
+            None, LoadHistory(redis_client, settings.redis_prefix + "load", settings.history_max_age_s),
+            self.registry, self.channels, Clock(settings.time_scale), settings.switch_timeout_s)
+        self._started = time.monotonic()
         self._redis_warned = False
+
+    def _ensure_core(self, info) -> None:
+        """The split needs the workers' pool shape: built from the first worker's report."""
+        if self.controller.core is None and self.settings.planner_mode != "off" and info.kv_blocks_total:
+            self.controller.core = build_core(self.settings, info.kv_blocks_total, info.block_size)
 
     @grpc_errors
     async def ReportWorker(self, request, context):
         if not request.worker_id or not request.address:
             raise InvalidArgument("worker_id and address are required")
         self.registry.report(request.worker_id, request.role, request, time.monotonic())
+        self._ensure_core(request)
         await self._mirror(request)
         return planner_pb2.ReportWorkerResponse()
 
@@ -54,12 +99,25 @@ class PlannerServicer(planner_pb2_grpc.PlannerServicer):
 
     @grpc_errors
     async def GetTopology(self, request, context):
+        if time.monotonic() - self._started < self.settings.warmup_s:
+            raise Unavailable("the planner just started and is waiting for the workers' heartbeats")
         workers = self.registry.live(time.monotonic())
         for role, name in ROLE_FROM_PB.items():
-            LIVE_WORKERS.labels(name).set(sum(w.role == role for w in workers))
+            metrics.LIVE_WORKERS.labels(str(name)).set(sum(w.role == role for w in workers))
         return planner_pb2.Topology(
             workers=workers, version=self.registry.version,
             planner_metrics_address=f"{self.settings.public_host}:{self.settings.planner_metrics_port}")
+
+    @grpc_errors
+    async def ReportLoad(self, request, context):
+        if request.duration_s < 0 or request.arrivals < 0 or len(request.prompt_lens) > request.arrivals:
+            raise InvalidArgument("a load report needs duration_s >= 0 and at most one prompt length per arrival")
+        self.controller.report(request)
+        return planner_pb2.ReportLoadResponse()
+
+    @grpc_errors
+    async def GetPlan(self, request, context):
+        return self.controller.status(self.settings.planner_mode, self.settings.predictor)
 
     async def _mirror(self, info) -> None:
         if self.redis is None:
@@ -76,13 +134,21 @@ class PlannerServicer(planner_pb2_grpc.PlannerServicer):
 
 
 async def main() -> None:
+    import asyncio
+
     settings = PlannerSettings()
+    make_predictor(settings.predictor)  # fail at start on a bad name
+    load_profile(profile_name(settings))
     client = aioredis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
                                socket_connect_timeout=settings.redis_timeout_s,
                                retry=Retry(NoBackoff(), 0))
     servicer = PlannerServicer(settings, client)
+    loop_task = None
 
     async def start(handle):
+        nonlocal loop_task
+        await servicer.controller.resume()
+        loop_task = asyncio.create_task(servicer.controller.run(settings.interval_s))
         await handle.set_serving(True)
 
     try:
@@ -92,4 +158,8 @@ async def main() -> None:
                                            planner_pb2_grpc.add_PlannerServicer_to_server)],
                          start=start, grace=settings.drain_grace_s)
     finally:
+        if loop_task is not None:
+            loop_task.cancel()
+        await servicer.controller.close()
+        await servicer.channels.close()
         await client.aclose()

@@ -12,15 +12,10 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-import grpc
-
-from common.kv.wire import KVLayout
-from common.modeling.runner import Runner
-from common.pb import worker_pb2_grpc
-from common.rpc.channels import ChannelPool
-from common.rpc.errors import DeadlineExceeded, Unavailable
-from common.sampling import SamplingParams
-from services.prefill.kv_sender import KVSender
+from common.errors import ServiceError, Unavailable
+from common.modeling.base import Runner
+from common.types import SamplingParams
+from services.kvtransfer.sender import OpenSender, PrefillSender
 from services.prefill.scheduler import PrefillScheduler
 from services.worker import metrics
 
@@ -34,7 +29,7 @@ class PrefillJob:
     params: SamplingParams
     decode_address: str
     future: asyncio.Future
-    sender: KVSender
+    sender: PrefillSender
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -47,20 +42,11 @@ class PrefillResult:
     kv_bytes: int
 
 
-@dataclass(frozen=True)
-class KVChunkSizes:
-    min_bytes: int
-    max_bytes: int
-
-
 class PrefillEngine:
-    def __init__(self, runner: Runner, layout: KVLayout, executor: Executor, channels: ChannelPool,
-                 token_budget: int, chunk_sizes: KVChunkSizes) -> None:
+    def __init__(self, runner: Runner, executor: Executor, open_sender: OpenSender, token_budget: int) -> None:
         self.runner = runner
-        self.layout = layout
         self.executor = executor
-        self.channels = channels
-        self.chunk_sizes = chunk_sizes
+        self.open_sender = open_sender
         self.scheduler: PrefillScheduler[PrefillJob] = PrefillScheduler(token_budget)
         self.num_running = 0
         self._wake = asyncio.Event()
@@ -75,6 +61,12 @@ class PrefillEngine:
             if future:
                 future.cancel()
         await asyncio.gather(*filter(None, [self._task, *self._completions]), return_exceptions=True)
+        # Prompts still queued never run: their callers get an answer, their KV streams close.
+        while batch := self.scheduler.schedule():
+            for job in batch:
+                job.sender.cancel()
+                if not job.future.done():
+                    job.future.set_exception(Unavailable("the prefill engine stopped"))
 
     async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, decode_address: str,
                       timeout: float) -> PrefillResult:
@@ -82,8 +74,7 @@ class PrefillEngine:
         # worker then knows its KV is coming (it stops its no-KV timer), and sees at once, as a
         # broken stream, if this worker dies before the KV is complete.
         loop = asyncio.get_running_loop()
-        sender = KVSender(loop, worker_pb2_grpc.WorkerStub(self.channels.get(decode_address)), request_id,
-                          len(prompt), self.layout, timeout, self.chunk_sizes.min_bytes, self.chunk_sizes.max_bytes)
+        sender = self.open_sender(decode_address, request_id, len(prompt), timeout)
         job = PrefillJob(request_id, prompt, params, decode_address, loop.create_future(), sender)
         self.scheduler.add(job, len(prompt))
         self._wake.set()
@@ -154,7 +145,7 @@ class PrefillEngine:
         self._completions.add(completion)
         completion.add_done_callback(self._completions.discard)
 
-    async def _complete(self, job: PrefillJob, sender: KVSender, token: int, started: float,
+    async def _complete(self, job: PrefillJob, sender: PrefillSender, token: int, started: float,
                         forward_done: float) -> None:
         if job.future.done():  # the caller went away while the forward ran
             sender.cancel()
@@ -166,12 +157,9 @@ class PrefillEngine:
             if not job.future.done():
                 job.future.set_result(PrefillResult(token, started - job.enqueued_at, forward_done - started,
                                                     handoff, kv_bytes))
-        except grpc.aio.AioRpcError as exc:
-            # Whatever the decode worker said, to our caller it is a failed hand-off, not its input.
-            code = DeadlineExceeded if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else Unavailable
+        except ServiceError as exc:  # DeadlineExceeded or Unavailable: a failed hand-off
             if not job.future.done():
-                job.future.set_exception(code(f"KV push to decode worker {job.decode_address} failed: "
-                                              f"{exc.code().name}: {exc.details()}"))
+                job.future.set_exception(exc)
         finally:
             # NOTE: a push that broke on our side (its message stream raised) ends as a local
             # cancel, not an AioRpcError; the caller must still get an answer, never a hang.

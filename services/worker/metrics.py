@@ -16,3 +16,9 @@ DECODE_STEP_SECONDS = Histogram("dopd_decode_step_seconds", "Time of one decode 
                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2))
 DECODE_BATCH_SIZE = Histogram("dopd_decode_batch_size", "Requests in one decode step",
                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+ROLE_SWITCH_SECONDS = Histogram("dopd_role_switch_seconds", "Time of one in-place role switch on this worker",
+                                ["from_role", "to_role"],
+                                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+KV_MIGRATION_SECONDS = Histogram("dopd_kv_migration_seconds", "Time to move one running request to another worker",
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+KV_MIGRATED_BYTES = Counter("dopd_kv_migrated_bytes_total", "KV bytes moved out by live migration")

@@ -1,7 +1,8 @@
 """One worker process: the model held once, the KV pool, both role engines, and the role.
 
-The role decides which RPCs are served (Prefill on a prefill worker; Decode and PushKV on a decode
-worker); both engines exist from the start so that a role change needs no reload.
+The role decides which RPCs take new work (Prefill on a prefill worker; Decode and PushKV on a
+decode worker); both engines exist from the start so that a role change needs no reload
+(services/worker/role_switch.py). Which work is taken is RoleState's business (pure).
 """
 
 from __future__ import annotations
@@ -10,30 +11,40 @@ import asyncio
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import torch
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from common.config import WorkerSettings
-from common.convert import ROLE_TO_PB
+from common.convert import ROLE_FROM_PB, ROLE_TO_PB
 from common.kv.block_pool import BlockPool
-from common.kv.kv_store import PagedKVStore
-from common.kv.wire import dtype_from_name
-from common.modeling.loader import is_sim, load_model, sim_profile_name
-from common.modeling.runner import ModelRunner, kv_layout
-from common.modeling.sim_runner import PSEUDO_TOKEN_HIGH, SimRunner
+from common.modeling.registry import RunnerSpec, build_runner
 from common.pb import common_pb2, planner_pb2, planner_pb2_grpc
-from common.profile import load_profile
 from common.rpc.channels import ChannelPool
 from common.rpc.server import ServerHandle
+from common.types import Role
 from services.decode.engine import DecodeEngine
+from services.decode.migration import Migrator
 from services.decode.scheduler import DecodeScheduler
-from services.prefill.engine import KVChunkSizes, PrefillEngine
+from services.kvtransfer.sender import grpc_sender_factory
+from services.prefill.engine import PrefillEngine
 from services.worker import metrics
+from services.worker.role_state import RoleState
 
 log = logging.getLogger(__name__)
-ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """Another worker, as the planner's topology shows it."""
+
+    worker_id: str
+    role: Role | None
+    address: str
+    kv_free_blocks: int
+    serving: bool
+    switching: bool
 
 
 class WorkerRuntime:
@@ -42,19 +53,31 @@ class WorkerRuntime:
         self.worker_id = settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.address = f"{settings.public_host}:{settings.worker_port}"
         self.metrics_address = f"{settings.public_host}:{settings.worker_metrics_port}"
-        self.role = settings.role
+        self.state = RoleState(Role(settings.role))
         self.channels = ChannelPool()
         # The model is not re-entrant: one thread runs every forward pass of this worker.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # KV copies out of the pool (migration) run here: never on the loop, never behind a step.
+        self.kv_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
         self.runner_layout = None
         self.vocab_size = 0
         self.attention = ""
         self.pool: BlockPool | None = None
         self.prefill: PrefillEngine | None = None
         self.decode: DecodeEngine | None = None
+        self.migrator: Migrator | None = None
         self._heartbeat: asyncio.Task | None = None
-        self.draining = False
+        self._report_now = asyncio.Event()
+        self.switch_lock = asyncio.Lock()
         self._set_role_gauge()
+
+    @property
+    def role(self) -> Role:
+        return self.state.role
+
+    @property
+    def draining(self) -> bool:
+        return self.state.draining
 
     @property
     def ready(self) -> bool:
@@ -74,61 +97,63 @@ class WorkerRuntime:
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        runner = self._load_sim() if is_sim(s.model) else self._load_model()
+        built = build_runner(RunnerSpec(model=s.model, device=s.device, dtype=s.dtype, kv_blocks=s.kv_blocks,
+                                        block_size=s.block_size, time_scale=s.time_scale))
+        runner = built.runner
+        self.vocab_size, self.attention = built.vocab_size, built.attention
         self.runner_layout = runner.store.layout
         self.pool = BlockPool(s.kv_blocks, s.block_size)
         metrics.KV_BLOCKS_TOTAL.set(s.kv_blocks)
         metrics.KV_BLOCKS_USED.set(0)
-        self.prefill = PrefillEngine(runner, self.runner_layout, self.executor, self.channels,
-                                     s.prefill_token_budget, KVChunkSizes(s.kv_chunk_min_bytes, s.kv_chunk_max_bytes))
+        open_sender = grpc_sender_factory(self.channels, self.runner_layout, s.kv_chunk_min_bytes,
+                                          s.kv_chunk_max_bytes)
+        self.prefill = PrefillEngine(runner, self.executor, open_sender, s.prefill_token_budget)
         self.decode = DecodeEngine(runner, DecodeScheduler(self.pool, s.max_batch_size), self.executor,
                                    s.kv_timeout_s)
-
-    def _load_model(self) -> ModelRunner:
-        s = self.settings
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      transient=False) as progress:
-            task = progress.add_task(f"loading {s.model}", total=3)
-            loaded = load_model(s.model, s.device, dtype_from_name(s.dtype))
-            progress.update(task, advance=1, description="allocating the KV pool")
-            runner = ModelRunner(loaded, PagedKVStore(kv_layout(loaded), s.kv_blocks, s.block_size, loaded.device))
-            progress.update(task, advance=1, description="warming up")
-            runner.prefill([[1, 2, 3]], None)
-            progress.update(task, advance=1, description=f"{s.model} ready")
-        self.vocab_size = loaded.config.vocab_size
-        self.attention = loaded.attention
-        return runner
-
-    def _load_sim(self) -> SimRunner:
-        profile = load_profile(sim_profile_name(self.settings.model))
-        self.vocab_size = PSEUDO_TOKEN_HIGH
-        self.attention = f"sim ({profile.name}, time scale {self.settings.time_scale:g})"
-        return SimRunner(profile, self.settings.kv_blocks, self.settings.block_size, self.settings.time_scale)
+        self.migrator = Migrator(self.decode, self.worker_id, self.channels, self.kv_executor,
+                                 s.kv_chunk_max_bytes, s.kv_timeout_s)
 
     def _set_role_gauge(self) -> None:
-        for role in ROLES:
-            metrics.WORKER_ROLE.labels(role).set(1 if role == self.role else 0)
+        for role in Role:
+            metrics.WORKER_ROLE.labels(role.value).set(1 if role == self.role else 0)
+
+    def on_state_change(self) -> None:
+        """A switch began or ended: tell the planner now, not at the next heartbeat."""
+        self._set_role_gauge()
+        self._report_now.set()
 
     def info(self) -> common_pb2.WorkerInfo:
         running = waiting = 0
+        prefill_waiting = prefill_tokens = decode_running = decode_waiting = 0
         if self.ready:
-            running = self.decode.scheduler.num_running + self.prefill.num_running
-            waiting = self.decode.scheduler.num_waiting + self.prefill.num_waiting
+            decode_running, decode_waiting = self.decode.scheduler.num_running, self.decode.scheduler.num_waiting
+            prefill_waiting, prefill_tokens = self.prefill.num_waiting, self.prefill.scheduler.tokens_waiting
+            running = decode_running + self.prefill.num_running
+            waiting = decode_waiting + prefill_waiting
         metrics.WAITING_REQUESTS.set(waiting)
         return common_pb2.WorkerInfo(
             worker_id=self.worker_id, role=ROLE_TO_PB[self.role],
             address=self.address, metrics_address=self.metrics_address, model=self.settings.model,
             kv_blocks_total=self.pool.num_blocks if self.pool else 0,
             kv_blocks_used=self.pool.num_used if self.pool else 0, running_requests=running,
-            waiting_requests=waiting, block_size=self.settings.block_size, serving=self.ready)
+            waiting_requests=waiting, block_size=self.settings.block_size, serving=self.ready,
+            prefill_waiting=prefill_waiting, prefill_waiting_tokens=prefill_tokens, decode_running=decode_running,
+            decode_waiting=decode_waiting, switching=self.state.switching)
 
     def is_idle(self) -> bool:
         return not self.ready or (not self.decode.scheduler.seqs and not self.prefill.busy)
+
+    async def fetch_topology(self) -> list[PeerView]:
+        stub = planner_pb2_grpc.PlannerStub(self.channels.get(self.settings.planner_address))
+        topology = await stub.GetTopology(planner_pb2.GetTopologyRequest(), timeout=self.settings.rpc_timeout_s)
+        return [PeerView(w.worker_id, ROLE_FROM_PB.get(w.role), w.address, w.kv_blocks_total - w.kv_blocks_used,
+                         w.serving, w.switching) for w in topology.workers]
 
     async def _heartbeat_loop(self) -> None:
         stub = planner_pb2_grpc.PlannerStub(self.channels.get(self.settings.planner_address))
         warned = False
         while True:
+            self._report_now.clear()
             try:
                 await stub.ReportWorker(self.info(), timeout=self.settings.rpc_timeout_s)
                 warned = False
@@ -136,11 +161,14 @@ class WorkerRuntime:
                 if not warned:
                     log.warning("planner %s unreachable: %s", self.settings.planner_address, exc.code().name)
                     warned = True
-            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await asyncio.wait_for(self._report_now.wait(), self.settings.heartbeat_s)
+            except TimeoutError:
+                pass
 
     async def drain(self) -> None:
         """Leave the topology (no new work is routed here), then let in-flight requests finish."""
-        self.draining = True
+        self.state.draining = True
         if self._heartbeat:
             self._heartbeat.cancel()
         stub = planner_pb2_grpc.PlannerStub(self.channels.get(self.settings.planner_address))
@@ -159,3 +187,4 @@ class WorkerRuntime:
             await self.decode.stop()
         await self.channels.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.kv_executor.shutdown(wait=False, cancel_futures=True)

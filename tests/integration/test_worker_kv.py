@@ -17,7 +17,7 @@ from common.kv.wire import KVChunk, KVLayout
 from common.modeling.loader import tiny_random_config
 from common.pb import worker_pb2, worker_pb2_grpc
 from common.rpc.errors import is_refusal
-from common.sampling import SamplingParams
+from common.types import SamplingParams
 from services.client import generate
 from tests.helpers import assert_no_leaks
 

@@ -3,7 +3,7 @@ import random
 import pytest
 
 from common.kv.block_pool import BlockPool
-from common.sampling import SamplingParams
+from common.types import SamplingParams
 from services.decode.scheduler import DecodeScheduler, DecodeSeq, Finish, OutOfBlocks, SeqState
 
 EOS = 2

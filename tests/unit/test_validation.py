@@ -2,8 +2,8 @@ import math
 
 import pytest
 
+from common.errors import InvalidArgument
 from common.pb import gateway_pb2 as gw
-from common.rpc.errors import InvalidArgument
 from services.gateway.validation import (
     MAX_STOP_STRINGS,
     GenerateParams,

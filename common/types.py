@@ -1,0 +1,35 @@
+"""Domain types shared by every service, free of transport and torch: the role a worker serves
+and the sampling parameters of a request. Protobuf conversions live in common/convert.py."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+# Below this, dividing logits by the temperature overflows float32; it is greedy in effect (vLLM's epsilon).
+GREEDY_EPSILON = 1e-5
+
+
+class Role(enum.StrEnum):
+    """What a worker serves. A StrEnum: `Role.DECODE == "decode"`, so settings and logs stay plain."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+    @property
+    def other(self) -> Role:
+        return Role.DECODE if self is Role.PREFILL else Role.PREFILL
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+    max_tokens: int = 16
+    stop_token_ids: frozenset[int] = frozenset()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPSILON

@@ -1,0 +1,151 @@
+"""Live migration of a running decode request to another decode worker, without recompute.
+
+    pre-copy   read positions [0, n1) out of the pool (n1 = KV written so far) and push them
+               while the request keeps decoding here
+    pause      take it out of the batch after its current step (its tokens so far are sent)
+    tail       push positions [n1, n2) written meanwhile, then `end` with the tokens so far
+    hand over  the receiver has adopted it and decodes on; our stream ends with `moved`, the
+               gateway attaches to the new worker's stream, and the blocks here are freed
+
+A move that fails after the pause resumes the request here (it lost one pause, nothing else);
+a target with no room refuses on `begin` and the next one is tried. The same PushKV path and
+wire format carry it as a prefill hand-off (services/kvtransfer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import grpc
+
+from common.convert import sampling_to_pb
+from common.errors import Refused, ResourceExhausted, ServiceError
+from common.kv import wire
+from common.kv.block_pool import kv_tokens_for
+from common.pb import worker_pb2, worker_pb2_grpc
+from common.rpc.channels import ChannelPool
+from common.rpc.errors import domain_error
+from services.decode.engine import DecodeEngine
+from services.decode.scheduler import DecodeSeq
+from services.kvtransfer.reader import read_kv
+from services.kvtransfer.sender import KVSender
+from services.worker import metrics
+
+log = logging.getLogger(__name__)
+PRECOPY_ROUNDS = 2
+
+
+@dataclass
+class Target:
+    worker_id: str
+    address: str
+    free_blocks: int
+
+
+@dataclass
+class MoveResult:
+    request_id: str
+    moved_to: str | None = None  # worker id; None: still here (no room anywhere) or ended here
+    ended_here: bool = False  # finished or cancelled during the move
+    bytes: int = 0
+    seconds: float = 0.0
+    pause_seconds: float = 0.0  # out of the batch: from the pause to the hand-over
+    error: str = ""
+
+
+class Migrator:
+    def __init__(self, engine: DecodeEngine, worker_id: str, channels: ChannelPool, kv_executor: Executor,
+                 chunk_max_bytes: int, timeout_s: float) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+        self.channels = channels
+        self.kv_executor = kv_executor
+        self.chunk_max_bytes = chunk_max_bytes
+        self.timeout_s = timeout_s
+
+    async def migrate(self, seq: DecodeSeq, targets: list[Target]) -> MoveResult:
+        """Move `seq` to the first target that takes it (targets in order of preference)."""
+        result = MoveResult(seq.request_id)
+        started = time.perf_counter()
+        errors = []
+        blocks = self.engine.scheduler.pool.blocks_for(kv_tokens_for(seq.prompt_len, seq.params.max_tokens))
+        for target in targets:
+            if target.free_blocks < blocks:
+                continue
+            try:
+                await self._move(seq, target, result)
+                target.free_blocks -= blocks
+                break
+            except (Refused, ResourceExhausted) as exc:
+                errors.append(f"{target.worker_id}: {exc}")
+            except ServiceError as exc:
+                errors.append(f"{target.worker_id}: {exc}")
+                log.warning("moving %s to %s failed: %s", seq.request_id, target.worker_id, exc)
+            if result.ended_here:
+                break
+        else:
+            result.error = "; ".join(errors) or "no decode worker has room"
+        result.seconds = time.perf_counter() - started
+        log.info("request %s: %s in %.1f ms (%d bytes, paused %.1f ms)%s", seq.request_id,
+                 f"moved to {result.moved_to}" if result.moved_to else ("ended here" if result.ended_here
+                                                                      else "not moved"),
+                 result.seconds * 1e3, result.bytes, result.pause_seconds * 1e3,
+                 f": {result.error}" if result.error else "")
+        if result.moved_to:
+            metrics.KV_MIGRATION_SECONDS.observe(result.seconds)
+            metrics.KV_MIGRATED_BYTES.inc(result.bytes)
+        return result
+
+    def _alive(self, seq: DecodeSeq) -> bool:
+        return self.engine.scheduler.seqs.get(seq.request_id) is seq
+
+    async def _move(self, seq: DecodeSeq, target: Target, result: MoveResult) -> None:
+        engine, store = self.engine, self.engine.runner.store
+        layout = store.layout
+        begin = wire.begin_message(seq.request_id, kv_tokens_for(seq.prompt_len, seq.params.max_tokens), layout)
+        begin.begin.adopt.CopyFrom(worker_pb2.KVPush.Adopt(
+            prompt_len=seq.prompt_len, sampling=sampling_to_pb(seq.params), source_worker_id=self.worker_id))
+        stub = worker_pb2_grpc.WorkerStub(self.channels.get(target.address))
+        sender = KVSender(asyncio.get_running_loop(), stub, begin, layout, self.timeout_s, 1, self.chunk_max_bytes)
+        paused = False
+        try:
+            # Pre-copy while the request decodes on: once what was read is on its way, copy what
+            # was written meanwhile (a step or two), and only then pause for the last few positions.
+            copied = 0
+            for _ in range(PRECOPY_ROUNDS):
+                end = seq.next_position
+                if end <= copied or not self._alive(seq):
+                    break
+                sender.put_messages(await read_kv(store, seq.block_table, copied, end, self.chunk_max_bytes,
+                                                  self.kv_executor))
+                copied = end
+                await sender.sent()
+            if not self._alive(seq) or await engine.pause(seq.request_id) is None:
+                result.ended_here = True
+                sender.cancel()
+                return
+            paused = True
+            paused_at = time.perf_counter()
+            end = seq.next_position
+            sender.put_messages(await read_kv(store, seq.block_table, copied, end, self.chunk_max_bytes,
+                                              self.kv_executor))
+            if not self._alive(seq):  # cancelled by its client while paused
+                result.ended_here = True
+                sender.cancel()
+                return
+            sender.finish_with(worker_pb2.KVPush(end=worker_pb2.KVPush.End(tokens=seq.tokens, kv_tokens=end)))
+            result.bytes = await sender.wait_raw()
+            engine.moved(seq, target.worker_id, target.address)
+            result.moved_to = target.worker_id
+            result.pause_seconds = time.perf_counter() - paused_at
+            paused = False
+        except grpc.aio.AioRpcError as exc:
+            raise domain_error(exc, f"moving request {seq.request_id} to {target.worker_id}") from None
+        finally:
+            if paused:  # the move failed after the pause: decode goes on here
+                sender.cancel()
+                engine.resume(seq)

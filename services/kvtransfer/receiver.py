@@ -1,0 +1,128 @@
+"""The receiving side of a PushKV stream: KV written into a decode worker's reserved blocks.
+
+Two kinds of transfer arrive here:
+- a prefill hand-off, for a reservation this worker already holds (the gateway opened Decode
+  first): `begin` names it, `end` carries the first token;
+- a live migration (`begin.adopt` set): the receiver reserves the whole request itself on `begin`
+  (RESOURCE_EXHAUSTED if it has no room: the sender tries another worker), and `end` carries the
+  completion tokens so far; decode then goes on here, and the gateway attaches to its stream.
+
+Every chunk is checked against the pool's layout and the transfer's ranges, and at `end` every
+(layer, position) cell that was promised must have arrived. A transfer that breaks off or fails a
+check ends the request it was for (its blocks go back), never one that already has its KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import torch
+
+from common.convert import sampling_from_pb
+from common.errors import InvalidArgument, ServiceError, Unavailable
+from common.kv import wire
+from common.kv.block_pool import kv_tokens_for
+from common.kv.wire import KVLayout
+from common.pb import worker_pb2
+from services.decode.engine import DecodeEngine
+from services.decode.scheduler import DecodeSeq, SeqState
+from services.worker import metrics
+
+
+async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeEngine, layout: KVLayout,
+                     vocab_size: int, may_adopt: bool) -> int:
+    """Consume one PushKV stream; return the bytes received. Raises a domain error on a bad or
+    broken transfer, after failing the request it was for."""
+    first = await anext(aiter(messages), None)
+    if first is None or first.WhichOneof("part") != "begin":
+        raise InvalidArgument("a KV push must start with a begin message")
+    begin = first.begin
+    adopting = begin.HasField("adopt")
+    if adopting:
+        num_tokens = _parse_begin(begin, layout)
+        seq = _adopt(begin, engine, num_tokens, may_adopt)
+    else:
+        seq = engine.scheduler.seqs.get(begin.request_id)
+        if seq is None:
+            raise InvalidArgument(f"KV pushed for unknown request {begin.request_id!r}: no reservation on this worker")
+    try:
+        if not adopting:
+            num_tokens = wire.parse_begin(begin, layout)
+            engine.expect_kv(begin.request_id, num_tokens)
+        written = torch.zeros(layout.num_layers, num_tokens, dtype=torch.bool)
+        received = 0
+        async for message in messages:
+            part = message.WhichOneof("part")
+            if part == "chunk":
+                chunk = wire.parse_chunk(message.chunk, layout, num_tokens)
+                engine.write_kv(seq, chunk)
+                written[chunk.layer_start:chunk.layer_end, chunk.token_start:chunk.token_end] = True
+                received += len(message.chunk.data)
+                metrics.KV_TRANSFER_BYTES.labels("received").inc(len(message.chunk.data))
+            elif part == "end":
+                _complete(message.end, seq, engine, written, vocab_size, adopting)
+                return received
+            else:
+                raise wire.WireError("a KV push has exactly one begin message")
+        raise wire.WireError("KV push ended without an end message")
+    except asyncio.CancelledError:
+        # The sender went away mid-transfer: the KV will not complete.
+        _fail_if_waiting(engine, seq, Unavailable(f"KV push for request {begin.request_id!r} broke off"))
+        raise
+    except (wire.WireError, ServiceError) as exc:
+        error = InvalidArgument(str(exc)) if isinstance(exc, wire.WireError) else exc
+        _fail_if_waiting(engine, seq, error)
+        raise error from None
+
+
+def _parse_begin(begin: worker_pb2.KVPush.Begin, layout: KVLayout) -> int:
+    try:
+        return wire.parse_begin(begin, layout)
+    except wire.WireError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def _adopt(begin: worker_pb2.KVPush.Begin, engine: DecodeEngine, num_tokens: int, may_adopt: bool) -> DecodeSeq:
+    if not may_adopt:
+        raise Unavailable("this worker takes no migrated requests now (draining, switching or not decoding)")
+    params = sampling_from_pb(begin.adopt.sampling)
+    prompt_len = begin.adopt.prompt_len
+    if prompt_len < 1 or params.max_tokens < 2:
+        raise InvalidArgument(f"a migrated request needs prompt_len >= 1 and max_tokens >= 2, got {prompt_len} "
+                              f"and {params.max_tokens}")
+    if num_tokens != kv_tokens_for(prompt_len, params.max_tokens):
+        raise InvalidArgument(f"a migration's begin must announce the request's whole KV "
+                              f"({kv_tokens_for(prompt_len, params.max_tokens)} tokens), got {num_tokens}")
+    return engine.adopt(begin.request_id, prompt_len, params)
+
+
+def _complete(end: worker_pb2.KVPush.End, seq: DecodeSeq, engine: DecodeEngine, written: torch.Tensor,
+              vocab_size: int, adopting: bool) -> None:
+    if adopting:
+        tokens = list(end.tokens)
+        kv_tokens = seq.prompt_len + len(tokens) - 1
+        if not tokens or end.kv_tokens != kv_tokens:
+            raise wire.WireError(f"a migration ends with the tokens so far and prompt_len + len(tokens) - 1 "
+                                 f"positions of KV; got {len(tokens)} tokens and {end.kv_tokens} positions")
+        cells = written[:, :kv_tokens]
+    else:
+        tokens = [end.first_token_id]
+        cells = written
+    if not bool(cells.all()):
+        raise wire.WireError(f"KV push ended with {int((~cells).sum())} of {cells.numel()} (layer, token) "
+                             f"cells missing")
+    if any(not 0 <= t < vocab_size for t in tokens):
+        raise wire.WireError("a token of the KV push is outside the vocabulary")
+    if adopting:
+        engine.kv_complete_migrated(seq.request_id, tokens)
+    else:
+        engine.kv_complete(seq.request_id, tokens[0])
+
+
+def _fail_if_waiting(engine: DecodeEngine, seq: DecodeSeq, error: ServiceError) -> None:
+    """Fail the reservation this push was for, if it is still that one and still waiting for its
+    KV: a stray or duplicate push must not end a request that is already decoding, nor a newer
+    request that reuses the id."""
+    if engine.scheduler.seqs.get(seq.request_id) is seq and seq.state is SeqState.WAITING_KV:
+        engine.fail(seq.request_id, error)

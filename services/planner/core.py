@@ -1,0 +1,87 @@
+"""One planner decision, pure: from the interval that just ended, the history and the workers'
+reports to a forecast, a target split and the role changes to make. No I/O and no clock reads,
+so the planner service runs it every interval and the virtual-time simulator runs it unchanged.
+
+    forecast = predictor.predict(history, horizon)   horizon: intervals ahead that a switch takes
+    target   = compute_split(forecast, profile, SLO, workers)
+    changes  = policy.decide(now, workers, target)   hysteresis, cooldown, cap, emergency
+
+Proactive: the forecast looks `horizon` intervals ahead, where `horizon` covers the time a role
+switch takes (measured, smoothed), so the split is changed before the load it is for arrives.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from common.profile import LatencyProfile
+from services.planner.load import SLO, IntervalLoad, LoadForecast, Predictor, Split, WorkerLoad
+from services.planner.policy import PolicyConfig, ReconfigPolicy, RoleChange
+from services.planner.split import compute_split
+
+# The history a prediction sees: enough for ARIMA's window and more, bounded so a decision's cost
+# does not grow with the planner's age.
+PREDICT_WINDOW = 300
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """What the split needs to know of the workers' engines."""
+
+    kv_blocks: int
+    block_size: int
+    max_batch_size: int
+    prefill_token_budget: int
+
+
+@dataclass
+class Decision:
+    forecast: LoadForecast
+    target: Split
+    changes: list[RoleChange]
+    horizon: int
+    seconds: float  # the decision's own time (model fit included), on the host's clock
+
+
+@dataclass
+class PlannerCore:
+    predictor: Predictor
+    profile: LatencyProfile
+    slo: SLO
+    shape: PoolShape
+    interval_s: float  # one interval, in the clock `now` is on
+    switching: bool = True  # False: forecast and target only (the `static` mode)
+    policy: ReconfigPolicy = field(default_factory=lambda: ReconfigPolicy(PolicyConfig()))
+    switch_seconds: float = 0.0  # smoothed time of one role switch (EWMA of measured ones)
+
+    def horizon(self) -> int:
+        """Intervals ahead to forecast: the next one, plus those a switch takes to complete."""
+        return 1 + math.ceil(self.switch_seconds / self.interval_s) if self.interval_s > 0 else 1
+
+    def observe_switch(self, now: float, change: RoleChange, ok: bool, seconds: float) -> None:
+        self.policy.record_switch(now, change, ok)
+        if ok:
+            self.switch_seconds = seconds if self.switch_seconds == 0 else 0.7 * self.switch_seconds + 0.3 * seconds
+
+    def decide(self, now: float, history: list[IntervalLoad], workers: list[WorkerLoad]) -> Decision:
+        started = time.perf_counter()
+        horizon = self.horizon()
+        forecast = self.predictor.predict(history[-PREDICT_WINDOW:], horizon)
+        total = sum(1 for w in workers if w.role in ("prefill", "decode"))
+        target = compute_split(forecast, self.profile, self.slo, max(total, 1), kv_blocks=self.shape.kv_blocks,
+                               block_size=self.shape.block_size, max_batch_size=self.shape.max_batch_size,
+                               prefill_token_budget=self.shape.prefill_token_budget)
+        changes = self.policy.decide(now, workers, target) if self.switching and total >= 2 else []
+        return Decision(forecast, target, changes, horizon, time.perf_counter() - started)
+
+
+def merge_reports(reports: list[IntervalLoad], start: float, duration: float) -> IntervalLoad:
+    """Several gateways' reports of one interval as one (the planner sees the whole cluster)."""
+    return IntervalLoad(
+        start=start, duration=duration, arrivals=sum(r.arrivals for r in reports),
+        prompt_lens=tuple(x for r in reports for x in r.prompt_lens),
+        output_lens=tuple(x for r in reports for x in r.output_lens),
+        rejected=sum(r.rejected for r in reports),
+        ttft=tuple(x for r in reports for x in r.ttft), tpot=tuple(x for r in reports for x in r.tpot))

@@ -1,0 +1,124 @@
+"""An in-place role switch of one worker: no restart, no weight reload (both engines live in the
+worker from the start; the role only says which takes work).
+
+    prefill -> decode   refuse new prompts, finish those accepted (their KV is handed off), switch
+    decode -> prefill   refuse new reservations, live-migrate every request held to the other
+                        decode workers (services/decode/migration.py), then switch. Requests
+                        still waiting for their KV are moved as soon as it lands. A request that no
+                        other worker has room for is finished here instead (drain fallback, said
+                        in the result)
+
+The worker never switches away the last serving worker of a role (FAILED_PRECONDITION).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from common.errors import FailedPrecondition
+from common.types import Role
+from services.decode.migration import MoveResult, Target
+from services.decode.scheduler import SeqState
+
+log = logging.getLogger(__name__)
+POLL_S = 0.005
+
+
+@dataclass
+class SwitchResult:
+    from_role: Role
+    to_role: Role
+    total_seconds: float = 0.0
+    drain_seconds: float = 0.0
+    migration_seconds: float = 0.0
+    moves: list[MoveResult] = field(default_factory=list)
+    drained_requests: int = 0
+    note: str = ""
+
+    @property
+    def migrated(self) -> list[MoveResult]:
+        return [m for m in self.moves if m.moved_to]
+
+    @property
+    def fell_back_to_drain(self) -> bool:
+        return self.drained_requests > 0
+
+
+async def switch_role(rt, to: Role) -> SwitchResult:
+    """`rt` is the WorkerRuntime. Raises FailedPrecondition when the switch is not allowed."""
+    started = time.perf_counter()
+    from_role = rt.state.role
+    topology = await rt.fetch_topology()
+    peers = [w for w in topology if w.worker_id != rt.worker_id and w.role == from_role and w.serving
+             and not w.switching]
+    if to != from_role and not peers:
+        raise FailedPrecondition(f"{rt.worker_id} is the last {from_role} worker serving; it keeps its role")
+    rt.state.begin_switch(to)
+    rt.on_state_change()
+    result = SwitchResult(from_role, to)
+    try:
+        if from_role == Role.PREFILL:
+            t0 = time.perf_counter()
+            while rt.prefill.busy:
+                await asyncio.sleep(POLL_S)
+            result.drain_seconds = time.perf_counter() - t0
+        else:
+            targets = [Target(w.worker_id, w.address, w.kv_free_blocks) for w in peers]
+            await _empty_decode(rt, targets, result)
+        rt.state.finish_switch()
+    except BaseException:
+        rt.state.abort_switch()
+        raise
+    finally:
+        rt.on_state_change()
+    result.total_seconds = time.perf_counter() - started
+    return result
+
+
+async def _empty_decode(rt, targets: list[Target], result: SwitchResult) -> None:
+    """Move every request this worker holds; wait for those that cannot move to finish."""
+    engine = rt.decode
+    t0 = time.perf_counter()
+    started: dict[str, asyncio.Task] = {}
+    stuck: set[str] = set()  # no room anywhere: they finish here
+    log.info("%s: moving %d request(s) (%s) to %s", rt.worker_id, len(engine.scheduler.seqs),
+             ", ".join(f"{s.state.value}" for s in engine.scheduler.seqs.values()),
+             [(t.worker_id, t.free_blocks) for t in targets])
+    while engine.scheduler.seqs:
+        for seq in list(engine.scheduler.seqs.values()):
+            rid = seq.request_id
+            if rid in started or rid in stuck or seq.state not in (SeqState.READY, SeqState.RUNNING):
+                continue  # moving already, or its KV is still arriving (moved once it lands)
+            targets.sort(key=lambda t: (-t.free_blocks, t.worker_id))
+            started[rid] = asyncio.create_task(rt.migrator.migrate(seq, targets))
+        pending = [t for rid, t in started.items() if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(POLL_S)
+        for rid, task in started.items():
+            if task.done() and rid not in stuck:
+                move = _outcome(rid, task)
+                if not move.moved_to and not move.ended_here:
+                    stuck.add(rid)
+                    log.warning("request %s stays on %s until it finishes: %s", rid, rt.worker_id, move.error)
+    await asyncio.gather(*started.values(), return_exceptions=True)  # a move ends just after its request leaves
+    result.moves = [_outcome(rid, t) for rid, t in started.items()]
+    result.drained_requests = len(stuck)
+    if stuck:
+        result.note = f"{len(stuck)} request(s) found no decode worker with room and finished here"
+    elapsed = time.perf_counter() - t0
+    if stuck:
+        result.drain_seconds = elapsed
+    result.migration_seconds = elapsed
+
+
+def _outcome(request_id: str, task: asyncio.Task) -> MoveResult:
+    if task.cancelled():
+        return MoveResult(request_id, error="cancelled")
+    if task.exception() is not None:
+        return MoveResult(request_id, error=f"{type(task.exception()).__name__}: {task.exception()}")
+    return task.result()
