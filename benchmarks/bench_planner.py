@@ -63,6 +63,27 @@ def run_mode(mode: str, split: tuple[int, int], args) -> dict:
     return results
 
 
+def first_phase_split(args) -> tuple[int, int]:
+    """The static split that is best for the workload's first phase: the split our own core
+    (services/planner/split.py) computes for that phase's length mix at a rate that saturates the
+    cluster, i.e. the split that balances prefill and decode load for that mix (DistServe's
+    placement, for the first phase)."""
+    from common.profile import load_profile
+    from services.bench.workloads import generate
+    from services.planner.load import SLO, LengthDist, LoadForecast
+    from services.planner.split import compute_split
+
+    reqs = generate(args.workload, rate=args.rate, duration=args.duration * 20, seed=args.seed,
+                    burstiness=args.burstiness, max_context=args.max_context)
+    first = [r for r in reqs if r.t < args.duration * 20 * 0.2] or reqs  # phase-shift: its first fifth
+    forecast = LoadForecast(1000.0, LengthDist.from_samples([r.prompt_tokens for r in first]),
+                            LengthDist.from_samples([r.output_tokens for r in first]))
+    split = compute_split(forecast, load_profile(args.profile), SLO(args.slo_ttft / 1e3, args.slo_tpot / 1e3),
+                          args.workers, kv_blocks=args.kv_blocks, block_size=16, max_batch_size=256,
+                          prefill_token_budget=8192)
+    return split.prefill, split.decode
+
+
 def plot_split(runs: dict[str, dict], path: Path) -> None:
     fig, axes = plt.subplots(len(runs) + 1, 1, figsize=(12, 3 + 2.5 * len(runs)), sharex=True)
     first = next(iter(runs.values()))
@@ -102,11 +123,12 @@ def main() -> int:
     parser.add_argument("--kv-blocks", type=int, default=4096)
     parser.add_argument("--predictor", default="arima")
     parser.add_argument("--cooldown", type=float, default=2.0, help="planner cooldown, profile seconds")
-    parser.add_argument("--static-split", default="1:15", help="P:D of the static run (and the dynamic start)")
+    parser.add_argument("--static-split", default="auto",
+                        help="P:D of the static run and the dynamic start; auto: the best for the first phase")
     parser.add_argument("--modes", default="static,dynamic")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    p, d = (int(x) for x in args.static_split.split(":"))
+    p, d = first_phase_split(args) if args.static_split == "auto" else (int(x) for x in args.static_split.split(":"))
     if p + d != args.workers:
         parser.error(f"--static-split {args.static_split} is not {args.workers} workers")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -71,10 +71,13 @@ async def switch_role(rt, to: Role) -> SwitchResult:
         rt.state.finish_switch()
     except BaseException:
         rt.state.abort_switch()
-        raise
-    finally:
         rt.on_state_change()
+        raise
+    rt.on_state_change()
     result.total_seconds = time.perf_counter() - started
+    # The planner learns the new role before the caller does, so that a caller's next decision
+    # (another switch, say) sees it in the topology. Best effort: the heartbeat repeats it.
+    await rt.report()
     return result
 
 

@@ -68,6 +68,7 @@ class WorkerRuntime:
         self.migrator: Migrator | None = None
         self._heartbeat: asyncio.Task | None = None
         self._report_now = asyncio.Event()
+        self._planner_warned = False
         self.switch_lock = asyncio.Lock()
         self._set_role_gauge()
 
@@ -149,18 +150,23 @@ class WorkerRuntime:
         return [PeerView(w.worker_id, ROLE_FROM_PB.get(w.role), w.address, w.kv_blocks_total - w.kv_blocks_used,
                          w.serving, w.switching) for w in topology.workers]
 
-    async def _heartbeat_loop(self) -> None:
+    async def report(self) -> bool:
+        """One heartbeat to the planner now; False when it does not answer."""
         stub = planner_pb2_grpc.PlannerStub(self.channels.get(self.settings.planner_address))
-        warned = False
+        try:
+            await stub.ReportWorker(self.info(), timeout=self.settings.rpc_timeout_s)
+            return True
+        except grpc.aio.AioRpcError as exc:
+            if not self._planner_warned:
+                log.warning("planner %s unreachable: %s", self.settings.planner_address, exc.code().name)
+            self._planner_warned = True
+            return False
+
+    async def _heartbeat_loop(self) -> None:
         while True:
             self._report_now.clear()
-            try:
-                await stub.ReportWorker(self.info(), timeout=self.settings.rpc_timeout_s)
-                warned = False
-            except grpc.aio.AioRpcError as exc:
-                if not warned:
-                    log.warning("planner %s unreachable: %s", self.settings.planner_address, exc.code().name)
-                    warned = True
+            if await self.report():
+                self._planner_warned = False
             try:
                 await asyncio.wait_for(self._report_now.wait(), self.settings.heartbeat_s)
             except TimeoutError:
