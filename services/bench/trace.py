@@ -7,13 +7,26 @@
 (>= 1; the runner sends that many seeded random token ids) or `prompt` (text, tokenized by the
 gateway). Blank lines are skipped; anything else that does not fit raises ValueError naming the
 line. Requests come back ordered by `t`.
+
+Azure LLM inference traces (Azure/AzurePublicDataset, `AzureLLMInferenceTrace_{conv,code}.csv`)
+are read too: a CSV with the header `TIMESTAMP,ContextTokens,GeneratedTokens`, one request a
+row, the timestamp a date and time (`2023-11-16 18:15:46.6805900`). `t` becomes seconds from the
+first row, or from `origin` when given, so that several traces of the same hour keep their
+relative timing (`read_traces` uses the earliest first timestamp of all CSVs given). A count of
+0 tokens is read as 1 (a BenchRequest asks for at least one); nothing else is clipped.
+
+`merge_traces` puts several traces on one clock: every request keeps its `t`, all of them
+ordered by `t` (ties in the order the traces were given).
 """
 
 from __future__ import annotations
 
+import csv
+import heapq
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from services.bench.workloads import BenchRequest
@@ -93,3 +106,81 @@ def scale_to_rate(requests: list[BenchRequest], rate: float) -> list[BenchReques
         return list(requests)
     factor = (len(requests) / rate) / span
     return [BenchRequest(r.t * factor, r.prompt_tokens, r.prompt, r.output_tokens) for r in requests]
+
+
+AZURE_HEADER = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
+
+
+def _azure_time(text: str, where: str) -> datetime:
+    # fromisoformat takes at most 6 fractional digits in Python 3.11; the traces have 7.
+    head, dot, frac = text.strip().partition(".")
+    try:
+        return datetime.fromisoformat(head + (dot + frac[:6] if dot else ""))
+    except ValueError:
+        raise ValueError(f"{where}: TIMESTAMP must be a date and time, got {text!r}") from None
+
+
+def _azure_rows(lines: Iterable[str], source: str) -> list[tuple[datetime, int, int]]:
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header] != AZURE_HEADER:
+        raise ValueError(f"{source}:1: expected the header {','.join(AZURE_HEADER)}, got {header!r}")
+    rows = []
+    for number, row in enumerate(reader, start=2):
+        if not row or not "".join(row).strip():
+            continue
+        where = f"{source}:{number}"
+        if len(row) != 3:
+            raise ValueError(f"{where}: expected 3 fields, got {len(row)}")
+        try:
+            context, generated = int(row[1]), int(row[2])
+        except ValueError:
+            raise ValueError(f"{where}: ContextTokens and GeneratedTokens must be integers") from None
+        if context < 0 or generated < 0:
+            raise ValueError(f"{where}: token counts must be >= 0")
+        rows.append((_azure_time(row[0], where), context, generated))
+    return rows
+
+
+def parse_azure_csv(lines: Iterable[str], source: str = "<csv>", origin: datetime | None = None) -> list[BenchRequest]:
+    """An Azure trace's rows as requests, `t` in seconds from `origin` (default: the first row's
+    time; rows before `origin` raise)."""
+    rows = _azure_rows(lines, source)
+    if not rows:
+        return []
+    start = origin if origin is not None else min(r[0] for r in rows)
+    out = []
+    for when, context, generated in rows:
+        t = (when - start).total_seconds()
+        if t < 0:
+            raise ValueError(f"{source}: a row at {when} is before the origin {start}")
+        out.append(BenchRequest(t, max(1, context), None, max(1, generated)))
+    return sorted(out, key=lambda r: r.t)
+
+
+def azure_first_time(path: str | Path) -> datetime | None:
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = _azure_rows(f, str(path))
+    return min((r[0] for r in rows), default=None)
+
+
+def read_azure_csv(path: str | Path, origin: datetime | None = None) -> list[BenchRequest]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return parse_azure_csv(f, str(path), origin)
+
+
+def merge_traces(traces: Sequence[Sequence[BenchRequest]]) -> list[BenchRequest]:
+    """Several traces on one clock: all their requests, ordered by `t` (stable: a tie keeps the
+    order of the traces as given, and each trace's own order)."""
+    ordered = [sorted(trace, key=lambda r: r.t) for trace in traces]
+    return list(heapq.merge(*ordered, key=lambda r: r.t))
+
+
+def read_traces(paths: Sequence[str | Path]) -> list[BenchRequest]:
+    """JSONL and Azure CSV traces (by suffix `.csv`) merged onto one clock. The CSVs share one
+    origin, the earliest first timestamp among them; JSONL times are used as they are."""
+    csvs = [p for p in paths if str(p).lower().endswith(".csv")]
+    firsts = [t for t in (azure_first_time(p) for p in csvs) if t is not None]
+    origin = min(firsts, default=None)
+    return merge_traces([read_azure_csv(p, origin) if str(p).lower().endswith(".csv") else read_trace(p)
+                         for p in paths])

@@ -1,0 +1,323 @@
+"""The cluster in virtual time: the request path of services/gateway/lifecycle.py and the engines'
+loops (services/prefill/engine.py, services/decode/engine.py) as events around the real pure
+cores. Pure: no I/O, no clock but the EventLoop's.
+
+    arrival    validation.validate_context (else INVALID_ARGUMENT, at once);
+               reserve decode blocks on the first worker of routing.decode_preference that has
+               them (none: RESOURCE_EXHAUSTED, at once); queue the prompt on the prefill worker
+               of routing.pick_prefill (fewest outstanding prompt tokens)
+    prefill    a worker runs PrefillScheduler.schedule()'s batch for profile.prefill_time(total
+               tokens); the next batch starts at once. The KV streams layer by layer during the
+               forward over the worker's link (hardware.Link.stream_layers); when its last byte
+               is out the prompt's KV is complete on its decode worker and the gateway has the
+               first token (TTFT)
+    decode     a worker steps while DecodeScheduler.schedule() gives a batch: a step costs
+               profile.decode_step_time(batch, mean context) (context as SimRunner reads it:
+               position + 1) and gives each request in it one token; requests join and leave
+               at step boundaries
+    timeout    at arrival + request timeout a request still open fails (DEADLINE_EXCEEDED): its
+               prompt leaves the queue, its blocks are freed (after the step it is in, as the
+               engine defers aborts)
+
+Every request ends completed or failed with a reason; `leaks()` says what does not hold at the end.
+Role switches are services/simulate/switching.py.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from common.errors import InvalidArgument
+from common.kv.block_pool import OutOfBlocks, kv_tokens_for
+from common.profile import LatencyProfile
+from common.types import Role, SamplingParams
+from services.bench.metrics import RequestResult
+from services.bench.outcome import StatusSample
+from services.decode.scheduler import DecodeSeq, SeqState
+from services.gateway.load_recorder import LoadRecorder
+from services.gateway.routing import WorkerView, decode_preference, pick_prefill
+from services.gateway.validation import validate_context
+from services.simulate.events import EventLoop
+from services.simulate.hardware import StepTimer
+from services.simulate.switching import Switcher
+from services.simulate.workers import SimRequest, SimWorker
+
+FIRST_TOKEN = 0  # the simulator has no vocabulary; every token is this id and none is EOS
+
+
+class Cluster:
+    def __init__(self, loop: EventLoop, profile: LatencyProfile, prefill: int, decode: int, *, kv_blocks: int,
+                 block_size: int, max_batch_size: int, prefill_token_budget: int, link_gbps: float,
+                 request_timeout_s: float) -> None:
+        if prefill < 1 or decode < 1:
+            raise ValueError(f"need at least one worker of each role, got {prefill}P/{decode}D")
+        self.loop = loop
+        self.profile = profile
+        self.step_time = StepTimer(profile)
+        self.kv_bytes_per_token = profile.model.kv_bytes_per_token
+        self.request_timeout_s = request_timeout_s
+        roles = [Role.PREFILL] * prefill + [Role.DECODE] * decode
+        self.workers = [SimWorker.build(f"w{i:02d}", role, kv_blocks, block_size, max_batch_size, prefill_token_budget,
+                                        link_gbps) for i, role in enumerate(roles)]
+        self.by_id = {w.worker_id: w for w in self.workers}
+        self._prefill_views = {w.worker_id: WorkerView(w.worker_id, w.worker_id, 0, block_size) for w in self.workers}
+        self.switches = Switcher(self)
+        self.recorder = LoadRecorder()
+        self.outstanding_prefill_tokens: Counter[str] = Counter()
+        self.outstanding_decode: Counter[str] = Counter()
+        self.requests: list[SimRequest] = []
+        self.by_rid: dict[str, SimRequest] = {}
+        self.open = 0  # arrived and not ended
+        self.pending_arrivals = 0
+        self.decode_steps = self.prefill_batches = 0
+        self._zeros: dict[int, list[int]] = {}
+
+    # -- arrivals ---------------------------------------------------------------------------
+    def submit(self, arrivals: list[tuple[float, int, int]]) -> None:
+        """(t, prompt tokens, output tokens) per request, ordered by t. Each arrival schedules the
+        next, so the heap holds one arrival at a time."""
+        for i, (t, prompt, output) in enumerate(arrivals):
+            r = SimRequest(i, f"r{i}", t, prompt, output)
+            self.requests.append(r)
+            self.by_rid[r.rid] = r
+        self.pending_arrivals = len(self.requests)
+        if self.requests:
+            self.loop.at(self.requests[0].t, self._arrive, 0)
+
+    def active(self) -> bool:
+        """Requests still to come or in flight, or a switch under way."""
+        return bool(self.pending_arrivals or self.open or any(w.switch for w in self.workers))
+
+    def _arrive(self, index: int) -> None:
+        if index + 1 < len(self.requests):
+            self.loop.at(self.requests[index + 1].t, self._arrive, index + 1)
+        self.pending_arrivals -= 1
+        r = self.requests[index]
+        self.open += 1
+        try:
+            validate_context(r.prompt, r.max_tokens, self.profile.model.max_context)
+        except InvalidArgument:
+            self._fail(r, "INVALID_ARGUMENT")
+            return
+        params = SamplingParams(max_tokens=r.max_tokens)
+        views = [w.view() for w in self.workers if w.serves(Role.DECODE)]
+        if not views:  # unreachable under the policy (never the last serving worker of a role)
+            self._fail(r, "UNAVAILABLE")
+            return
+        for view in decode_preference(views, self.outstanding_decode, kv_tokens_for(r.prompt, r.max_tokens)):
+            worker = self.by_id[view.worker_id]
+            try:
+                worker.decode.reserve(DecodeSeq(r.rid, r.prompt, params))
+            except OutOfBlocks:
+                continue
+            break
+        else:
+            self.recorder.rejected()
+            self._fail(r, "RESOURCE_EXHAUSTED")
+            return
+        r.decode_worker = worker
+        self.outstanding_decode[worker.worker_id] += 1
+        self.recorder.arrived(r.prompt, r.max_tokens)
+        chosen = pick_prefill([self._prefill_views[w.worker_id] for w in self.workers if w.serves(Role.PREFILL)],
+                              self.outstanding_prefill_tokens)
+        if chosen is None:  # unreachable, as above
+            self.outstanding_decode[worker.worker_id] -= 1
+            self._release(worker, r.rid)
+            self._fail(r, "UNAVAILABLE")
+            return
+        p = self.by_id[chosen.worker_id]
+        self.outstanding_prefill_tokens[p.worker_id] += r.prompt
+        r.prefill_worker, r.phase = p, "prefill"
+        p.prefill.add(r, r.prompt)
+        self.loop.after(self.request_timeout_s, self._timeout, r)
+        self._kick_prefill(p)
+
+    # -- prefill ----------------------------------------------------------------------------
+    def _kick_prefill(self, w: SimWorker) -> None:
+        if w.prefill_batch is not None:
+            return
+        batch = w.prefill.schedule()
+        if not batch:
+            return
+        total = sum(r.prompt for r in batch)
+        forward = self.profile.prefill_time(total)
+        w.prefill_batch = batch
+        self.prefill_batches += 1
+        self.loop.after(forward, self._prefill_done, w, self.loop.now, forward, total)
+
+    def _prefill_done(self, w: SimWorker, started: float, forward: float, total: int) -> None:
+        batch, w.prefill_batch = w.prefill_batch, None
+        landed = w.link.stream_layers(started, forward, total * self.kv_bytes_per_token,
+                                      self.profile.model.num_layers)
+        w.handoffs += 1
+        self.loop.at(landed, self._kv_landed, w, batch)
+        self._kick_prefill(w)  # the next forward overlaps this batch's hand-off
+
+    def _kv_landed(self, w: SimWorker, batch: list[SimRequest]) -> None:
+        w.handoffs -= 1
+        now = self.loop.now
+        for r in batch:
+            if r.phase != "prefill":
+                continue  # timed out meanwhile: the gateway let go of it
+            self.outstanding_prefill_tokens[w.worker_id] -= r.prompt
+            r.phase, r.first_at, r.last_at, r.tokens = "decode", now, now, 1
+            self.recorder.first_token(now - r.t)
+            d = r.decode_worker
+            seq = d.decode.kv_complete(r.rid, FIRST_TOKEN)
+            if seq.state is SeqState.FINISHED:  # max_tokens 1
+                self._complete(r)
+                self.switches.check(d)
+            else:
+                self.became_ready(d, seq)
+        self.switches.check(w)
+
+    # -- decode -----------------------------------------------------------------------------
+    def became_ready(self, d: SimWorker, seq: DecodeSeq) -> None:
+        """A request can run on d (its KV arrived, or it was moved here): it joins d's next step,
+        or, when d is leaving decode, it moves on."""
+        if d.switch is not None and d.state.role is Role.DECODE:
+            self.switches.start_move(d, seq)
+        self.kick_decode(d)
+
+    def kick_decode(self, d: SimWorker) -> None:
+        """Start a step on an idle worker, after every other event of this instant (so that KV
+        landing together joins one step)."""
+        if d.batch is None and not d.kicked and d.decode.has_work():
+            d.kicked = True
+            self.loop.at(self.loop.now, self._step, d)
+
+    def _step(self, d: SimWorker) -> None:
+        d.kicked = False
+        if d.batch is not None:
+            return
+        batch = d.decode.schedule()
+        if not batch:
+            return
+        n = len(batch)
+        context = sum(s.next_position for s in batch) / n + 1
+        d.batch = batch
+        self.decode_steps += 1
+        self.loop.after(self.step_time(n, context), self._step_done, d)
+
+    def _step_done(self, d: SimWorker) -> None:
+        batch, d.batch = d.batch, None
+        n = len(batch)
+        zeros = self._zeros.get(n) or self._zeros.setdefault(n, [FIRST_TOKEN] * n)
+        finished = d.decode.update(batch, zeros)
+        now, by_rid, aborts = self.loop.now, self.by_rid, d.deferred_aborts
+        for seq in batch:
+            if aborts and seq.request_id in aborts:
+                continue
+            r = by_rid[seq.request_id]
+            r.itls.append(now - r.last_at)
+            r.last_at = now
+            r.tokens += 1
+        for seq in finished:
+            if not (aborts and seq.request_id in aborts):
+                self._complete(by_rid[seq.request_id])
+        if aborts:
+            for rid in sorted(aborts):
+                d.decode.abort(rid)
+            aborts.clear()
+        if d.deferred_pauses:
+            pauses, d.deferred_pauses = d.deferred_pauses, {}
+            for callback in pauses.values():
+                callback()
+        self._step(d)  # the engine's loop starts the next step at once
+        self.switches.check(d)
+
+    def pause_now(self, d: SimWorker, rid: str) -> DecodeSeq | None:
+        """As DecodeEngine._pause_now: out of the batch, blocks kept; None if it ended."""
+        seq = d.decode.seqs.get(rid)
+        if seq is None or seq.state not in (SeqState.READY, SeqState.RUNNING):
+            return None
+        return d.decode.pause(rid)
+
+    def _release(self, d: SimWorker, rid: str) -> None:
+        """As DecodeEngine.release: free a request's blocks, after the step it is in."""
+        seq = d.decode.seqs.get(rid)
+        if seq is None:
+            return
+        if d.in_flight(seq):
+            d.deferred_aborts.add(rid)
+        else:
+            d.decode.abort(rid)
+
+    # -- the end of a request ---------------------------------------------------------------
+    def _complete(self, r: SimRequest) -> None:
+        now = self.loop.now
+        r.phase, r.done_at = "done", now
+        self.open -= 1
+        self.outstanding_decode[r.decode_worker.worker_id] -= 1
+        if r.tokens > 1:
+            self.recorder.finished((now - r.first_at) / (r.tokens - 1))
+
+    def _fail(self, r: SimRequest, error: str) -> None:
+        r.phase, r.done_at, r.error = "done", self.loop.now, error
+        self.open -= 1
+
+    def _timeout(self, r: SimRequest) -> None:
+        if r.phase == "done":
+            return
+        if r.phase == "prefill":
+            r.prefill_worker.prefill.remove(r)  # still queued: it never runs (else it runs for nothing)
+            self.outstanding_prefill_tokens[r.prefill_worker.worker_id] -= r.prompt
+        d = r.decode_worker
+        self.outstanding_decode[d.worker_id] -= 1
+        self._release(d, r.rid)
+        self.switches.abort_move(r)
+        self._fail(r, "DEADLINE_EXCEEDED")
+        self.switches.check(d)
+        self.switches.check(r.prefill_worker)
+
+    # -- what the outside sees --------------------------------------------------------------
+    def sample(self) -> StatusSample:
+        """As services/bench/runner.sample_from_status over the workers' WorkerInfo: each worker's
+        running and waiting requests (both engines) counted under its role."""
+        s = StatusSample(t=self.loop.now, gateway_running=self.open)
+        for w in self.workers:
+            pw, pr, dw, dr = w.counts()
+            if w.state.role is Role.PREFILL:
+                s.prefill_workers += 1
+                s.prefill_waiting += pw + dw
+                s.prefill_running += pr + dr
+            else:
+                s.decode_workers += 1
+                s.decode_waiting += pw + dw
+                s.decode_running += pr + dr
+                s.kv_blocks_used += w.pool.num_used
+                s.kv_blocks_total += w.pool.num_blocks
+        return s
+
+    def results(self) -> list[RequestResult]:
+        out = []
+        for r in self.requests:
+            if r.error is None and r.phase == "done":
+                out.append(RequestResult(r.rid, r.t, r.first_at - r.t, r.itls, r.done_at - r.t, r.prompt, r.tokens))
+            else:
+                out.append(RequestResult(r.rid, r.t, None, [], None, r.prompt, r.tokens, ok=False,
+                                         error=r.error or "NOT_ENDED"))
+        return out
+
+    def leaks(self) -> list[str]:
+        """What should hold at the end of a run and does not: blocks, requests, queues, switches."""
+        out = []
+        for w in self.workers:
+            if w.pool.num_used or w.pool.num_free != w.pool.num_blocks:
+                out.append(f"{w.worker_id}: {w.pool.num_used} KV blocks still in use")
+            if w.decode.seqs:
+                out.append(f"{w.worker_id}: {len(w.decode.seqs)} requests still in its decode scheduler")
+            if w.prefill_busy:
+                out.append(f"{w.worker_id}: prefill still busy")
+            if w.switch or w.state.switching or w.deferred_aborts or w.deferred_pauses:
+                out.append(f"{w.worker_id}: a switch, abort or pause still pending")
+        unended = [r.rid for r in self.requests if r.phase != "done"]
+        if unended:
+            out.append(f"{len(unended)} requests never ended, e.g. {unended[:5]}")
+        if any(r.phase == "done" and r.error is None and r.done_at is None for r in self.requests):
+            out.append("a request ended without a time")
+        if any(self.outstanding_prefill_tokens.values()) or any(self.outstanding_decode.values()):
+            out.append("the gateway's outstanding counts are not back to zero")
+        if self.open or self.pending_arrivals:
+            out.append(f"{self.open} requests open, {self.pending_arrivals} arrivals pending")
+        return out

@@ -1,0 +1,198 @@
+"""Role switches in virtual time, around the real RoleState (services/worker/role_state.py) and
+the target's real DecodeScheduler/BlockPool, as services/worker/role_switch.py and
+services/decode/migration.py do them:
+
+    prefill -> decode   RoleState refuses new prompts; the switch ends when the prompts accepted
+                        have run and their KV has left (PrefillEngine.busy)
+    decode -> prefill   RoleState refuses new reservations; every request held moves to the
+                        serving decode worker with the most free blocks that can hold it (its
+                        whole reservation, reserved there at once, as `begin.adopt`). A request
+                        still waiting for its KV moves once it lands. One with no room anywhere
+                        finishes here. The switch ends when no request is left.
+
+One move, as Migrator._move with PRECOPY_ROUNDS rounds: round 1 sends the KV written so far
+(positions [0, n)) over the source's link while the request decodes on; each further round sends
+what was written meanwhile; then the request pauses at its next step boundary, the tail written
+during the last round crosses, and the target adopts it (kv_complete_migrated with its tokens)
+and decodes on. The request's pause is the tail's transfer (plus the wait for the step to end);
+its next token's gap includes it. A request that ends on the source meanwhile frees the target's
+reservation; one that times out is aborted on both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from common.kv.block_pool import kv_tokens_for
+from common.types import Role
+from services.decode.scheduler import DecodeSeq, SeqState
+from services.simulate.workers import SimRequest, SimWorker
+
+if TYPE_CHECKING:
+    from services.simulate.cluster import Cluster
+
+# As services/decode/migration.PRECOPY_ROUNDS (not imported: that module pulls in grpc and torch).
+PRECOPY_ROUNDS = 2
+
+
+@dataclass(eq=False)
+class Switch:
+    worker: SimWorker
+    from_role: Role
+    to_role: Role
+    started: float
+    on_done: Callable[[Switch], None]
+    reason: str = ""
+    ended: float | None = None
+    moves_in_flight: int = 0
+    migrated: int = 0
+    migrated_bytes: int = 0
+    drained: int = 0  # requests that found no room elsewhere and finished here
+    pauses: list[float] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return (self.ended if self.ended is not None else self.started) - self.started
+
+    def record(self) -> dict:
+        return {"worker": self.worker.worker_id, "from": str(self.from_role), "to": str(self.to_role),
+                "reason": self.reason, "t": self.started, "seconds": self.seconds, "migrated": self.migrated,
+                "migrated_bytes": self.migrated_bytes, "drained": self.drained,
+                "max_pause_s": max(self.pauses, default=0.0)}
+
+
+@dataclass(eq=False)
+class Move:
+    req: SimRequest
+    seq: DecodeSeq
+    src: SimWorker
+    dst: SimWorker
+    copied: int  # KV positions sent so far
+    rounds: int = 1
+    paused_at: float | None = None
+    dead: bool = False
+
+
+class Switcher:
+    def __init__(self, cluster: Cluster) -> None:
+        self.c = cluster
+        self.done: list[Switch] = []
+
+    def begin(self, w: SimWorker, to: Role, on_done: Callable[[Switch], None], reason: str = "") -> Switch:
+        c = self.c
+        from_role = w.state.role
+        peers = [x for x in c.workers if x is not w and x.serves(from_role)]
+        # The policy never moves the last serving worker of a role; role_switch.py refuses it too.
+        assert peers, f"{w.worker_id} is the last {from_role} worker serving"
+        w.state.begin_switch(to)
+        sw = w.switch = Switch(w, from_role, to, c.loop.now, on_done, reason)
+        if from_role is Role.DECODE:
+            for seq in list(w.decode.seqs.values()):
+                if seq.state in (SeqState.READY, SeqState.RUNNING):
+                    self.start_move(w, seq)
+        self.check(w)
+        return sw
+
+    def check(self, w: SimWorker) -> None:
+        """End w's switch if nothing is left to drain or move."""
+        sw = w.switch
+        if sw is None:
+            return
+        if sw.from_role is Role.PREFILL:
+            if w.prefill_busy:
+                return
+        elif w.decode.seqs or sw.moves_in_flight:
+            return
+        w.state.finish_switch()
+        w.switch = None
+        w.stuck.clear()
+        sw.ended = self.c.loop.now
+        self.done.append(sw)
+        sw.on_done(sw)
+
+    # -- moves ------------------------------------------------------------------------------
+    def start_move(self, src: SimWorker, seq: DecodeSeq) -> None:
+        c, rid = self.c, seq.request_id
+        if rid in src.stuck or c.by_rid[rid].move is not None:
+            return
+        blocks = src.pool.blocks_for(kv_tokens_for(seq.prompt_len, seq.params.max_tokens))
+        targets = sorted((x for x in c.workers if x is not src and x.serves(Role.DECODE)),
+                         key=lambda x: (-x.pool.num_free, x.worker_id))
+        dst = targets[0] if targets and targets[0].pool.num_free >= blocks else None
+        if dst is None:
+            src.stuck.add(rid)
+            src.switch.drained += 1
+            return
+        dst.decode.reserve(DecodeSeq(rid, seq.prompt_len, seq.params))
+        r = c.by_rid[rid]
+        move = r.move = Move(r, seq, src, dst, seq.next_position)
+        src.switch.moves_in_flight += 1
+        done = src.link.send(c.loop.now, move.copied * c.kv_bytes_per_token)
+        c.loop.at(done, self._copied, move)
+
+    def _alive(self, move: Move) -> bool:
+        return move.src.decode.seqs.get(move.req.rid) is move.seq
+
+    def _copied(self, move: Move) -> None:
+        if move.dead:
+            return
+        c, src, seq = self.c, move.src, move.seq
+        if not self._alive(move):  # finished here meanwhile
+            self._end(move)
+            return
+        if move.rounds < PRECOPY_ROUNDS and seq.next_position > move.copied:
+            written, move.copied = seq.next_position - move.copied, seq.next_position
+            move.rounds += 1
+            c.loop.at(src.link.send(c.loop.now, written * c.kv_bytes_per_token), self._copied, move)
+        elif src.in_flight(seq):
+            src.deferred_pauses[move.req.rid] = lambda: self._pause_after_step(move)
+        else:
+            self._paused(move, c.pause_now(src, move.req.rid))
+
+    def _pause_after_step(self, move: Move) -> None:
+        if not move.dead:
+            self._paused(move, self.c.pause_now(move.src, move.req.rid))
+
+    def _paused(self, move: Move, seq: DecodeSeq | None) -> None:
+        if move.dead:
+            return
+        if seq is None:
+            self._end(move)
+            return
+        c = self.c
+        move.paused_at = c.loop.now
+        tail = seq.next_position - move.copied
+        move.copied = seq.next_position
+        c.loop.at(move.src.link.send(c.loop.now, tail * c.kv_bytes_per_token), self._handover, move)
+
+    def _handover(self, move: Move) -> None:
+        if move.dead:
+            return
+        c, r, src, dst = self.c, move.req, move.src, move.dst
+        sw = src.switch
+        dst.decode.kv_complete_migrated(r.rid, list(move.seq.tokens))
+        src.decode.abort(r.rid)  # paused, so in no step: its blocks go back now
+        r.decode_worker, r.move = dst, None
+        c.outstanding_decode[src.worker_id] -= 1
+        c.outstanding_decode[dst.worker_id] += 1
+        sw.moves_in_flight -= 1
+        sw.migrated += 1
+        sw.migrated_bytes += move.copied * c.kv_bytes_per_token
+        sw.pauses.append(c.loop.now - move.paused_at)
+        c.became_ready(dst, dst.decode.seqs[r.rid])
+        self.check(src)
+
+    def _end(self, move: Move) -> None:
+        """The request ended on the source before it moved: the target's reservation goes."""
+        move.dead = True
+        move.dst.decode.abort(move.req.rid)  # waiting for KV: in no step
+        move.req.move = None
+        move.src.switch.moves_in_flight -= 1
+        self.check(move.src)
+
+    def abort_move(self, r: SimRequest) -> None:
+        """r timed out while moving (the cluster has released it on the source)."""
+        if r.move is not None:
+            self._end(r.move)

@@ -1,0 +1,96 @@
+"""One simulated worker: both role engines' pure cores (a PrefillScheduler and a DecodeScheduler
+over a BlockPool), its RoleState, and its outgoing link. The engines' async adapters are what
+the cluster models around these (services/simulate/cluster.py); this holds their state only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from common.kv.block_pool import BlockPool
+from common.types import Role
+from services.decode.scheduler import DecodeScheduler, DecodeSeq, SeqState
+from services.gateway.routing import WorkerView
+from services.planner.load import WorkerLoad
+from services.prefill.scheduler import PrefillScheduler
+from services.simulate.hardware import Link
+from services.worker.role_state import RoleState
+
+
+@dataclass(eq=False)
+class SimRequest:
+    """One request as the gateway and the workers see it. Times are virtual seconds."""
+
+    index: int
+    rid: str
+    t: float
+    prompt: int
+    max_tokens: int
+    phase: str = "new"  # new | prefill (queued or running) | handoff | decode | done
+    prefill_worker: SimWorker | None = None
+    decode_worker: SimWorker | None = None
+    move: object | None = None  # a services.simulate.switching.Move under way
+    first_at: float | None = None
+    last_at: float = 0.0
+    done_at: float | None = None
+    tokens: int = 0  # delivered to the client
+    itls: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class SimWorker:
+    worker_id: str
+    state: RoleState
+    prefill: PrefillScheduler[SimRequest]
+    decode: DecodeScheduler
+    link: Link
+    block_size: int
+    prefill_batch: list[SimRequest] | None = None  # the forward that runs now
+    handoffs: int = 0  # batches whose KV is still on its way
+    batch: list[DecodeSeq] | None = None  # the decode step that runs now
+    deferred_aborts: set[str] = field(default_factory=set)
+    deferred_pauses: dict[str, Callable[[], None]] = field(default_factory=dict)  # request id -> after the step
+    kicked: bool = False  # a decode step start is scheduled
+    switch: object | None = None  # a services.simulate.switching.Switch under way
+    stuck: set[str] = field(default_factory=set)  # no room elsewhere: these finish here
+
+    @classmethod
+    def build(cls, worker_id: str, role: Role, kv_blocks: int, block_size: int, max_batch_size: int,
+              token_budget: int, link_gbps: float) -> SimWorker:
+        return cls(worker_id, RoleState(role), PrefillScheduler(token_budget),
+                   DecodeScheduler(BlockPool(kv_blocks, block_size), max_batch_size), Link(link_gbps), block_size)
+
+    @property
+    def pool(self) -> BlockPool:
+        return self.decode.pool
+
+    def serves(self, role: Role) -> bool:
+        """Takes new work of `role` (RoleState says why not otherwise)."""
+        return self.state.refusal(role) is None
+
+    @property
+    def prefill_busy(self) -> bool:
+        """As PrefillEngine.busy: prompts queued or running, or KV still on its way."""
+        return bool(self.prefill.num_waiting or self.prefill_batch or self.handoffs)
+
+    def in_flight(self, seq: DecodeSeq) -> bool:
+        """In the decode step that runs now (every RUNNING request is in it while one runs)."""
+        return self.batch is not None and seq.state is SeqState.RUNNING
+
+    def view(self) -> WorkerView:
+        return WorkerView(self.worker_id, self.worker_id, self.pool.num_free, self.block_size)
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """(prefill waiting, prefill running, decode waiting, decode running), as WorkerInfo."""
+        return (self.prefill.num_waiting, len(self.prefill_batch or ()), self.decode.num_waiting,
+                self.decode.num_running)
+
+    def load(self) -> WorkerLoad:
+        """What the worker's heartbeat tells the planner (services/planner/controller.worker_load)."""
+        pw, _, dw, dr = self.counts()
+        return WorkerLoad(worker_id=self.worker_id, role=str(self.state.role), prefill_waiting=pw,
+                          prefill_waiting_tokens=self.prefill.tokens_waiting, decode_running=dr, decode_waiting=dw,
+                          kv_blocks_used=self.pool.num_used, kv_blocks_total=self.pool.num_blocks,
+                          switching=self.state.switching)
