@@ -133,7 +133,8 @@ def _print_summary(r: dict, out_dir: Path) -> None:
     for m in ("ttft", "tpot", "itl", "e2el"):
         print(f"  {m.upper():5} ms  mean {_fmt(r[f'mean_{m}_ms'])}  median {_fmt(r[f'median_{m}_ms'])}  "
               f"p90 {_fmt(r[f'p90_{m}_ms'])}  p99 {_fmt(r[f'p99_{m}_ms'])}")
-    print(f"  SLO attainment {_fmt(r['slo_attainment'])}  goodput {r['goodput']:.2f} req/s  "
+    attainment = "-" if r["slo_attainment"] is None else f"{r['slo_attainment']:.4f}"
+    print(f"  SLO attainment {attainment}  goodput {r['goodput']:.2f} req/s  "
           f"throughput {r['request_throughput']:.2f} req/s, {r['output_throughput']:.1f} tok/s")
     if h["saturated"]:
         print(f"  warning: the harness may be the limit: {'; '.join(h['saturation_reasons'])}", file=sys.stderr)
