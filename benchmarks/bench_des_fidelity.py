@@ -30,7 +30,7 @@ CASES = {
     "phase-shift": (["--workload", "phase-shift", "--burstiness", "0.5"], 3.0, 60.0),
     "azure-conv": (["--trace", str(TRACES / "azure_conv_10min.jsonl")], 3.0, 60.0),
 }
-METRICS = ("p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p90_tpot_ms", "p99_tpot_ms")
+METRICS = ("median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p90_tpot_ms", "p99_tpot_ms")
 
 
 def common_args(case: str, args) -> list[str]:
@@ -67,6 +67,11 @@ def run_sim_engine(case: str, args, out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+def reuse(out: Path) -> dict | None:
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="phase-shift,azure-conv")
@@ -79,13 +84,15 @@ def main() -> int:
     parser.add_argument("--slo-ttft", type=float, default=300.0)
     parser.add_argument("--slo-tpot", type=float, default=40.0)
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--work", type=Path, help="where each run's results go; a run whose results.json is "
+                                                  "already there is not run again")
     args = parser.parse_args()
     args.split = tuple(int(x) for x in args.split.split(":"))
-    work = Path(tempfile.mkdtemp(prefix="dopd-fidelity-out-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="dopd-fidelity-out-"))
     report = Report()
     for case in args.cases.split(","):
-        des = run_des(case, args, work / f"{case}-des")
-        real = run_sim_engine(case, args, work / f"{case}-sim")
+        des = reuse(work / f"{case}-des") or run_des(case, args, work / f"{case}-des")
+        real = reuse(work / f"{case}-sim") or run_sim_engine(case, args, work / f"{case}-sim")
         section = f"{case} {args.split[0]}P:{args.split[1]}D x{args.time_scale:g}"
         for m in METRICS:
             a, b = des[m], real[m]
