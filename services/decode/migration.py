@@ -30,13 +30,13 @@ from common.pb import worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
 from common.rpc.errors import domain_error
 from services.decode.engine import DecodeEngine
+from services.decode.migration_plan import PRECOPY_ROUNDS
 from services.decode.scheduler import DecodeSeq
 from services.kvtransfer.reader import read_kv
 from services.kvtransfer.sender import KVSender
 from services.worker import metrics
 
 log = logging.getLogger(__name__)
-PRECOPY_ROUNDS = 2
 
 
 @dataclass

@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING
 
 from common.kv.block_pool import kv_tokens_for
 from common.types import Role
+from services.decode.migration_plan import PRECOPY_ROUNDS
 from services.decode.scheduler import DecodeSeq, SeqState
 from services.simulate.workers import SimRequest, SimWorker
 
 if TYPE_CHECKING:
     from services.simulate.cluster import Cluster
 
-# As services/decode/migration.PRECOPY_ROUNDS (not imported: that module pulls in grpc and torch).
-PRECOPY_ROUNDS = 2
 
 
 @dataclass(eq=False)
