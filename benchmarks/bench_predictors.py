@@ -34,7 +34,15 @@ NOTE: BLAS runs one thread here (OPENBLAS_NUM_THREADS=1 etc., set before numpy l
 caller set them): statsmodels makes thousands of tiny BLAS calls per fit, and OpenBLAS's threads
 turn each into a wait for a busy core on a shared 2-core machine.
 
+Traces (`--trace FILE...`: JSONL or Azure CSV, merged onto one clock by services.bench.trace.
+read_traces, rescaled to `--rate` when given, else at their own rate; `--duration` cuts them) are
+scored the same way, with no oracle row (a trace has no generating process to know), and "+ split"
+sized as benchmarks/bench_des_azure_hour.py's cluster (16 workers, SLO 1 s / 50 ms, 16384 KV blocks
+of 16, batch <= 256, prefill budget 8192). The timing table then uses the trace's own 1 s intervals
+when it has enough of them.
+
     python benchmarks/bench_predictors.py [--quick] [--rate 8] [--duration 600] [--burstiness 0.5]
+    python benchmarks/bench_predictors.py --trace FILE... [--rate R] [--duration S] [--intervals 1,5]
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from services.bench.trace import read_traces, scale_to_rate  # noqa: E402
 from services.bench.workloads import BenchRequest, generate, phase_rates  # noqa: E402
 from services.planner.core import PREDICT_WINDOW  # noqa: E402
 from services.planner.load import SLO, IntervalLoad, LengthDist, LoadForecast  # noqa: E402
@@ -99,20 +108,31 @@ class Oracle:
         return self.forecasts[len(history) + horizon - 1]
 
 
-def split_fn(total_workers: int = 8) -> tuple[Callable[[LoadForecast], object] | None, str]:
+# The clusters "+ split" is sized for: the workloads' (as before traces came) and the Azure hour's
+# (benchmarks/bench_des_azure_hour.py).
+WORKLOAD_CLUSTER = {"total_workers": 8, "slo": (2.0, 0.2), "kv_blocks": 4096, "max_batch_size": 64,
+                    "prefill_token_budget": 512}
+TRACE_CLUSTER = {"total_workers": 16, "slo": (1.0, 0.05), "kv_blocks": 16384, "max_batch_size": 256,
+                 "prefill_token_budget": 8192}
+
+
+def split_fn(total_workers: int = 8, slo: tuple[float, float] = (2.0, 0.2), kv_blocks: int = 4096,
+             max_batch_size: int = 64, prefill_token_budget: int = 512
+             ) -> tuple[Callable[[LoadForecast], object] | None, str]:
     """compute_split as a function of the forecast alone, or None and why not."""
     try:
         from common.profile import load_profile
         from services.planner.split import compute_split
     except ImportError as e:
         return None, f"no compute_split ({e}): the '+ split' columns are left out"
-    profile, slo = load_profile("llama3-8b-h100"), SLO(ttft_s=2.0, tpot_s=0.2)
+    profile, target = load_profile("llama3-8b-h100"), SLO(ttft_s=slo[0], tpot_s=slo[1])
 
     def split(forecast: LoadForecast) -> object:
-        return compute_split(forecast, profile, slo, total_workers, kv_blocks=4096, block_size=16,
-                             max_batch_size=64, prefill_token_budget=512)
-    return split, (f"+ split: compute_split(forecast, llama3-8b-h100, SLO 2 s / 200 ms, {total_workers} workers, "
-                   "4096 KV blocks of 16, batch <= 64, prefill budget 512) after predict(), timed together")
+        return compute_split(forecast, profile, target, total_workers, kv_blocks=kv_blocks, block_size=16,
+                             max_batch_size=max_batch_size, prefill_token_budget=prefill_token_budget)
+    return split, (f"+ split: compute_split(forecast, llama3-8b-h100, SLO {slo[0]:g} s / {slo[1] * 1e3:g} ms, "
+                   f"{total_workers} workers, {kv_blocks} KV blocks of 16, batch <= {max_batch_size}, prefill "
+                   f"budget {prefill_token_budget}) after predict(), timed together")
 
 
 def ms(xs: Sequence[float]) -> tuple[float, float]:
@@ -154,7 +174,7 @@ def walk_forward(loads: list[IntervalLoad], predictor, split: Callable | None) -
             "n": len(loads) - WARMUP}
 
 
-def accuracy_table(title: str, loads: list[IntervalLoad], oracle: Oracle, split: Callable | None) -> Table:
+def accuracy_table(title: str, loads: list[IntervalLoad], oracle: Oracle | None, split: Callable | None) -> Table:
     table = Table(title=title)
     cols = ["predictor", "rate MAE req/s", "rate MAPE", "prompt p50 MAPE", "prompt p50 median APE",
             "prompt p90 MAPE", "output p50 MAPE", "predict ms p50", "predict ms p99", "predict CPU ms p50",
@@ -163,7 +183,8 @@ def accuracy_table(title: str, loads: list[IntervalLoad], oracle: Oracle, split:
         cols += ["+ split ms p50", "+ split ms p99"]
     for col in cols:
         table.add_column(col, justify="right", no_wrap=col == "predictor")
-    for predictor in [oracle] + [make_predictor(n) for n in ORDER if n in predictor_names()]:
+    reference = [oracle] if oracle is not None else []
+    for predictor in reference + [make_predictor(n) for n in ORDER if n in predictor_names()]:
         r = walk_forward(loads, predictor, split)
         row = [predictor.name, f"{r['mae']:.2f}"] + [f"{r[k]:.1%}" for k in ("rate", "p50", "p50med", "p90", "out50")]
         if predictor is oracle:
@@ -174,7 +195,8 @@ def accuracy_table(title: str, loads: list[IntervalLoad], oracle: Oracle, split:
                 row += [f"{r['ts'][0]:.2f}", f"{r['ts'][1]:.2f}"]
         table.add_row(*row)
     table.caption = (f"{r['n']} intervals scored, {r['skipped']} with no arrivals skipped in the rate MAPE; "
-                     f"mean {np.mean([x.arrivals for x in loads]):.1f} arrivals per interval")
+                     f"mean {np.mean([x.arrivals for x in loads]):.1f} arrivals per interval"
+                     + ("" if oracle is not None else "; no oracle row (a trace)"))
     return table
 
 
@@ -200,27 +222,75 @@ def timing_table(loads: list[IntervalLoad], calls: int) -> Table:
     return table
 
 
+def trace_requests(paths: Sequence[Path], rate: float | None, duration: float | None
+                   ) -> tuple[list[BenchRequest], float]:
+    """The traces merged onto one clock (as `dopd simulate --trace`), rescaled to `rate` when given,
+    cut at `duration` when given; and the span to bin."""
+    requests = read_traces(paths)
+    if rate is not None:
+        requests = scale_to_rate(requests, rate)
+    if duration is not None:
+        requests = [r for r in requests if r.t < duration]
+    # Binned up to the last arrival (bin_requests drops the partial interval it falls in).
+    return requests, duration if duration is not None else max((r.t for r in requests), default=0.0)
+
+
+def run_trace(args, widths: list[float], console: Console) -> list[IntervalLoad]:
+    split, note = split_fn(**TRACE_CLUSTER)
+    duration = 120.0 if args.quick and args.duration is None else args.duration
+    requests, span = trace_requests(args.trace, args.rate, duration)
+    own = len(requests) / span if span > 0 else 0.0
+    console.print(f"traces {' + '.join(str(p) for p in args.trace)}: {len(requests)} requests over {span:.0f} s "
+                  f"({own:.2f} req/s, {'rescaled with --rate' if args.rate else 'their own rate'}); "
+                  f"warm-up {WARMUP} intervals")
+    console.print(note)
+    console.print("BLAS threads: " + ", ".join(f"{v}={os.environ[v]}" for v in
+                                            ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")))
+    one_second = []
+    for width in widths:
+        loads = bin_requests(requests, span, width)
+        if width == 1.0:
+            one_second = loads
+        console.print(accuracy_table(f"{len(args.trace)} trace(s): {len(requests)} requests in {len(loads)} "
+                                     f"intervals of {width:g} s", loads, None, split))
+        console.print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    return one_second
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="120 s of each workload, 1 s intervals only")
     parser.add_argument("--workloads", default="phase-shift,mix")
-    parser.add_argument("--rate", type=float, default=8.0, help="reference request rate, req/s")
-    parser.add_argument("--duration", type=float, default=600.0, help="seconds of each workload")
+    parser.add_argument("--trace", type=Path, nargs="+",
+                        help="score these JSONL or Azure CSV traces (merged onto one clock) instead of --workloads")
+    parser.add_argument("--rate", type=float, help="reference request rate, req/s (workloads: default 8; "
+                                                   "traces: rescale to this mean rate, default their own)")
+    parser.add_argument("--duration", type=float, help="seconds of each workload (default 600); traces: cut here")
     parser.add_argument("--burstiness", type=float, default=0.5, help="Gamma shape; < 1 is burstier than Poisson")
     parser.add_argument("--intervals", default="1,5", help="interval widths in seconds")
     parser.add_argument("--max-context", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    duration = 120.0 if args.quick else args.duration
     widths = [1.0] if args.quick else [float(w) for w in args.intervals.split(",")]
     console = Console(width=180)
+    calls = 30 if args.quick else 100
+    t_start = time.perf_counter()
+    if args.trace:
+        loads = run_trace(args, widths, console)
+        if len(loads) < 300 + calls:  # too short for the 300-interval histories: the mix workload's
+            loads = bin_requests(generate("mix", 8.0, 300.0 + calls, seed=args.seed, burstiness=args.burstiness,
+                                          max_context=args.max_context), 300.0 + calls, 1.0)
+        console.print(timing_table(loads, calls))
+        console.print(f"total {time.perf_counter() - t_start:.0f} s")
+        return 0
+    args.rate = 8.0 if args.rate is None else args.rate
+    duration = 120.0 if args.quick else (600.0 if args.duration is None else args.duration)
     split, note = split_fn()
     console.print(f"workloads at reference rate {args.rate:g} req/s, burstiness {args.burstiness:g}, "
                   f"{duration:g} s, max_context {args.max_context}, seed {args.seed}; warm-up {WARMUP} intervals")
     console.print(note)
     console.print("BLAS threads: " + ", ".join(f"{v}={os.environ[v]}" for v in
                                             ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")))
-    t_start = time.perf_counter()
     for workload in args.workloads.split(","):
         requests = generate(workload, args.rate, duration, seed=args.seed, burstiness=args.burstiness,
                             max_context=args.max_context)
@@ -230,7 +300,6 @@ def main() -> int:
             console.print(accuracy_table(f"{workload}: {len(requests)} requests in {len(loads)} intervals of "
                                          f"{width:g} s", loads, oracle, split))
             console.print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    calls = 30 if args.quick else 100
     span = 300.0 + calls
     loads = bin_requests(generate("mix", args.rate, span, seed=args.seed, burstiness=args.burstiness,
                                   max_context=args.max_context), span, 1.0)

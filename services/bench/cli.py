@@ -2,10 +2,13 @@
 (metrics, config, harness ceiling, timeline), DIR/requests.jsonl (one line per request) and
 DIR/*.png; `dopd bench sweep` runs it at several rates for DistServe's goodput.
 
-    dopd bench --target ADDR (--workload NAME | --trace FILE) [--rate R] [--burstiness B]
+    dopd bench --target ADDR (--workload NAME | --trace FILE...) [--rate R] [--burstiness B]
                [--duration S] [--seed N] --slo-ttft MS --slo-tpot MS --out DIR
                [--time-scale F] [--max-context N] [--request-timeout S]
     dopd bench sweep ... (--rates R1,R2,... | --min-rate R [--max-rate R]) [--max-runs N]
+
+Traces: JSONL (services/bench/trace.py) or Azure CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`);
+several are merged onto one clock (`read_traces`), as `dopd simulate` does.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="gateway address host:port")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--workload", choices=sorted(WORKLOADS), help="a built-in seeded workload")
-    source.add_argument("--trace", type=Path, help="a JSONL trace (services/bench/trace.py)")
+    source.add_argument("--trace", type=Path, nargs="+",
+                        help="JSONL or Azure CSV trace(s), merged onto one clock")
     p.add_argument("--rate", type=float, help=f"requests/s (workloads: default {DEFAULT_RATE}; traces: rescale "
                                               "the trace's times to this mean rate)")
     p.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape: 1 = Poisson, < 1 burstier")
@@ -68,8 +72,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _requests(args, rate: float | None):
-    from services.bench.trace import read_trace, scale_to_rate
+def build_requests(args, rate: float | None):
+    """The run's requests and its schedule's duration: a seeded workload, or the trace files
+    merged onto one clock (rescaled to `rate` when given, cut at --duration)."""
+    from services.bench.trace import read_traces, scale_to_rate
     from services.bench.workloads import generate
 
     if args.workload:
@@ -77,7 +83,7 @@ def _requests(args, rate: float | None):
         reqs = generate(args.workload, rate=rate or DEFAULT_RATE, duration=duration, seed=args.seed,
                         burstiness=args.burstiness, max_context=args.max_context)
         return reqs, duration
-    reqs = read_trace(args.trace)
+    reqs = read_traces(args.trace)
     if rate is not None:
         reqs = scale_to_rate(reqs, rate)
     if args.duration is not None:
@@ -95,20 +101,25 @@ async def _status(target: str):
         return await gateway_pb2_grpc.GatewayStub(channel).GetStatus(gateway_pb2.GetStatusRequest(), timeout=5.0)
 
 
+def run_config(args, rate: float | None, model: str, duration: float, requests: int) -> dict:
+    """results.json's `config`: what was run (`trace` lists every file, in the order given)."""
+    return {"target": args.target, "model": model, "workload": args.workload,
+            "trace": [str(t) for t in args.trace] if args.trace else None,
+            "rate": rate if rate is not None else (DEFAULT_RATE if args.workload else None),
+            "burstiness": args.burstiness, "duration_s": duration, "seed": args.seed,
+            "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "time_scale": args.time_scale,
+            "max_context": args.max_context, "request_timeout_s": args.request_timeout, "requests": requests}
+
+
 def _run_once(args, rate: float | None, out_dir: Path, model: str) -> dict:
     from services.bench.plots import plot_latency_cdfs, plot_timeline
     from services.bench.report import build_results, load_ceiling
     from services.bench.runner import RunSettings, run_load
 
-    requests, duration = _requests(args, rate)
+    requests, duration = build_requests(args, rate)
     settings = RunSettings(target=args.target, request_timeout=args.request_timeout, time_scale=args.time_scale,
                            seed=args.seed, progress=not args.no_progress)
-    config = {"target": args.target, "model": model, "workload": args.workload,
-              "trace": str(args.trace) if args.trace else None, "rate": rate if rate is not None else (
-                  DEFAULT_RATE if args.workload else None), "burstiness": args.burstiness, "duration_s": duration,
-              "seed": args.seed, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
-              "time_scale": args.time_scale, "max_context": args.max_context,
-              "request_timeout_s": args.request_timeout, "requests": len(requests)}
+    config = run_config(args, rate, model, duration, len(requests))
     outcome = asyncio.run(run_load(requests, settings))
     results = build_results(requests, outcome, config, duration, args.slo_ttft, args.slo_tpot, load_ceiling())
     out_dir.mkdir(parents=True, exist_ok=True)

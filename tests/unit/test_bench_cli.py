@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from services.bench.cli import add_bench_parser, run_bench
+from services.bench.cli import add_bench_parser, build_requests, run_bench, run_config
 from services.launcher import free_port
 
 BASE = ["bench", "--target", "127.0.0.1:1", "--workload", "code", "--slo-ttft", "200", "--slo-tpot", "50"]
@@ -48,3 +48,41 @@ def test_an_unreachable_gateway_is_an_error_not_a_run(tmp_path):
     args.target = f"127.0.0.1:{free_port()}"
     assert run_bench(args) == 1
     assert not (tmp_path / "out").exists()
+
+
+AZURE = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+
+
+def two_traces(tmp_path):
+    """An Azure CSV (starting at 18:00:01) and a JSONL trace, each of two requests."""
+    csv = tmp_path / "code.csv"
+    csv.write_text(AZURE + "2023-11-16 18:00:01.0000000,100,0\n2023-11-16 18:00:03.5000000,300,7\n")
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_text('{"t": 0.5, "prompt_tokens": 20, "output_tokens": 4}\n'
+                     '{"t": 2.0, "prompt_tokens": 40, "output_tokens": 8}\n')
+    return csv, jsonl
+
+
+def test_trace_takes_several_files_and_merges_them_onto_one_clock(tmp_path):
+    csv, jsonl = two_traces(tmp_path)
+    args = parse(["bench", "--target", "127.0.0.1:1", "--trace", str(csv), str(jsonl), "--slo-ttft", "200",
+                  "--slo-tpot", "50", "--out", str(tmp_path / "out")])
+    assert args.trace == [csv, jsonl] and args.workload is None
+    requests, duration = build_requests(args, None)
+    # The CSV's clock starts at its first row; JSONL times are used as they are.
+    assert [(r.t, r.prompt_tokens, r.output_tokens) for r in requests] == [
+        (0.0, 100, 1), (0.5, 20, 4), (2.0, 40, 8), (2.5, 300, 7)]
+    assert duration == 2.5
+    config = run_config(args, None, "m", duration, len(requests))
+    assert config["trace"] == [str(csv), str(jsonl)] and config["requests"] == 4 and config["rate"] is None
+
+
+def test_a_merged_trace_is_rescaled_and_cut_as_one(tmp_path):
+    csv, jsonl = two_traces(tmp_path)
+    args = parse(["bench", "--target", "127.0.0.1:1", "--trace", str(jsonl), str(csv), "--duration", "4",
+                  "--slo-ttft", "200", "--slo-tpot", "50", "--out", str(tmp_path / "out")])
+    requests, duration = build_requests(args, 4.0)  # 4 requests over 2.5 s -> 4 req/s: times x 0.4
+    assert [r.t for r in requests] == pytest.approx([0.0, 0.2, 0.8, 1.0]) and duration == 4.0
+    assert run_config(args, 4.0, "m", duration, len(requests))["trace"] == [str(jsonl), str(csv)]
+    args.duration = 0.5
+    assert [r.prompt_tokens for r in build_requests(args, 4.0)[0]] == [100, 20]
