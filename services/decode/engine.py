@@ -208,11 +208,20 @@ class DecodeEngine:
 
     def moved(self, seq: DecodeSeq, worker_id: str, address: str) -> None:
         """The request now lives on `address`: tell its stream, free it here."""
-        if self.scheduler.seqs.get(seq.request_id) is not seq:
+        rid = seq.request_id
+        if self.scheduler.seqs.get(rid) is not seq:
             return
-        self._emit(seq.request_id, MovedEvent(worker_id, address, len(seq.tokens)))
-        self._queues.pop(seq.request_id, None)  # the stream has its last event; the handler ends
-        self.release(seq.request_id, seq)
+        self._emit(rid, MovedEvent(worker_id, address, len(seq.tokens)))
+        unattached = rid in self._attach_timers
+        queue = self._queues.pop(rid, None)  # the stream has its last event; the handler ends
+        self.release(rid, seq)
+        if unattached and queue is not None:
+            # NOTE: it came here by a migration and moves on before its gateway attached (this
+            # worker switched at once): keep its stream, the tokens made here and then `moved`,
+            # for the attach that is on its way, so the gateway follows it hop by hop.
+            self._queues[rid] = queue
+            self._attach_timers[rid] = asyncio.get_running_loop().call_later(
+                self.kv_timeout_s, self._attach_timed_out, rid)
 
     # -- timers -----------------------------------------------------------------------------
     def _kv_timed_out(self, request_id: str) -> None:

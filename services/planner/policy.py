@@ -22,7 +22,10 @@ Rules, in the order decide() applies them:
      only the emergency change.
   3. Cooldown: no forecast move while a switch is under way (one we issued, or a worker reports
      `switching`), nor within cooldown_s of the last completed switch.
-  4. Forecast move: up to max_switches_per_interval workers toward the target.
+  4. Forecast move: up to max_switches_per_interval workers toward the target; when the role it
+     would grow already has the workers the split's need asks for (only spare capacity would
+     move), the gap must be at least spare_min_diff (in virtual time this cut the churn at low
+     load several times over and helped a prefill-bound trace; docs/results/planner-des).
 
 Which worker: decode -> prefill takes the decode worker with the fewest running + waiting
 requests (least KV to migrate); prefill -> decode the prefill worker with the least queued prefill
@@ -58,6 +61,10 @@ class PolicyConfig:
     emergency_prefill_queue_tokens: int = 8192  # queued prompt tokens per prefill worker
     emergency_kv_usage: float = 0.95  # used / total KV blocks over the decode workers
     min_per_role: int = 1
+    # When the role a forecast move would grow already has the workers its need asks for, the move
+    # only shifts spare capacity: then it waits for a gap of this many workers (noise at low load
+    # otherwise flips workers back and forth).
+    spare_min_diff: int = 3
     pending_timeout_s: float = 300.0  # a change never reported back is forgotten after this
 
     def __post_init__(self) -> None:
@@ -139,6 +146,9 @@ class ReconfigPolicy:
         if self._last_switch_at is not None and now - self._last_switch_at < cfg.cooldown_s:
             return []
         to_role = PREFILL if diff > 0 else DECODE
+        need = target.detail.get(f"{to_role}_need_workers")
+        if need is not None and count[to_role] >= need and abs(diff) < cfg.spare_min_diff:
+            return []  # only spare capacity would move: not worth the churn unless the gap is large
         donor = _other(to_role)
         room = max(0, serving[donor] - cfg.min_per_role)
         chosen = self._pick(ws, role, movable, donor)[:min(abs(diff), cfg.max_switches_per_interval, room)]

@@ -213,3 +213,23 @@ async def test_attach_unknown_is_unavailable_and_an_unattached_adoption_is_dropp
         assert_decode_empty(engine)
         with pytest.raises(Unavailable):
             engine.attach("m")
+
+
+async def test_a_request_that_moves_on_before_its_gateway_attached_keeps_its_stream_for_the_attach():
+    """A worker that adopted a request and switches away before the gateway attached (it moves
+    the request on at once): the attach still finds the stream, which ends with `moved`."""
+    async with running_decode(kv_timeout_s=5.0) as engine:
+        seq = engine.adopt("hop", len(PROMPT), SamplingParams(max_tokens=8))
+        engine.kv_complete_migrated("hop", [101, 102])
+        paused = await engine.pause("hop")
+        assert paused is seq
+        engine.moved(seq, "next", "next-address")
+        assert engine.scheduler.pool.num_used == 0  # the blocks went back at once
+        queue, current = engine.attach("hop")
+        assert current is None
+        events = []
+        while not queue.empty():
+            events.append(queue.get_nowait())
+        assert isinstance(events[-1], MovedEvent) and events[-1].next_index == len(seq.tokens)
+        engine.release("hop")
+        assert_decode_empty(engine)

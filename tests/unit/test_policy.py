@@ -40,6 +40,19 @@ def test_config_is_validated():
 
 # -- hysteresis -----------------------------------------------------------------------------------
 
+def test_spare_capacity_moves_only_across_a_large_gap():
+    """When the role a move would grow already has the workers its need asks for, only a gap of
+    spare_min_diff or more moves anyone; a role short of its need moves at a gap of one."""
+    ws = [P("a"), D("b"), D("c"), D("d"), D("e"), D("f")]
+    spare = {"prefill_need_workers": 1, "decode_need_workers": 1}
+    p = pol(spare_min_diff=3, max_switches_per_interval=5)
+    assert p.decide(0.0, ws, Split(3, 3, detail=spare)) == []  # +2 prefill of spare only: stay
+    assert len(p.decide(10.0, ws, Split(4, 2, detail=spare))) == 3  # +3: the gap is large enough
+    short = {"prefill_need_workers": 2, "decode_need_workers": 1}
+    assert ids(pol(spare_min_diff=3).decide(0.0, ws, Split(2, 4, detail=short))) == [("b", PREFILL)]
+
+
+
 def test_target_must_persist():
     p = pol(persist_intervals=3)
     ws = [P("a"), D("b", running=5), D("c", running=1), D("d", running=3)]
