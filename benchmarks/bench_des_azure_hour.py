@@ -72,7 +72,7 @@ def load(paths, rate: float | None, duration: float | None):
 def config(mode: str, split: tuple[int, int] | None) -> SimConfig:
     profile = load_profile(PROFILE)
     return SimConfig(profile=profile, workers=WORKERS, mode=mode, split=split,
-                     link_gbps=default_link_gbps(PROFILE, profile), slo_ttft_s=SLO_TTFT_MS / 1e3,
+                     link_gbps=default_link_gbps(profile), slo_ttft_s=SLO_TTFT_MS / 1e3,
                      slo_tpot_s=SLO_TPOT_MS / 1e3, **POOL)
 
 

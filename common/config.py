@@ -57,8 +57,8 @@ class PlannerSettings(_Base):
     prefill_token_budget: int = 512
     # Reconfiguration policy (services/planner/policy.py), in profile seconds. A switch in place takes
     # milliseconds to about a second, so a short cooldown and two moves an interval: in virtual time on
-    # phase-shift (16 H100s, docs/results/planner-des) they raised attainment from 98.5% to 99.8%
-    # against 5 s and one move.
+    # phase-shift (16 H100s, benchmarks/bench_policy.py) 99.7% attainment against 96.2% with 5 s and
+    # one move.
     cooldown_s: float = 2.0
     persist_intervals: int = 2
     max_switches_per_interval: int = 2

@@ -11,7 +11,8 @@ File format (JSON):
                 "vocab_size": 128256, "max_context": 8192},
       "prefill": {"tokens": [128, 512, ...], "seconds": [0.01, 0.03, ...]},
       "decode": {"batch": [1, 8, ...], "context": [128, 1024, ...],
-                 "seconds": [[...per context...] per batch]}
+                 "seconds": [[...per context...] per batch]},
+      "link_gbps": 400   (optional: one worker's KV link, for the virtual-time simulator)
     }
 
 `prefill.seconds[i]` is the time of one forward over `tokens[i]` prompt tokens in total (a batch
@@ -65,6 +66,9 @@ class LatencyProfile:
     decode_context: tuple[float, ...]
     decode_seconds: tuple[tuple[float, ...], ...]
     description: str = ""
+    # The KV link one worker of this hardware has, Gb/s (optional; the virtual-time simulator's
+    # default link, services/simulate/hardware.py).
+    link_gbps: float | None = None
 
     def prefill_time(self, total_tokens: int) -> float:
         return _interp(list(self.prefill_tokens), list(self.prefill_seconds), total_tokens)
@@ -80,6 +84,7 @@ class LatencyProfile:
             prefill, decode = doc["prefill"], doc["decode"]
             profile = cls(
                 name=doc["name"], model=model, description=doc.get("description", ""),
+                link_gbps=float(doc["link_gbps"]) if doc.get("link_gbps") is not None else None,
                 prefill_tokens=tuple(prefill["tokens"]), prefill_seconds=tuple(prefill["seconds"]),
                 decode_batch=tuple(decode["batch"]), decode_context=tuple(decode["context"]),
                 decode_seconds=tuple(tuple(row) for row in decode["seconds"]))
@@ -89,6 +94,8 @@ class LatencyProfile:
         return profile
 
     def _check(self) -> None:
+        if self.link_gbps is not None and not self.link_gbps > 0:
+            raise ValueError(f"profile {self.name}: link_gbps must be > 0, got {self.link_gbps}")
         for label, xs in (("prefill.tokens", self.prefill_tokens), ("decode.batch", self.decode_batch),
                           ("decode.context", self.decode_context)):
             if not xs or list(xs) != sorted(set(xs)):

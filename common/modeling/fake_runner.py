@@ -2,8 +2,9 @@
 KV movement. Model name "fake:" (anything after the colon is ignored).
 
 It keeps a real paged pool (a tiny layout) and its tokens depend on the KV bytes: prefill writes
-each position's K/V as a function of (token, position); every decode step reads the K of every
-position of the request back out of its blocks and folds them into the next token. So a request
+each position's K/V as a function of (token, position, layer); every decode step reads the K and
+V of every layer at every position of the request back out of its blocks and folds them into the
+next token. So a request
 whose KV was lost, misplaced or moved wrongly produces other tokens than an undisturbed run, and
 a test that compares outputs checks the KV too.
 """

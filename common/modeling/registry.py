@@ -34,8 +34,7 @@ class RunnerSpec:
     @property
     def model_arg(self) -> str:
         """The model name without its engine prefix."""
-        prefix = self.engine + ":"
-        return self.model.removeprefix(prefix) if self.model.startswith(prefix) else self.model
+        return self.model.removeprefix(self.engine + ":")
 
 
 @dataclass

@@ -145,7 +145,11 @@ def _azure_rows(lines: Iterable[str], source: str) -> list[tuple[datetime, int, 
 def parse_azure_csv(lines: Iterable[str], source: str = "<csv>", origin: datetime | None = None) -> list[BenchRequest]:
     """An Azure trace's rows as requests, `t` in seconds from `origin` (default: the first row's
     time; rows before `origin` raise)."""
-    rows = _azure_rows(lines, source)
+    return _azure_requests(_azure_rows(lines, source), source, origin)
+
+
+def _azure_requests(rows: list[tuple[datetime, int, int]], source: str,
+                    origin: datetime | None) -> list[BenchRequest]:
     if not rows:
         return []
     start = origin if origin is not None else min(r[0] for r in rows)
@@ -158,15 +162,13 @@ def parse_azure_csv(lines: Iterable[str], source: str = "<csv>", origin: datetim
     return sorted(out, key=lambda r: r.t)
 
 
-def azure_first_time(path: str | Path) -> datetime | None:
+def _read_azure_rows(path: str | Path) -> list[tuple[datetime, int, int]]:
     with open(path, encoding="utf-8", newline="") as f:
-        rows = _azure_rows(f, str(path))
-    return min((r[0] for r in rows), default=None)
+        return _azure_rows(f, str(path))
 
 
 def read_azure_csv(path: str | Path, origin: datetime | None = None) -> list[BenchRequest]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return parse_azure_csv(f, str(path), origin)
+    return _azure_requests(_read_azure_rows(path), str(path), origin)
 
 
 def merge_traces(traces: Sequence[Sequence[BenchRequest]]) -> list[BenchRequest]:
@@ -179,8 +181,8 @@ def merge_traces(traces: Sequence[Sequence[BenchRequest]]) -> list[BenchRequest]
 def read_traces(paths: Sequence[str | Path]) -> list[BenchRequest]:
     """JSONL and Azure CSV traces (by suffix `.csv`) merged onto one clock. The CSVs share one
     origin, the earliest first timestamp among them; JSONL times are used as they are."""
-    csvs = [p for p in paths if str(p).lower().endswith(".csv")]
-    firsts = [t for t in (azure_first_time(p) for p in csvs) if t is not None]
-    origin = min(firsts, default=None)
-    return merge_traces([read_azure_csv(p, origin) if str(p).lower().endswith(".csv") else read_trace(p)
+    # Each CSV is read once: its rows give both the common origin and its requests.
+    rows = {str(p): _read_azure_rows(p) for p in paths if str(p).lower().endswith(".csv")}
+    origin = min((r[0] for rs in rows.values() for r in rs), default=None)
+    return merge_traces([_azure_requests(rows[str(p)], str(p), origin) if str(p) in rows else read_trace(p)
                          for p in paths])

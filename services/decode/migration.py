@@ -80,11 +80,10 @@ class Migrator:
                 await self._move(seq, target, result)
                 target.free_blocks -= blocks
                 break
-            except (Refused, ResourceExhausted) as exc:
-                errors.append(f"{target.worker_id}: {exc}")
             except ServiceError as exc:
                 errors.append(f"{target.worker_id}: {exc}")
-                log.warning("moving %s to %s failed: %s", seq.request_id, target.worker_id, exc)
+                if not isinstance(exc, Refused | ResourceExhausted):  # no room there is no failure
+                    log.warning("moving %s to %s failed: %s", seq.request_id, target.worker_id, exc)
             if result.ended_here:
                 break
         else:

@@ -75,7 +75,6 @@ class RequestCore:
         self.outstanding_prefill_tokens: Tally[str] = Tally()
         self.outstanding_decode: Tally[str] = Tally()
         self.running = 0
-        self.migrations_followed = 0
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
         remaining = lambda: max(0.001, req.deadline - time.monotonic())  # noqa: E731
@@ -124,7 +123,6 @@ class RequestCore:
                     decode_worker = WorkerView(event.worker_id, event.address, 0, 0)
                     self._count_decode(decode_worker, +1)
                     stream = await self.backend.attach_decode(event, req.worker_request_id, remaining())
-                    self.migrations_followed += 1
             if detok.stopped:
                 finish = "stop"
             done = time.perf_counter()

@@ -1,25 +1,16 @@
 """What the gateway saw since its last load report to the planner. Pure: the caller passes the
-clock and ships the interval (services/gateway/server.py reports it every interval)."""
+clock and ships the interval (services/gateway/server.py reports it every interval; the
+virtual-time simulator hands it to the planner's core directly)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.planner.load import IntervalLoad
+
 # An interval at thousands of requests per second still makes a report of a few hundred KiB at
 # most: beyond this many samples per list, later ones are dropped (the counts stay exact).
 MAX_SAMPLES = 20_000
-
-
-@dataclass
-class LoadInterval:
-    start: float
-    duration: float
-    arrivals: int
-    prompt_lens: list[int]
-    output_lens: list[int]
-    rejected: int
-    ttft: list[float]
-    tpot: list[float]
 
 
 @dataclass
@@ -49,10 +40,10 @@ class LoadRecorder:
         if len(self._tpot) < MAX_SAMPLES:
             self._tpot.append(tpot_s)
 
-    def take(self, now: float) -> LoadInterval:
+    def take(self, now: float) -> IntervalLoad:
         """The interval [start, now), and a fresh one from now."""
-        out = LoadInterval(self.start, max(0.0, now - self.start), self._arrivals, self._prompt_lens,
-                           self._output_lens, self._rejected, self._ttft, self._tpot)
+        out = IntervalLoad(self.start, max(0.0, now - self.start), self._arrivals, tuple(self._prompt_lens),
+                           tuple(self._output_lens), self._rejected, tuple(self._ttft), tuple(self._tpot))
         self.start, self._arrivals, self._rejected = now, 0, 0
         self._prompt_lens, self._output_lens, self._ttft, self._tpot = [], [], [], []
         return out

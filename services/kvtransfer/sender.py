@@ -83,7 +83,7 @@ class KVSender:
             self._queue.put_nowait((None, message))
 
     def finish(self, first_token_id: int) -> None:
-        self._queue.put_nowait((_END, wire.end_message(first_token_id)))
+        self.finish_with(wire.end_message(first_token_id))
 
     def finish_with(self, end: worker_pb2.KVPush) -> None:
         self._queue.put_nowait((_END, end))
@@ -94,14 +94,12 @@ class KVSender:
     async def wait(self) -> int:
         """Wait until the receiver acknowledged the whole transfer; return its byte count."""
         try:
-            reply = await self.call
+            return await self.wait_raw()
         except grpc.aio.AioRpcError as exc:
             # Whatever the receiver said, to our caller it is a failed hand-off, not its input.
             kind = DeadlineExceeded if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else Unavailable
             raise kind(f"KV push to {self.address or 'the decode worker'} failed: "
                        f"{exc.code().name}: {exc.details()}") from None
-        self.done_at = time.perf_counter()
-        return reply.bytes_received
 
     async def wait_raw(self) -> int:
         """As wait(), but a failure stays the receiver's own status (migration tells refusals apart)."""

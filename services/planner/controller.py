@@ -23,7 +23,7 @@ from common.pb import common_pb2, planner_pb2, worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
 from common.types import Role
 from services.planner import metrics
-from services.planner.core import Decision, PlannerCore, merge_reports
+from services.planner.core import HISTORY_KEPT, Decision, PlannerCore, merge_reports
 from services.planner.history import LoadHistory
 from services.planner.load import IntervalLoad, WorkerLoad
 from services.planner.policy import RoleChange
@@ -95,7 +95,7 @@ class PlannerController:
         self._interval_start = wall
         workers = [worker_load(w) for w in self.registry.live(time.monotonic())]
         self.intervals.append(interval)
-        del self.intervals[:-10_000]
+        del self.intervals[:-HISTORY_KEPT]
         metrics.OBSERVED_RATE.set(interval.rate)
         doc = {"interval": interval.to_dict(), "workers": [w.__dict__ for w in workers]}
         if self.core is not None:

@@ -24,6 +24,9 @@ from services.planner.split import compute_split
 # The history a prediction sees: enough for ARIMA's window and more, bounded so a decision's cost
 # does not grow with the planner's age.
 PREDICT_WINDOW = 300
+# Intervals a planner keeps in memory (status and restarts read them; a decision only the last
+# PREDICT_WINDOW).
+HISTORY_KEPT = 10_000
 
 
 @dataclass(frozen=True)

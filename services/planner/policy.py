@@ -24,8 +24,9 @@ Rules, in the order decide() applies them:
      `switching`), nor within cooldown_s of the last completed switch.
   4. Forecast move: up to max_switches_per_interval workers toward the target; when the role it
      would grow already has the workers the split's need asks for (only spare capacity would
-     move), the gap must be at least spare_min_diff (in virtual time this cut the churn at low
-     load several times over and helped a prefill-bound trace; docs/results/planner-des).
+     move), the gap must be at least spare_min_diff (in virtual time, benchmarks/bench_policy.py:
+     10 switches instead of 77 in a quiet 600 s of the Azure conv trace, 76.6% instead of 61.3% on
+     a prefill-bound Azure mix, 99.7% instead of 99.8% on phase-shift).
 
 Which worker: decode -> prefill takes the decode worker with the fewest running + waiting
 requests (least KV to migrate); prefill -> decode the prefill worker with the least queued prefill
@@ -66,6 +67,15 @@ class PolicyConfig:
     # otherwise flips workers back and forth).
     spare_min_diff: int = 3
     pending_timeout_s: float = 300.0  # a change never reported back is forgotten after this
+
+    @classmethod
+    def from_settings(cls, settings) -> PolicyConfig:
+        """The policy a planner runs, from PlannerSettings (common/config.py) or any object with
+        its field names: the service and the virtual-time simulator build it here alike."""
+        return cls(cooldown_s=settings.cooldown_s, persist_intervals=settings.persist_intervals,
+                   max_switches_per_interval=settings.max_switches_per_interval,
+                   emergency_prefill_queue_tokens=settings.emergency_prefill_queue_tokens,
+                   emergency_kv_usage=settings.emergency_kv_usage)
 
     def __post_init__(self) -> None:
         if self.cooldown_s < 0 or self.pending_timeout_s <= 0:

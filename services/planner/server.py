@@ -9,6 +9,7 @@ resumes from what Redis holds.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -49,11 +50,7 @@ def profile_name(settings: PlannerSettings) -> str:
 def build_core(settings: PlannerSettings, kv_blocks: int, block_size: int) -> PlannerCore | None:
     if settings.planner_mode == "off":
         return None
-    policy = ReconfigPolicy(PolicyConfig(
-        cooldown_s=settings.cooldown_s, persist_intervals=settings.persist_intervals,
-        max_switches_per_interval=settings.max_switches_per_interval,
-        emergency_prefill_queue_tokens=settings.emergency_prefill_queue_tokens,
-        emergency_kv_usage=settings.emergency_kv_usage))
+    policy = ReconfigPolicy(PolicyConfig.from_settings(settings))
     return PlannerCore(
         predictor=make_predictor(settings.predictor), profile=load_profile(profile_name(settings)),
         slo=SLO(settings.slo_ttft_ms / 1e3, settings.slo_tpot_ms / 1e3),
@@ -134,8 +131,6 @@ class PlannerServicer(planner_pb2_grpc.PlannerServicer):
 
 
 async def main() -> None:
-    import asyncio
-
     settings = PlannerSettings()
     make_predictor(settings.predictor)  # fail at start on a bad name
     load_profile(profile_name(settings))

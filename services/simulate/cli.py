@@ -75,21 +75,10 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def build_requests(args):
-    """The run's requests and its schedule's duration, as `dopd bench` builds them."""
-    from services.bench.cli import DEFAULT_DURATION, DEFAULT_RATE
-    from services.bench.trace import read_traces, scale_to_rate
-    from services.bench.workloads import generate
+    """The run's requests and its schedule's duration, exactly as `dopd bench` builds them."""
+    from services.bench.cli import build_requests as bench_requests
 
-    if args.workload:
-        duration = args.duration if args.duration is not None else DEFAULT_DURATION
-        return generate(args.workload, rate=args.rate or DEFAULT_RATE, duration=duration, seed=args.seed,
-                        burstiness=args.burstiness, max_context=args.max_context), duration
-    reqs = read_traces(args.trace)
-    if args.rate is not None:
-        reqs = scale_to_rate(reqs, args.rate)
-    if args.duration is not None:
-        reqs = [r for r in reqs if r.t < args.duration]
-    return reqs, args.duration if args.duration is not None else max((r.t for r in reqs), default=0.0)
+    return bench_requests(args, args.rate)
 
 
 def config_from_args(args):
@@ -102,7 +91,7 @@ def config_from_args(args):
     profile = load_profile(args.profile)
     return SimConfig(
         profile=profile, workers=args.workers, mode=args.mode, split=args.split,
-        link_gbps=args.link_gbps if args.link_gbps is not None else default_link_gbps(args.profile, profile),
+        link_gbps=args.link_gbps if args.link_gbps is not None else default_link_gbps(profile),
         kv_blocks=args.kv_blocks, block_size=args.block_size, max_batch_size=args.max_batch_size,
         prefill_token_budget=args.prefill_token_budget, request_timeout_s=args.request_timeout,
         interval_s=args.interval, sample_interval_s=args.sample_interval, slo_ttft_s=args.slo_ttft / 1e3,

@@ -1,9 +1,9 @@
 """What the simulator takes from the hardware besides the latency profile: the link that KV
 crosses, and a faster way to ask the profile for a decode step's time. Pure.
 
-Link bandwidth (`--link-gbps`), in this order: a top-level `"link_gbps"` in the profile's JSON
-file; the table LINK_GBPS by profile name; 8 Gb/s for a profile whose name says `cpu`; else
-400 Gb/s (one H100-class GPU's RDMA NIC, e.g. ConnectX-7 NDR).
+Link bandwidth (`--link-gbps`), in this order: the profile's own `link_gbps` (common/profile.py);
+the table LINK_GBPS by profile name; 8 Gb/s for a profile whose name says `cpu`; else 400 Gb/s
+(one H100-class GPU's RDMA NIC, e.g. ConnectX-7 NDR).
 
 Each worker has one outgoing link, a FIFO: a transfer starts when the previous one has left.
 Incoming links, switches and per-message latencies are not modelled.
@@ -12,10 +12,8 @@ Incoming links, switches and per-message latencies are not modelled.
 from __future__ import annotations
 
 import bisect
-import json
-from pathlib import Path
 
-from common.profile import PROFILE_DIR, LatencyProfile
+from common.profile import LatencyProfile
 
 DEFAULT_GPU_LINK_GBPS = 400.0
 DEFAULT_CPU_LINK_GBPS = 8.0
@@ -26,17 +24,10 @@ LINK_GBPS = {
 }
 
 
-def default_link_gbps(profile_arg: str, profile: LatencyProfile) -> float:
-    """The link bandwidth for a profile given by name or path (see the module docstring)."""
-    path = Path(profile_arg)
-    if not path.suffix:
-        path = PROFILE_DIR / f"{profile_arg}.json"
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        doc = {}
-    if isinstance(doc, dict) and isinstance(doc.get("link_gbps"), int | float) and doc["link_gbps"] > 0:
-        return float(doc["link_gbps"])
+def default_link_gbps(profile: LatencyProfile) -> float:
+    """The link bandwidth for a profile (see the module docstring)."""
+    if profile.link_gbps is not None:
+        return profile.link_gbps
     if profile.name in LINK_GBPS:
         return LINK_GBPS[profile.name]
     return DEFAULT_CPU_LINK_GBPS if "cpu" in profile.name.lower() else DEFAULT_GPU_LINK_GBPS

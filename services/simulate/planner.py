@@ -8,13 +8,11 @@ the core (observe_switch), as the controller reports a SetRole's.
 from __future__ import annotations
 
 from common.types import Role
-from services.planner.core import PlannerCore
+from services.planner.core import HISTORY_KEPT, PlannerCore
 from services.planner.load import IntervalLoad
 from services.planner.policy import RoleChange
 from services.simulate.cluster import Cluster
 from services.simulate.switching import Switch
-
-HISTORY_KEPT = 10_000  # as the controller: decide() reads only the last PREDICT_WINDOW
 
 
 class PlannerDriver:
@@ -31,10 +29,7 @@ class PlannerDriver:
     def tick(self) -> None:
         c = self.cluster
         now = c.loop.now
-        li = c.recorder.take(now)
-        self.intervals.append(IntervalLoad(
-            start=li.start, duration=li.duration, arrivals=li.arrivals, prompt_lens=tuple(li.prompt_lens),
-            output_lens=tuple(li.output_lens), rejected=li.rejected, ttft=tuple(li.ttft), tpot=tuple(li.tpot)))
+        self.intervals.append(c.recorder.take(now))
         del self.intervals[:-HISTORY_KEPT]
         decision = self.core.decide(now, self.intervals, [w.load() for w in c.workers])
         self.decision_seconds += decision.seconds

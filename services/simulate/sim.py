@@ -34,12 +34,7 @@ def setting(cls, name: str):
 
 def default_policy() -> PolicyConfig:
     """The policy `dopd up` runs (PlannerSettings' defaults, as services/planner/server.build_core)."""
-    return PolicyConfig(
-        cooldown_s=setting(PlannerSettings, "cooldown_s"),
-        persist_intervals=setting(PlannerSettings, "persist_intervals"),
-        max_switches_per_interval=setting(PlannerSettings, "max_switches_per_interval"),
-        emergency_prefill_queue_tokens=setting(PlannerSettings, "emergency_prefill_queue_tokens"),
-        emergency_kv_usage=setting(PlannerSettings, "emergency_kv_usage"))
+    return PolicyConfig.from_settings(PlannerSettings.model_construct())  # declared defaults, no environment
 
 
 def default_split(workers: int) -> tuple[int, int]:

@@ -111,12 +111,10 @@ async def _empty_decode(rt, targets: list[Target], result: SwitchResult) -> None
     await asyncio.gather(*started.values(), return_exceptions=True)  # a move ends just after its request leaves
     result.moves = [_outcome(rid, t) for rid, t in started.items()]
     result.drained_requests = len(stuck)
+    result.migration_seconds = time.perf_counter() - t0
     if stuck:
         result.note = f"{len(stuck)} request(s) found no decode worker with room and finished here"
-    elapsed = time.perf_counter() - t0
-    if stuck:
-        result.drain_seconds = elapsed
-    result.migration_seconds = elapsed
+        result.drain_seconds = result.migration_seconds
 
 
 def _outcome(request_id: str, task: asyncio.Task) -> MoveResult:

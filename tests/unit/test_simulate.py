@@ -84,8 +84,8 @@ def test_step_timer_is_the_profiles_decode_step_time():
 
 
 def test_link_defaults_and_fifo():
-    assert default_link_gbps("llama3-8b-h100", load_profile("llama3-8b-h100")) == 400.0
-    assert default_link_gbps("smollm2-cpu2", load_profile("smollm2-cpu2")) == 8.0
+    assert default_link_gbps(load_profile("llama3-8b-h100")) == 400.0
+    assert default_link_gbps(load_profile("smollm2-cpu2")) == 8.0
     link = Link(8e-6)  # 1,000 bytes/s
     assert link.send(0.0, 1000) == pytest.approx(1.0)
     assert link.send(0.5, 500) == pytest.approx(1.5)  # queued behind the first
