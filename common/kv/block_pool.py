@@ -8,8 +8,6 @@ corrupted KV.
 
 from __future__ import annotations
 
-from collections import deque
-
 
 def kv_tokens_for(prompt_len: int, max_tokens: int) -> int:
     """KV a request needs at most: its prompt and every completion token but the last (whose
@@ -27,7 +25,9 @@ class BlockPool:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        # A stack: the block freed last is lent first. Its memory is resident and warm (a CPU pool
+        # is allocated lazily, and first-touching a page costs ~3 ms/MB on these machines).
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._used: set[int] = set()
 
     @property
@@ -45,12 +45,12 @@ class BlockPool:
     def allocate(self, num_blocks: int) -> list[int]:
         if num_blocks > len(self._free):
             raise OutOfBlocks(f"need {num_blocks} KV blocks, {len(self._free)} of {self.num_blocks} free")
-        blocks = [self._free.popleft() for _ in range(num_blocks)]
+        blocks = [self._free.pop() for _ in range(num_blocks)]
         self._used.update(blocks)
         return blocks
 
     def free(self, blocks: list[int]) -> None:
-        for block in blocks:
+        for block in reversed(blocks):  # the next request gets them in the same order
             if block not in self._used:
                 raise ValueError(f"block {block} freed but not in use")
             self._used.remove(block)

@@ -30,11 +30,11 @@ class PagedKVStore:
         self.block_size = block_size
         self.null_block = num_blocks
         shape = (layout.num_layers, num_blocks + 1, block_size, layout.num_kv_heads, layout.head_dim)
-        # torch.empty: pages are only touched (and made resident) as blocks are written.
-        self.k = torch.empty(shape, dtype=layout.dtype, device=device)
-        self.v = torch.empty(shape, dtype=layout.dtype, device=device)
-        self.k[:, self.null_block] = 0
-        self.v[:, self.null_block] = 0
+        # Zeroed, so that every page is resident from the start (a GPU engine allocates its pool
+        # up front too): a CPU pool left to fault its pages in as blocks are first written costs
+        # ~3 ms/MB on these machines, which made a migration's writes 10x slower than the copy.
+        self.k = torch.zeros(shape, dtype=layout.dtype, device=device)
+        self.v = torch.zeros(shape, dtype=layout.dtype, device=device)
 
     @property
     def null_slot(self) -> int:

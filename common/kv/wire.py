@@ -142,12 +142,13 @@ def parse_chunk(chunk: pb.KVPush.Chunk, layout: KVLayout, num_tokens: int) -> KV
     shape = (chunk.layer_end - chunk.layer_start, 2, chunk.token_end - chunk.token_start,
              layout.num_kv_heads, layout.head_dim)
     expected = shape[0] * shape[2] * layout.bytes_per_token_layer
-    if len(chunk.data) != expected:
-        raise WireError(f"KV chunk of shape {list(shape)} must hold {expected} bytes, got {len(chunk.data)}")
+    data = chunk.data  # each read of a bytes field makes a new copy of it: read it once
+    if len(data) != expected:
+        raise WireError(f"KV chunk of shape {list(shape)} must hold {expected} bytes, got {len(data)}")
     with warnings.catch_warnings():
         # The protobuf bytes are read-only; the tensor is only read (copied into the pool).
         warnings.simplefilter("ignore", UserWarning)
-        kv = torch.frombuffer(chunk.data, dtype=torch.uint8).view(layout.dtype).view(shape)
+        kv = torch.frombuffer(data, dtype=torch.uint8).view(layout.dtype).view(shape)
     return KVChunk(chunk.layer_start, chunk.layer_end, chunk.token_start, chunk.token_end, kv)
 
 

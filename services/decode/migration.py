@@ -32,11 +32,12 @@ from common.rpc.errors import domain_error
 from services.decode.engine import DecodeEngine
 from services.decode.migration_plan import PRECOPY_ROUNDS
 from services.decode.scheduler import DecodeSeq
-from services.kvtransfer.reader import read_kv
+from services.kvtransfer.reader import chunk_ranges, read_kv
 from services.kvtransfer.sender import KVSender
 from services.worker import metrics
 
 log = logging.getLogger(__name__)
+READ_BATCH = 2  # wire chunks read ahead of gRPC per migrating request
 
 
 @dataclass
@@ -99,6 +100,17 @@ class Migrator:
             metrics.KV_MIGRATED_BYTES.inc(result.bytes)
         return result
 
+    async def _push(self, sender: KVSender, seq: DecodeSeq, start: int, end: int) -> None:
+        """Read positions [start, end) a few chunks at a time, each batch read only once gRPC has
+        taken the one before. A migration thus holds a few MB, not a request's whole KV: freed
+        buffers are reused at once, where fresh ones would fault their pages in (~3 ms/MB on these
+        machines, more than the copy itself)."""
+        ranges = chunk_ranges(self.engine.runner.store.layout, start, end, self.chunk_max_bytes)
+        for i in range(0, len(ranges), READ_BATCH):
+            sender.put_messages(await read_kv(self.engine.runner.store, seq.block_table, ranges[i:i + READ_BATCH],
+                                              self.kv_executor))
+            await sender.sent()
+
     def _alive(self, seq: DecodeSeq) -> bool:
         return self.engine.scheduler.seqs.get(seq.request_id) is seq
 
@@ -119,10 +131,8 @@ class Migrator:
                 end = seq.next_position
                 if end <= copied or not self._alive(seq):
                     break
-                sender.put_messages(await read_kv(store, seq.block_table, copied, end, self.chunk_max_bytes,
-                                                  self.kv_executor))
+                await self._push(sender, seq, copied, end)
                 copied = end
-                await sender.sent()
             if not self._alive(seq) or await engine.pause(seq.request_id) is None:
                 result.ended_here = True
                 sender.cancel()
@@ -130,8 +140,7 @@ class Migrator:
             paused = True
             paused_at = time.perf_counter()
             end = seq.next_position
-            sender.put_messages(await read_kv(store, seq.block_table, copied, end, self.chunk_max_bytes,
-                                              self.kv_executor))
+            await self._push(sender, seq, copied, end)
             if not self._alive(seq):  # cancelled by its client while paused
                 result.ended_here = True
                 sender.cancel()

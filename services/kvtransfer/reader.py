@@ -16,9 +16,10 @@ from common.kv.wire import KVChunk, KVLayout
 from common.modeling.base import KVStore
 from common.pb import worker_pb2
 
+ChunkRange = tuple[int, int, int, int]  # (layer_start, layer_end, token_start, token_end)
 
-def chunk_ranges(layout: KVLayout, token_start: int, token_end: int,
-                 max_bytes: int) -> list[tuple[int, int, int, int]]:
+
+def chunk_ranges(layout: KVLayout, token_start: int, token_end: int, max_bytes: int) -> list[ChunkRange]:
     """(layer_start, layer_end, token_start, token_end) pieces covering the range, each at most
     `max_bytes` (at least one token of one layer): whole layer groups when a layer's slice fits,
     otherwise one layer split by tokens."""
@@ -34,17 +35,16 @@ def chunk_ranges(layout: KVLayout, token_start: int, token_end: int,
             for layer in range(layout.num_layers) for t in range(token_start, token_end, tokens)]
 
 
-def read_messages(store: KVStore, block_table: list[int], token_start: int, token_end: int,
-                  max_bytes: int) -> list[worker_pb2.KVPush]:
-    """Blocking: KV positions [token_start, token_end) of a request, as PushKV chunk messages."""
+def read_messages(store: KVStore, block_table: list[int], ranges: list[ChunkRange]) -> list[worker_pb2.KVPush]:
+    """Blocking: the KV of a request at these `chunk_ranges` pieces, as PushKV chunk messages."""
     out = []
-    for layer_start, layer_end, t0, t1 in chunk_ranges(store.layout, token_start, token_end, max_bytes):
+    for layer_start, layer_end, t0, t1 in ranges:
         kv = store.read_chunk(layer_start, layer_end, store.slots(block_table, t0, t1))
         out.append(wire.chunk_message(KVChunk(layer_start, layer_end, t0, t1, kv)))
     return out
 
 
-async def read_kv(store: KVStore, block_table: list[int], token_start: int, token_end: int, max_bytes: int,
+async def read_kv(store: KVStore, block_table: list[int], ranges: list[ChunkRange],
                   executor: Executor) -> list[worker_pb2.KVPush]:
     return await asyncio.get_running_loop().run_in_executor(
-        executor, read_messages, store, list(block_table), token_start, token_end, max_bytes)
+        executor, read_messages, store, list(block_table), ranges)

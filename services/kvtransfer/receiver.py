@@ -58,8 +58,8 @@ async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeE
                 chunk = wire.parse_chunk(message.chunk, layout, num_tokens)
                 engine.write_kv(seq, chunk)
                 written[chunk.layer_start:chunk.layer_end, chunk.token_start:chunk.token_end] = True
-                received += len(message.chunk.data)
-                metrics.KV_TRANSFER_BYTES.labels("received").inc(len(message.chunk.data))
+                received += chunk.kv.nbytes
+                metrics.KV_TRANSFER_BYTES.labels("received").inc(chunk.kv.nbytes)
             elif part == "end":
                 _complete(message.end, seq, engine, written, vocab_size, adopting)
                 return received

@@ -125,20 +125,22 @@ class KVSender:
             try:
                 if layer is _END:
                     for chunk in self._builder.flush():
-                        yield _counted(wire.chunk_message(chunk))
+                        yield self._counted(wire.chunk_message(chunk))
                     yield rest[0]
                     return
                 if layer is None:
-                    yield _counted(rest[0])
+                    yield self._counted(rest[0])
                     continue
                 k, v = rest
                 kv = torch.stack([k, v]).transpose(1, 2)  # [2, tokens, heads, head_dim]
                 for chunk in self._builder.add_layer(layer, kv):
-                    yield _counted(wire.chunk_message(chunk))
+                    yield self._counted(wire.chunk_message(chunk))
             finally:
                 self._queue.task_done()
 
-
-def _counted(message: worker_pb2.KVPush) -> worker_pb2.KVPush:
-    metrics.KV_TRANSFER_BYTES.labels("sent").inc(len(message.chunk.data))
-    return message
+    def _counted(self, message: worker_pb2.KVPush) -> worker_pb2.KVPush:
+        # Sized from its ranges: reading `chunk.data` would copy the bytes.
+        part, layout = message.chunk, self._builder.layout
+        layers, tokens = part.layer_end - part.layer_start, part.token_end - part.token_start
+        metrics.KV_TRANSFER_BYTES.labels("sent").inc(layers * tokens * layout.bytes_per_token_layer)
+        return message

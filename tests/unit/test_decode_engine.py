@@ -17,7 +17,7 @@ from common.kv.block_pool import kv_tokens_for
 from common.types import SamplingParams
 from services.decode.engine import DecodeEngine, ErrorEvent, FinishedEvent, MovedEvent, TokensEvent
 from services.decode.scheduler import Finish, SeqState
-from services.kvtransfer.reader import read_messages
+from services.kvtransfer.reader import chunk_ranges, read_messages
 from tests.unit.inproc_kv import assert_decode_empty, push_prompt, running_decode, write_messages
 
 PROMPT = [1000 + 37 * i for i in range(11)]
@@ -174,11 +174,12 @@ async def test_migration_between_engines_continues_the_same_completion():
         seq = await a.pause("r")
         assert seq is not None and seq.state is SeqState.PAUSED
 
-        messages = read_messages(a.runner.store, seq.block_table, 0, seq.next_position, max_bytes=128)
+        ranges = chunk_ranges(a.runner.store.layout, 0, seq.next_position, max_bytes=128)
+        messages = read_messages(a.runner.store, seq.block_table, ranges)
         seq_b = b.adopt("r", seq.prompt_len, seq.params)
         write_messages(b, seq_b, messages, kv_tokens_for(seq.prompt_len, seq.params.max_tokens))
         # The fake's tokens read only layer 0's K: compare every layer's K and V bytes as well.
-        copied = read_messages(b.runner.store, seq_b.block_table, 0, seq.next_position, max_bytes=128)
+        copied = read_messages(b.runner.store, seq_b.block_table, ranges)
         assert [m.chunk for m in copied] == [m.chunk for m in messages]
         b.kv_complete_migrated("r", seq.tokens)
         a.moved(seq, "B", "addr-b")
