@@ -6,7 +6,7 @@ the prefill worker's metrics are diffed around it:
 
 - dopd_prefill_seconds_sum        forward time of the prefill batch (one request here)
 - dopd_kv_handoff_seconds_sum     forward done -> decode worker acknowledged all KV
-- dopd_kv_transfer_bytes_total{direction="sent"}
+- dopd_kv_transfer_bytes_total{direction="sent",transport="grpc"}
 
 KV streams layer by layer while the forward runs, so the streaming rate is approximated as
 kv_bytes / (prefill_seconds + handoff_seconds) (first chunk leaves after layer 0, roughly at the
@@ -32,8 +32,8 @@ PREFILL_SUM = ("dopd_prefill_seconds_sum", ())
 PREFILL_COUNT = ("dopd_prefill_seconds_count", ())
 HANDOFF_SUM = ("dopd_kv_handoff_seconds_sum", ())
 HANDOFF_COUNT = ("dopd_kv_handoff_seconds_count", ())
-SENT = ("dopd_kv_transfer_bytes_total", (("direction", "sent"),))
-RECEIVED = ("dopd_kv_transfer_bytes_total", (("direction", "received"),))
+SENT = ("dopd_kv_transfer_bytes_total", (("direction", "sent"), ("transport", "grpc")))
+RECEIVED = ("dopd_kv_transfer_bytes_total", (("direction", "received"), ("transport", "grpc")))
 
 
 def scrape(address: str, timeout: float = 5.0) -> dict[tuple, float]:

@@ -97,6 +97,10 @@ class WorkerSettings(_Base):
     # the minimum, and a layer larger than the maximum is split by tokens).
     kv_chunk_min_bytes: int = 256 * 1024
     kv_chunk_max_bytes: int = 1024 * 1024
+    # How a migrating request's KV moves to a decode worker on the same host: shm (the receiver
+    # copies it straight out of the sender's pool, common/kv/shared_memory.py), grpc (the bytes
+    # in PushKV chunks), auto (shm where both ends can, gRPC otherwise; CPU pools only).
+    kv_transport: str = Field("auto", pattern="^(auto|grpc|shm)$")
 
 
 class GatewaySettings(_Base):

@@ -48,6 +48,7 @@ class ClusterSpec:
     slo_tpot_ms: float = 200.0
     interval_s: float = 1.0  # one planner interval, profile seconds
     extra_env: dict[str, str] = field(default_factory=dict)
+    worker_env: dict[str, dict[str, str]] = field(default_factory=dict)  # by worker name, e.g. "decode-1"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -166,7 +167,7 @@ class Cluster:
             self._spawn(name, role, "services.worker", grpc_ports[1 + i], metrics_ports[2 + i], {
                 **common, "DOPD_ROLE": role, "DOPD_WORKER_ID": name, "DOPD_WORKER_PORT": str(grpc_ports[1 + i]),
                 "DOPD_WORKER_METRICS_PORT": str(metrics_ports[2 + i]), "DOPD_KV_BLOCKS": str(s.kv_blocks),
-                "DOPD_TORCH_THREADS": str(threads)})
+                "DOPD_TORCH_THREADS": str(threads), **s.worker_env.get(name, {})})
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Until every service is healthy and the gateway sees every worker; raises on a dead child."""

@@ -27,10 +27,11 @@ class ClusterHandle:
 
 
 def start_cluster(model: str, log_dir: Path, redis_url: str, redis_prefix: str, prefill: int = 1,
-                  decode: int = 1, kv_blocks: int = 512, env: dict | None = None) -> ClusterHandle:
+                  decode: int = 1, kv_blocks: int = 512, env: dict | None = None,
+                  worker_env: dict | None = None) -> ClusterHandle:
     spec = ClusterSpec(model=model, prefill=prefill, decode=decode, port=free_port(), log_dir=log_dir,
                        redis_url=redis_url, redis_prefix=redis_prefix, kv_blocks=kv_blocks,
-                       extra_env=env or {})
+                       extra_env=env or {}, worker_env=worker_env or {})
     cluster = Cluster(spec)
     cluster.start()
     try:

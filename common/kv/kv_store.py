@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from common.kv.shared_memory import SharedPoolHandle, allocate_shared
 from common.kv.wire import KVLayout
 
 
@@ -24,17 +25,25 @@ def slots_for(block_table: list[int], start: int, end: int, block_size: int) -> 
 
 
 class PagedKVStore:
-    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, device: torch.device) -> None:
+    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, device: torch.device,
+                 shared: bool = False) -> None:
+        """`shared` (CPU only): the pool lives in memory that peers on this host can map, and
+        `shared_handle` says where (common/kv/shared_memory.py)."""
         self.layout = layout
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.null_block = num_blocks
-        shape = (layout.num_layers, num_blocks + 1, block_size, layout.num_kv_heads, layout.head_dim)
+        # k and v are the two halves of one tensor: [2, layers, blocks + 1, block_size, heads, head_dim].
         # Zeroed, so that every page is resident from the start (a GPU engine allocates its pool
         # up front too): a CPU pool left to fault its pages in as blocks are first written costs
         # ~3 ms/MB on these machines, which made a migration's writes 10x slower than the copy.
-        self.k = torch.zeros(shape, dtype=layout.dtype, device=device)
-        self.v = torch.zeros(shape, dtype=layout.dtype, device=device)
+        shape = (2, layout.num_layers, num_blocks + 1, block_size, layout.num_kv_heads, layout.head_dim)
+        self.shared_handle: SharedPoolHandle | None = None
+        if shared and torch.device(device).type == "cpu":
+            self.kv, self.shared_handle = allocate_shared(shape, layout.dtype)
+        else:
+            self.kv = torch.zeros(shape, dtype=layout.dtype, device=device)
+        self.k, self.v = self.kv[0], self.kv[1]
 
     @property
     def null_slot(self) -> int:
@@ -73,3 +82,14 @@ class PagedKVStore:
             torch.index_select(self.flat_k(layer), 0, slots, out=out[i, 0])
             torch.index_select(self.flat_v(layer), 0, slots, out=out[i, 1])
         return out
+
+    def copy_from_peer(self, peer_kv: torch.Tensor, peer_slots: torch.Tensor, slots: torch.Tensor) -> int:
+        """Copy every layer's K and V at a peer pool's `peer_slots` (a mapped `kv` tensor of the
+        same layout) into ours at `slots`; returns the bytes copied. One gather and one scatter per
+        layer and side, no intermediate beyond the gathered rows."""
+        rows = (-1, self.layout.num_kv_heads, self.layout.head_dim)
+        for side in range(2):
+            for layer in range(self.layout.num_layers):
+                mine = self.kv[side, layer].view(rows)
+                mine.index_copy_(0, slots, peer_kv[side, layer].view(rows).index_select(0, peer_slots))
+        return self.layout.bytes_for(len(slots))

@@ -30,8 +30,8 @@ def kv_value(token: int, position: int, layer: int) -> float:
 
 
 class FakeRunner:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        self.store = PagedKVStore(FAKE_LAYOUT, num_blocks, block_size, torch.device("cpu"))
+    def __init__(self, num_blocks: int, block_size: int, shared_kv: bool = False) -> None:
+        self.store = PagedKVStore(FAKE_LAYOUT, num_blocks, block_size, torch.device("cpu"), shared=shared_kv)
         self.prefills = 0
         self.decode_steps = 0
 
@@ -74,4 +74,4 @@ def _fold(checksum: float, length: int) -> int:
 
 @register_runner("fake")
 def build_fake_runner(spec: RunnerSpec) -> BuiltRunner:
-    return BuiltRunner(FakeRunner(spec.kv_blocks, spec.block_size), FAKE_VOCAB, "fake (no model)")
+    return BuiltRunner(FakeRunner(spec.kv_blocks, spec.block_size, spec.shared_kv), FAKE_VOCAB, "fake (no model)")

@@ -26,6 +26,7 @@ class RunnerSpec:
     kv_blocks: int = 2048
     block_size: int = 16
     time_scale: float = 1.0  # sim only
+    shared_kv: bool = False  # a CPU pool that peers on this host may map (common/kv/shared_memory.py)
 
     @property
     def engine(self) -> str:

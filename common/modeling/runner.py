@@ -104,7 +104,8 @@ def build_hf_runner(spec: RunnerSpec) -> BuiltRunner:
         task = progress.add_task(f"loading {spec.model}", total=3)
         loaded = load_model(spec.model, spec.device, dtype_from_name(spec.dtype))
         progress.update(task, advance=1, description="allocating the KV pool")
-        runner = ModelRunner(loaded, PagedKVStore(kv_layout(loaded), spec.kv_blocks, spec.block_size, loaded.device))
+        runner = ModelRunner(loaded, PagedKVStore(kv_layout(loaded), spec.kv_blocks, spec.block_size, loaded.device,
+                                              shared=spec.shared_kv))
         progress.update(task, advance=1, description="warming up")
         runner.prefill([[1, 2, 3]], None)
         progress.update(task, advance=1, description=f"{spec.model} ready")

@@ -87,9 +87,9 @@ class DecodeEvent(_message.Message):
     def __init__(self, reserved: _Optional[_Union[DecodeEvent.Reserved, _Mapping]] = ..., tokens: _Optional[_Union[DecodeEvent.Tokens, _Mapping]] = ..., finished: _Optional[_Union[DecodeEvent.Finished, _Mapping]] = ..., moved: _Optional[_Union[DecodeEvent.Moved, _Mapping]] = ...) -> None: ...
 
 class KVPush(_message.Message):
-    __slots__ = ("begin", "chunk", "end")
+    __slots__ = ("begin", "chunk", "end", "ready")
     class Begin(_message.Message):
-        __slots__ = ("request_id", "num_tokens", "num_layers", "num_kv_heads", "head_dim", "dtype", "adopt")
+        __slots__ = ("request_id", "num_tokens", "num_layers", "num_kv_heads", "head_dim", "dtype", "adopt", "shared")
         REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
         NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
         NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class KVPush(_message.Message):
         HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
         DTYPE_FIELD_NUMBER: _ClassVar[int]
         ADOPT_FIELD_NUMBER: _ClassVar[int]
+        SHARED_FIELD_NUMBER: _ClassVar[int]
         request_id: str
         num_tokens: int
         num_layers: int
@@ -104,7 +105,15 @@ class KVPush(_message.Message):
         head_dim: int
         dtype: str
         adopt: KVPush.Adopt
-        def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., adopt: _Optional[_Union[KVPush.Adopt, _Mapping]] = ...) -> None: ...
+        shared: KVPush.SharedSource
+        def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., adopt: _Optional[_Union[KVPush.Adopt, _Mapping]] = ..., shared: _Optional[_Union[KVPush.SharedSource, _Mapping]] = ...) -> None: ...
+    class SharedSource(_message.Message):
+        __slots__ = ("pool", "block_table")
+        POOL_FIELD_NUMBER: _ClassVar[int]
+        BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
+        pool: SharedPool
+        block_table: _containers.RepeatedScalarFieldContainer[int]
+        def __init__(self, pool: _Optional[_Union[SharedPool, _Mapping]] = ..., block_table: _Optional[_Iterable[int]] = ...) -> None: ...
     class Adopt(_message.Message):
         __slots__ = ("prompt_len", "sampling", "source_worker_id")
         PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -136,13 +145,38 @@ class KVPush(_message.Message):
         tokens: _containers.RepeatedScalarFieldContainer[int]
         kv_tokens: int
         def __init__(self, first_token_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
+    class Ready(_message.Message):
+        __slots__ = ("token_start", "token_end")
+        TOKEN_START_FIELD_NUMBER: _ClassVar[int]
+        TOKEN_END_FIELD_NUMBER: _ClassVar[int]
+        token_start: int
+        token_end: int
+        def __init__(self, token_start: _Optional[int] = ..., token_end: _Optional[int] = ...) -> None: ...
     BEGIN_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
     begin: KVPush.Begin
     chunk: KVPush.Chunk
     end: KVPush.End
-    def __init__(self, begin: _Optional[_Union[KVPush.Begin, _Mapping]] = ..., chunk: _Optional[_Union[KVPush.Chunk, _Mapping]] = ..., end: _Optional[_Union[KVPush.End, _Mapping]] = ...) -> None: ...
+    ready: KVPush.Ready
+    def __init__(self, begin: _Optional[_Union[KVPush.Begin, _Mapping]] = ..., chunk: _Optional[_Union[KVPush.Chunk, _Mapping]] = ..., end: _Optional[_Union[KVPush.End, _Mapping]] = ..., ready: _Optional[_Union[KVPush.Ready, _Mapping]] = ...) -> None: ...
+
+class SharedPool(_message.Message):
+    __slots__ = ("host_id", "pid", "fd", "pool_id", "shape", "dtype")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    pid: int
+    fd: int
+    pool_id: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, host_id: _Optional[str] = ..., pid: _Optional[int] = ..., fd: _Optional[int] = ..., pool_id: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class PushKVResponse(_message.Message):
     __slots__ = ("bytes_received",)
@@ -161,7 +195,7 @@ class SetRoleRequest(_message.Message):
     def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ...) -> None: ...
 
 class SetRoleResponse(_message.Message):
-    __slots__ = ("from_role", "to_role", "total_seconds", "drain_seconds", "migration_seconds", "migrated_requests", "migrated_bytes", "drained_requests", "fell_back_to_drain", "note", "longest_request_pause_seconds", "longest_request_migration_seconds")
+    __slots__ = ("from_role", "to_role", "total_seconds", "drain_seconds", "migration_seconds", "migrated_requests", "migrated_bytes", "drained_requests", "fell_back_to_drain", "note", "longest_request_pause_seconds", "longest_request_migration_seconds", "migrated_bytes_shared")
     FROM_ROLE_FIELD_NUMBER: _ClassVar[int]
     TO_ROLE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +208,7 @@ class SetRoleResponse(_message.Message):
     NOTE_FIELD_NUMBER: _ClassVar[int]
     LONGEST_REQUEST_PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LONGEST_REQUEST_MIGRATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_BYTES_SHARED_FIELD_NUMBER: _ClassVar[int]
     from_role: _common_pb2.Role
     to_role: _common_pb2.Role
     total_seconds: float
@@ -186,4 +221,5 @@ class SetRoleResponse(_message.Message):
     note: str
     longest_request_pause_seconds: float
     longest_request_migration_seconds: float
-    def __init__(self, from_role: _Optional[_Union[_common_pb2.Role, str]] = ..., to_role: _Optional[_Union[_common_pb2.Role, str]] = ..., total_seconds: _Optional[float] = ..., drain_seconds: _Optional[float] = ..., migration_seconds: _Optional[float] = ..., migrated_requests: _Optional[int] = ..., migrated_bytes: _Optional[int] = ..., drained_requests: _Optional[int] = ..., fell_back_to_drain: _Optional[bool] = ..., note: _Optional[str] = ..., longest_request_pause_seconds: _Optional[float] = ..., longest_request_migration_seconds: _Optional[float] = ...) -> None: ...
+    migrated_bytes_shared: int
+    def __init__(self, from_role: _Optional[_Union[_common_pb2.Role, str]] = ..., to_role: _Optional[_Union[_common_pb2.Role, str]] = ..., total_seconds: _Optional[float] = ..., drain_seconds: _Optional[float] = ..., migration_seconds: _Optional[float] = ..., migrated_requests: _Optional[int] = ..., migrated_bytes: _Optional[int] = ..., drained_requests: _Optional[int] = ..., fell_back_to_drain: _Optional[bool] = ..., note: _Optional[str] = ..., longest_request_pause_seconds: _Optional[float] = ..., longest_request_migration_seconds: _Optional[float] = ..., migrated_bytes_shared: _Optional[int] = ...) -> None: ...

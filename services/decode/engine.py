@@ -131,10 +131,14 @@ class DecodeEngine:
             timer.cancel()
         return seq
 
-    def write_kv(self, seq: DecodeSeq, chunk: KVChunk) -> None:
+    def receiving_store(self, seq: DecodeSeq):
+        """The pool a transfer writes `seq`'s KV into; Aborted when it ended meanwhile."""
         if seq.state is not SeqState.WAITING_KV:  # cancelled or failed while its KV was streaming
             raise Aborted(f"request {seq.request_id!r} ended while its KV was arriving")
-        store = self.runner.store
+        return self.runner.store
+
+    def write_kv(self, seq: DecodeSeq, chunk: KVChunk) -> None:
+        store = self.receiving_store(seq)
         store.write_chunk(chunk.layer_start, store.slots(seq.block_table, chunk.token_start, chunk.token_end), chunk.kv)
 
     def kv_complete(self, request_id: str, first_token: int) -> None:

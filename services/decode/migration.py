@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import grpc
 
 from common.convert import sampling_to_pb
-from common.errors import Refused, ResourceExhausted, ServiceError
+from common.errors import FailedPrecondition, Refused, ResourceExhausted, ServiceError
 from common.kv import wire
 from common.kv.block_pool import kv_tokens_for
+from common.kv.shared_memory import SharedPoolHandle
 from common.pb import worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
 from common.rpc.errors import domain_error
@@ -55,18 +56,26 @@ class MoveResult:
     bytes: int = 0
     seconds: float = 0.0
     pause_seconds: float = 0.0  # out of the batch: from the pause to the hand-over
+    transport: str = ""  # how the KV went: shm or grpc
     error: str = ""
 
 
 class Migrator:
     def __init__(self, engine: DecodeEngine, worker_id: str, channels: ChannelPool, kv_executor: Executor,
-                 chunk_max_bytes: int, timeout_s: float) -> None:
+                 chunk_max_bytes: int, timeout_s: float, shared_pool: SharedPoolHandle | None = None,
+                 transport: str = "auto") -> None:
         self.engine = engine
         self.worker_id = worker_id
         self.channels = channels
         self.kv_executor = kv_executor
         self.chunk_max_bytes = chunk_max_bytes
         self.timeout_s = timeout_s
+        # The shm transport: targets read the KV out of our pool themselves (services/kvtransfer/
+        # receiver.py). `auto` sends the bytes over gRPC to a target that cannot map our pool
+        # (another host, say), and remembers it; `shm` makes that a failed move.
+        self.shared_pool = shared_pool if transport != "grpc" else None
+        self.transport = transport
+        self._grpc_only: set[str] = set()  # addresses of targets that cannot map our pool
 
     async def migrate(self, seq: DecodeSeq, targets: list[Target]) -> MoveResult:
         """Move `seq` to the first target that takes it (targets in order of preference)."""
@@ -100,11 +109,18 @@ class Migrator:
             metrics.KV_MIGRATED_BYTES.inc(result.bytes)
         return result
 
-    async def _push(self, sender: KVSender, seq: DecodeSeq, start: int, end: int) -> None:
-        """Read positions [start, end) a few chunks at a time, each batch read only once gRPC has
-        taken the one before. A migration thus holds a few MB, not a request's whole KV: freed
-        buffers are reused at once, where fresh ones would fault their pages in (~3 ms/MB on these
-        machines, more than the copy itself)."""
+    async def _push(self, sender: KVSender, seq: DecodeSeq, start: int, end: int, shared: bool) -> None:
+        """Positions [start, end) to the target. Shared: a notice that they are final in our pool
+        (the target copies them). Otherwise the bytes, read a few chunks at a time, each batch only
+        once gRPC has taken the one before: a migration thus holds a few MB, not a request's whole
+        KV, and freed buffers are reused at once, where fresh ones would fault their pages in (~3
+        ms/MB on these machines, more than the copy itself)."""
+        if end <= start:
+            return
+        if shared:
+            sender.put_messages([worker_pb2.KVPush(ready=worker_pb2.KVPush.Ready(token_start=start, token_end=end))])
+            await sender.sent()
+            return
         ranges = chunk_ranges(self.engine.runner.store.layout, start, end, self.chunk_max_bytes)
         for i in range(0, len(ranges), READ_BATCH):
             sender.put_messages(await read_kv(self.engine.runner.store, seq.block_table, ranges[i:i + READ_BATCH],
@@ -115,11 +131,26 @@ class Migrator:
         return self.engine.scheduler.seqs.get(seq.request_id) is seq
 
     async def _move(self, seq: DecodeSeq, target: Target, result: MoveResult) -> None:
+        shared = self.shared_pool is not None and target.address not in self._grpc_only
+        try:
+            await self._move_via(seq, target, result, shared)
+        except FailedPrecondition as exc:  # refused on `begin`, before the target reserved anything
+            if not shared or self.transport == "shm" or not self._alive(seq):
+                raise
+            log.info("%s cannot read KV out of this worker's pool (%s): it gets the bytes over gRPC",
+                     target.worker_id, exc)
+            self._grpc_only.add(target.address)
+            await self._move_via(seq, target, result, shared=False)
+
+    async def _move_via(self, seq: DecodeSeq, target: Target, result: MoveResult, shared: bool) -> None:
         engine, store = self.engine, self.engine.runner.store
         layout = store.layout
         begin = wire.begin_message(seq.request_id, kv_tokens_for(seq.prompt_len, seq.params.max_tokens), layout)
         begin.begin.adopt.CopyFrom(worker_pb2.KVPush.Adopt(
             prompt_len=seq.prompt_len, sampling=sampling_to_pb(seq.params), source_worker_id=self.worker_id))
+        if shared:
+            begin.begin.shared.CopyFrom(worker_pb2.KVPush.SharedSource(pool=self.shared_pool.to_pb(),
+                                                                       block_table=seq.block_table))
         stub = worker_pb2_grpc.WorkerStub(self.channels.get(target.address))
         sender = KVSender(asyncio.get_running_loop(), stub, begin, layout, self.timeout_s, 1, self.chunk_max_bytes)
         paused = False
@@ -131,7 +162,7 @@ class Migrator:
                 end = seq.next_position
                 if end <= copied or not self._alive(seq):
                     break
-                await self._push(sender, seq, copied, end)
+                await self._push(sender, seq, copied, end, shared)
                 copied = end
             if not self._alive(seq) or await engine.pause(seq.request_id) is None:
                 result.ended_here = True
@@ -140,7 +171,7 @@ class Migrator:
             paused = True
             paused_at = time.perf_counter()
             end = seq.next_position
-            await self._push(sender, seq, copied, end)
+            await self._push(sender, seq, copied, end, shared)
             if not self._alive(seq):  # cancelled by its client while paused
                 result.ended_here = True
                 sender.cancel()
@@ -149,6 +180,7 @@ class Migrator:
             result.bytes = await sender.wait_raw()
             engine.moved(seq, target.worker_id, target.address)
             result.moved_to = target.worker_id
+            result.transport = "shm" if shared else "grpc"
             result.pause_seconds = time.perf_counter() - paused_at
             paused = False
         except grpc.aio.AioRpcError as exc:

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
 
 import torch
 
 from common.convert import sampling_from_pb
-from common.errors import InvalidArgument, ServiceError, Unavailable
+from common.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
 from common.kv import wire
 from common.kv.block_pool import kv_tokens_for
+from common.kv.kv_store import slots_for
+from common.kv.shared_memory import PeerPools, SharedPoolHandle
 from common.kv.wire import KVLayout
 from common.pb import worker_pb2
 from services.decode.engine import DecodeEngine
@@ -30,8 +34,25 @@ from services.decode.scheduler import DecodeSeq, SeqState
 from services.worker import metrics
 
 
+@dataclass
+class SharedReads:
+    """How this worker reads KV straight out of a peer's pool on the same host (the `shm`
+    transport, common/kv/shared_memory.py): the peers' mapped pools, and the thread that copies
+    (never the event loop's: a request's KV is megabytes)."""
+
+    pools: PeerPools
+    executor: Executor
+
+
+@dataclass
+class _Source:
+    kv: torch.Tensor  # the peer's whole pool, mapped
+    block_table: list[int]
+    block_size: int
+
+
 async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeEngine, layout: KVLayout,
-                     vocab_size: int, may_adopt: bool) -> int:
+                     vocab_size: int, may_adopt: bool, shared: SharedReads | None = None) -> int:
     """Consume one PushKV stream; return the bytes received. Raises a domain error on a bad or
     broken transfer, after failing the request it was for."""
     first = await anext(aiter(messages), None)
@@ -39,6 +60,8 @@ async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeE
         raise InvalidArgument("a KV push must start with a begin message")
     begin = first.begin
     adopting = begin.HasField("adopt")
+    # Before anything is reserved: a sender told "cannot map" sends the bytes over gRPC instead.
+    source = _map_source(begin.shared, shared, engine.runner.store) if begin.HasField("shared") else None
     if adopting:
         num_tokens = _parse_begin(begin, layout)
         seq = _adopt(begin, engine, num_tokens, may_adopt)
@@ -59,7 +82,15 @@ async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeE
                 engine.write_kv(seq, chunk)
                 written[chunk.layer_start:chunk.layer_end, chunk.token_start:chunk.token_end] = True
                 received += chunk.kv.nbytes
-                metrics.KV_TRANSFER_BYTES.labels("received").inc(chunk.kv.nbytes)
+                metrics.KV_TRANSFER_BYTES.labels("received", "grpc").inc(chunk.kv.nbytes)
+            elif part == "ready":
+                if source is None:
+                    raise wire.WireError("a ready message needs a shared source in begin")
+                start, end = message.ready.token_start, message.ready.token_end
+                copied = await _copy_from_source(source, shared, engine, seq, start, end, num_tokens)
+                written[:, start:end] = True
+                received += copied
+                metrics.KV_TRANSFER_BYTES.labels("received", "shm").inc(copied)
             elif part == "end":
                 _complete(message.end, seq, engine, written, vocab_size, adopting)
                 return received
@@ -74,6 +105,49 @@ async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeE
         error = InvalidArgument(str(exc)) if isinstance(exc, wire.WireError) else exc
         _fail_if_waiting(engine, seq, error)
         raise error from None
+
+
+def _map_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None, store) -> _Source:
+    if shared is None:
+        raise FailedPrecondition("this worker takes KV over gRPC only (DOPD_KV_TRANSPORT)")
+    handle = SharedPoolHandle.from_pb(pb.pool)
+    ours = tuple(store.kv.shape)
+    if len(handle.shape) != 6 or (handle.shape[:2] + handle.shape[3:]) != (ours[:2] + ours[3:]) \
+            or handle.dtype != store.layout.dtype_name:
+        raise FailedPrecondition(f"the sender's KV pool {list(handle.shape)} {handle.dtype} does not match this "
+                                 f"worker's {list(ours)} {store.layout.dtype_name}")
+    if any(not 0 <= b < handle.shape[2] - 1 for b in pb.block_table):
+        raise InvalidArgument("a shared KV source names blocks outside its pool")
+    try:
+        kv = shared.pools.open(handle)
+    except OSError as exc:
+        raise FailedPrecondition(f"cannot map the sender's KV pool: {exc}") from None
+    return _Source(kv, list(pb.block_table), handle.shape[3])
+
+
+async def _copy_from_source(source: _Source, shared: SharedReads, engine: DecodeEngine, seq: DecodeSeq,
+                            start: int, end: int, num_tokens: int) -> int:
+    if not 0 <= start < end <= min(num_tokens, len(source.block_table) * source.block_size):
+        raise wire.WireError(f"KV ready for positions [{start}, {end}) outside the transfer's "
+                             f"[0, {min(num_tokens, len(source.block_table) * source.block_size)})")
+    store = engine.receiving_store(seq)
+    copy = asyncio.get_running_loop().run_in_executor(
+        shared.executor, store.copy_from_peer, source.kv, slots_for(source.block_table, start, end, source.block_size),
+        store.slots(seq.block_table, start, end))
+    # Only this coroutine ends a reservation that is still receiving its KV, and only once no copy
+    # into its blocks runs: a push cancelled mid-copy waits for the copy before it frees them.
+    cancelled = False
+    while True:
+        try:
+            copied = await asyncio.shield(copy)
+            break
+        except asyncio.CancelledError:
+            if copy.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return copied
 
 
 def _parse_begin(begin: worker_pb2.KVPush.Begin, layout: KVLayout) -> int:

@@ -142,5 +142,5 @@ class KVSender:
         # Sized from its ranges: reading `chunk.data` would copy the bytes.
         part, layout = message.chunk, self._builder.layout
         layers, tokens = part.layer_end - part.layer_start, part.token_end - part.token_start
-        metrics.KV_TRANSFER_BYTES.labels("sent").inc(layers * tokens * layout.bytes_per_token_layer)
+        metrics.KV_TRANSFER_BYTES.labels("sent", "grpc").inc(layers * tokens * layout.bytes_per_token_layer)
         return message

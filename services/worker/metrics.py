@@ -4,7 +4,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 KV_BLOCKS_USED = Gauge("dopd_kv_blocks_used", "KV blocks lent to requests")
 KV_BLOCKS_TOTAL = Gauge("dopd_kv_blocks_total", "KV blocks in this worker's pool")
-KV_TRANSFER_BYTES = Counter("dopd_kv_transfer_bytes_total", "KV bytes moved between workers", ["direction"])
+# transport: grpc (bytes in PushKV chunks) or shm (copied by the receiver out of the sender's pool)
+KV_TRANSFER_BYTES = Counter("dopd_kv_transfer_bytes_total", "KV bytes moved between workers",
+                            ["direction", "transport"])
 WORKER_ROLE = Gauge("dopd_worker_role", "1 for the role this worker serves, 0 for the others", ["role"])
 RUNNING_REQUESTS = Gauge("dopd_worker_running_requests", "Requests in the running decode batch")
 WAITING_REQUESTS = Gauge("dopd_worker_waiting_requests", "Requests queued for prefill or waiting for KV")

@@ -19,6 +19,7 @@ import torch
 from common.config import WorkerSettings
 from common.convert import ROLE_FROM_PB, ROLE_TO_PB
 from common.kv.block_pool import BlockPool
+from common.kv.shared_memory import PeerPools
 from common.modeling.registry import RunnerSpec, build_runner
 from common.pb import common_pb2, planner_pb2, planner_pb2_grpc
 from common.rpc.channels import ChannelPool
@@ -27,6 +28,7 @@ from common.types import Role
 from services.decode.engine import DecodeEngine
 from services.decode.migration import Migrator
 from services.decode.scheduler import DecodeScheduler
+from services.kvtransfer.receiver import SharedReads
 from services.kvtransfer.sender import grpc_sender_factory
 from services.prefill.engine import PrefillEngine
 from services.worker import metrics
@@ -66,6 +68,7 @@ class WorkerRuntime:
         self.prefill: PrefillEngine | None = None
         self.decode: DecodeEngine | None = None
         self.migrator: Migrator | None = None
+        self.shared_reads: SharedReads | None = None
         self._heartbeat: asyncio.Task | None = None
         self._report_now = asyncio.Event()
         self._planner_warned = False
@@ -99,7 +102,8 @@ class WorkerRuntime:
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         built = build_runner(RunnerSpec(model=s.model, device=s.device, dtype=s.dtype, kv_blocks=s.kv_blocks,
-                                        block_size=s.block_size, time_scale=s.time_scale))
+                                        block_size=s.block_size, time_scale=s.time_scale,
+                                        shared_kv=s.kv_transport != "grpc"))
         runner = built.runner
         self.vocab_size, self.attention = built.vocab_size, built.attention
         self.runner_layout = runner.store.layout
@@ -111,8 +115,10 @@ class WorkerRuntime:
         self.prefill = PrefillEngine(runner, self.executor, open_sender, s.prefill_token_budget)
         self.decode = DecodeEngine(runner, DecodeScheduler(self.pool, s.max_batch_size), self.executor,
                                    s.kv_timeout_s)
+        shared_pool = getattr(runner.store, "shared_handle", None)  # None: sim or GPU pool, or grpc
+        self.shared_reads = SharedReads(PeerPools(), self.kv_executor) if s.kv_transport != "grpc" else None
         self.migrator = Migrator(self.decode, self.worker_id, self.channels, self.kv_executor,
-                                 s.kv_chunk_max_bytes, s.kv_timeout_s)
+                                 s.kv_chunk_max_bytes, s.kv_timeout_s, shared_pool, s.kv_transport)
 
     def _set_role_gauge(self) -> None:
         for role in Role:

@@ -105,7 +105,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise Refused("worker is still loading its model")
         may_adopt = self.rt.state.refusal(Role.DECODE) is None
         received = await receive_kv(request_iterator, self.rt.decode, self.rt.runner_layout, self.rt.vocab_size,
-                                    may_adopt)
+                                    may_adopt, self.rt.shared_reads)
         return worker_pb2.PushKVResponse(bytes_received=received)
 
     @grpc_errors
@@ -129,7 +129,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             from_role=ROLE_TO_PB[result.from_role], to_role=ROLE_TO_PB[result.to_role],
             total_seconds=result.total_seconds, drain_seconds=result.drain_seconds,
             migration_seconds=result.migration_seconds, migrated_requests=len(moved),
-            migrated_bytes=sum(m.bytes for m in moved), drained_requests=result.drained_requests,
+            migrated_bytes=sum(m.bytes for m in moved),
+            migrated_bytes_shared=sum(m.bytes for m in moved if m.transport == "shm"),
+            drained_requests=result.drained_requests,
             fell_back_to_drain=result.fell_back_to_drain, note=result.note,
             longest_request_pause_seconds=max((m.pause_seconds for m in moved), default=0.0),
             longest_request_migration_seconds=max((m.seconds for m in moved), default=0.0))

@@ -1,7 +1,11 @@
 """In-place role switches under continuous load, on real processes (tiny-random, 1 prefill + 2
 decode workers): 20+ forced switches in both directions, decode -> prefill while the worker is
 decoding several requests (they are live-migrated). No request fails, greedy outputs are
-identical to a run without switches, and no worker leaks a block."""
+identical to a run without switches, and no worker leaks a block.
+
+decode-1 takes KV over gRPC only, the others read it out of each other's pools (the shm
+transport): moves between those two go through shared memory, moves to decode-1 fall back to gRPC
+bytes, and decode-1's own moves send bytes (it has no shared pool)."""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ N_SWITCHES = 20
 def switch_cluster(redis_url, redis_prefix, tmp_path_factory):
     handle = start_cluster("tiny-random", tmp_path_factory.mktemp("switch-cluster"), redis_url,
                            redis_prefix + "switch:", prefill=1, decode=2, kv_blocks=1024,
-                           env={"DOPD_KV_TIMEOUT_S": "5"})
+                           env={"DOPD_KV_TIMEOUT_S": "5"}, worker_env={"decode-1": {"DOPD_KV_TRANSPORT": "grpc"}})
     yield handle
     codes = handle.cluster.stop()
     assert all(code == 0 for code in codes.values()), f"a service did not drain cleanly: {codes}"
@@ -67,7 +71,8 @@ async def roles(handle) -> dict[str, Role]:
 
 
 async def switcher(handle, stop: asyncio.Event, log: list) -> None:
-    """Alternate: the busiest decode worker -> prefill (live migration), then a prefill worker -> decode."""
+    """Alternate: the busiest decode worker -> prefill (live migration), then the worker that has
+    served prefill longest -> decode."""
     want = Role.PREFILL
     while len(log) < N_SWITCHES and not stop.is_set():
         current = await roles(handle)
@@ -79,8 +84,8 @@ async def switcher(handle, stop: asyncio.Event, log: list) -> None:
             if busy[name] < 2 and len(log) < 4:
                 await asyncio.sleep(0.02)
                 continue
-        else:
-            name = sorted(candidates)[0]
+        else:  # the worker that has served prefill longest: every worker takes turns
+            name = sorted(n for n in candidates if n != log[-1][0])[0]
         reply = await set_role(handle.workers[name], want)
         log.append((name, reply))
         want = want.other
@@ -104,7 +109,8 @@ async def test_switches_under_load_lose_nothing(switch_cluster):
 
     moved = [r.migrated_requests for _, r in log if r.to_role == ROLE_TO_PB[Role.PREFILL]]
     print(f"\n{len(log)} switches over {len(served)} passes of {len(requests)} requests; requests moved per "
-          f"decode -> prefill switch: {moved}; switch ms: {[round(r.total_seconds * 1e3) for _, r in log]}")
+          f"decode -> prefill switch: {moved}; switch ms: {[round(r.total_seconds * 1e3) for _, r in log]}; "
+          f"(worker, bytes, of them shm): {[(n, r.migrated_bytes, r.migrated_bytes_shared) for n, r in log]}")
     for run in served:
         mismatched = [i for i, (a, b) in enumerate(zip(run, reference, strict=True)) if a != b]
         assert not mismatched, f"outputs changed by switching: requests {mismatched}"
@@ -114,6 +120,8 @@ async def test_switches_under_load_lose_nothing(switch_cluster):
     assert max(r.migrated_requests for r in d2p) >= 2, "no decode -> prefill switch moved several requests"
     assert sum(r.migrated_requests for r in d2p) > 0 and all(r.migrated_bytes > 0 for r in d2p if r.migrated_requests)
     assert not any(r.fell_back_to_drain for r in d2p), [r.note for r in d2p]
+    assert any(r.migrated_bytes_shared for r in d2p), "no move went through shared memory"
+    assert any(r.migrated_bytes > r.migrated_bytes_shared for r in d2p), "no move sent its KV over gRPC"
     await assert_no_leaks(switch_cluster)
 
 

@@ -1,0 +1,101 @@
+"""KV pools in memory that another worker on the same host can map: the `shm` KV transport.
+
+A CPU worker's pool lives in an anonymous memory file (memfd). A peer on the same host maps it
+through `/proc/<pid>/fd/<fd>` and copies a migrating request's KV straight out of the source's
+blocks into its own: one copy, no serialisation, no socket (gRPC moves ~350 MB/s here while the
+source decodes; this moves several GB/s). The bytes are only ever *read* by the peer, never
+written: a worker's own memory is written by itself alone, so no block it frees can be scribbled
+on by a peer that is late.
+
+There is no file to clean up: the memory goes when the worker and every peer mapping it are gone
+(peers drop mappings of workers that no longer exist, `PeerPools`).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from common.kv.wire import dtype_from_name
+from common.pb import worker_pb2
+
+
+@cache
+def host_id() -> str:
+    """Same value in every process of this host (and boot): the kernel's boot id."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class SharedPoolHandle:
+    """Where a worker's pool can be mapped from, by a process on the same host."""
+
+    host_id: str
+    pid: int
+    fd: int
+    pool_id: str  # this pool, not a later one behind a reused pid and fd
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_pb(self) -> worker_pb2.SharedPool:
+        return worker_pb2.SharedPool(host_id=self.host_id, pid=self.pid, fd=self.fd, pool_id=self.pool_id,
+                                     shape=list(self.shape), dtype=self.dtype)
+
+    @classmethod
+    def from_pb(cls, pb: worker_pb2.SharedPool) -> SharedPoolHandle:
+        return cls(pb.host_id, pb.pid, pb.fd, pb.pool_id, tuple(pb.shape), pb.dtype)
+
+
+def allocate_shared(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, SharedPoolHandle]:
+    """A zeroed tensor in a memfd, every page resident, and the handle peers map it by."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    fd = os.memfd_create("dopd-kv", os.MFD_CLOEXEC)
+    os.ftruncate(fd, numel * dtype.itemsize)
+    tensor = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=numel, dtype=dtype).view(shape)
+    tensor.zero_()  # fault every page in now, not during a transfer
+    handle = SharedPoolHandle(host_id(), os.getpid(), fd, uuid.uuid4().hex, tuple(shape),
+                              str(dtype).removeprefix("torch."))
+    return tensor, handle
+
+
+class PeerPools:
+    """The pools of peers on this host, mapped once each (read-only use). A mapping keeps its
+    worker's memory alive, so those of workers that are gone are dropped on the next open."""
+
+    def __init__(self) -> None:
+        self._mapped: dict[str, tuple[SharedPoolHandle, torch.Tensor]] = {}
+
+    def open(self, handle: SharedPoolHandle) -> torch.Tensor:
+        """The peer's pool; raises OSError with the reason when it cannot be mapped from here."""
+        hit = self._mapped.get(handle.pool_id)
+        if hit is not None:
+            return hit[1]
+        if not handle.host_id or handle.host_id != host_id():
+            raise OSError("the KV's worker is on another host")
+        for pool_id, (old, _) in list(self._mapped.items()):
+            if not Path(f"/proc/{old.pid}").exists():
+                del self._mapped[pool_id]
+        try:
+            dtype = dtype_from_name(handle.dtype)
+        except ValueError as exc:
+            raise OSError(str(exc)) from None
+        numel = 1
+        for n in handle.shape:
+            numel *= n
+        path = f"/proc/{handle.pid}/fd/{handle.fd}"
+        if os.stat(path).st_size != numel * dtype.itemsize:
+            raise OSError(f"{path} is not a KV pool of shape {list(handle.shape)}")
+        tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(handle.shape)
+        self._mapped[handle.pool_id] = (handle, tensor)
+        return tensor
+
