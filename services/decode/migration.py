@@ -1,4 +1,5 @@
-"""Live migration of a running decode request to another decode worker, without recompute.
+"""Live migration of a running decode request to another decode worker, without recompute: the
+async driver of the protocol in services/decode/migration_plan.py.
 
     pre-copy   read positions [0, n1) out of the pool (n1 = KV written so far) and push them
                while the request keeps decoding here
@@ -31,7 +32,7 @@ from common.pb import worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
 from common.rpc.errors import domain_error
 from services.decode.engine import DecodeEngine
-from services.decode.migration_plan import PRECOPY_ROUNDS
+from services.decode.migration_plan import MovePlan, Pause, Send, targets_in_order
 from services.decode.scheduler import DecodeSeq
 from services.kvtransfer.reader import chunk_ranges, read_kv
 from services.kvtransfer.sender import KVSender
@@ -83,9 +84,7 @@ class Migrator:
         started = time.perf_counter()
         errors = []
         blocks = self.engine.scheduler.pool.blocks_for(kv_tokens_for(seq.prompt_len, seq.params.max_tokens))
-        for target in targets:
-            if target.free_blocks < blocks:
-                continue
+        for target in targets_in_order(targets, blocks, lambda t: t.free_blocks, lambda t: t.worker_id):
             try:
                 await self._move(seq, target, result)
                 target.free_blocks -= blocks
@@ -153,30 +152,28 @@ class Migrator:
                                                                        block_table=seq.block_table))
         stub = worker_pb2_grpc.WorkerStub(self.channels.get(target.address))
         sender = KVSender(asyncio.get_running_loop(), stub, begin, layout, self.timeout_s, 1, self.chunk_max_bytes)
-        paused = False
+        plan, paused, paused_at = MovePlan(), False, 0.0
         try:
-            # Pre-copy while the request decodes on: once what was read is on its way, copy what
-            # was written meanwhile (a step or two), and only then pause for the last few positions.
-            copied = 0
-            for _ in range(PRECOPY_ROUNDS):
-                end = seq.next_position
-                if end <= copied or not self._alive(seq):
-                    break
-                await self._push(sender, seq, copied, end, shared)
-                copied = end
-            if not self._alive(seq) or await engine.pause(seq.request_id) is None:
-                result.ended_here = True
-                sender.cancel()
-                return
-            paused = True
-            paused_at = time.perf_counter()
-            end = seq.next_position
-            await self._push(sender, seq, copied, end, shared)
-            if not self._alive(seq):  # cancelled by its client while paused
-                result.ended_here = True
-                sender.cancel()
-                return
-            sender.finish_with(worker_pb2.KVPush(end=worker_pb2.KVPush.End(tokens=seq.tokens, kv_tokens=end)))
+            while True:  # the protocol's steps (services/decode/migration_plan.py)
+                if not self._alive(seq):  # finished or cancelled here meanwhile
+                    result.ended_here = True
+                    sender.cancel()
+                    return
+                step = plan.next(seq.next_position)
+                if isinstance(step, Send):
+                    await self._push(sender, seq, step.start, step.end, shared)
+                elif isinstance(step, Pause):
+                    if await engine.pause(seq.request_id) is None:  # it ended during its last step
+                        result.ended_here = True
+                        sender.cancel()
+                        return
+                    plan.on_paused()
+                    paused, paused_at = True, time.perf_counter()
+                else:
+                    await self._push(sender, seq, step.start, step.end, shared)
+                    if self._alive(seq):
+                        break
+            sender.finish_with(worker_pb2.KVPush(end=worker_pb2.KVPush.End(tokens=seq.tokens, kv_tokens=step.end)))
             result.bytes = await sender.wait_raw()
             engine.moved(seq, target.worker_id, target.address)
             result.moved_to = target.worker_id

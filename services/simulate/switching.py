@@ -10,13 +10,13 @@ services/decode/migration.py do them:
                         still waiting for its KV moves once it lands. One with no room anywhere
                         finishes here. The switch ends when no request is left.
 
-One move, as Migrator._move with PRECOPY_ROUNDS rounds: round 1 sends the KV written so far
-(positions [0, n)) over the source's link while the request decodes on; each further round sends
-what was written meanwhile; then the request pauses at its next step boundary, the tail written
-during the last round crosses, and the target adopts it (kv_complete_migrated with its tokens)
-and decodes on. The request's pause is the tail's transfer (plus the wait for the step to end);
-its next token's gap includes it. A request that ends on the source meanwhile frees the target's
-reservation; one that times out is aborted on both.
+Which requests move, to where, and each move's steps come from the same pure core as the
+worker's (services/decode/migration_plan.py: `movable`, `targets_in_order`, `MovePlan`); here each
+Send and HandOver takes its bytes' time on the source's link, and a Pause waits for the request's
+step to end. The target adopts the request (kv_complete_migrated with its tokens) and decodes on.
+The request's pause is the tail's transfer (plus the wait for the step to end); its next token's
+gap includes it. A request that ends on the source meanwhile frees the target's reservation; one
+that times out is aborted on both.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 from common.kv.block_pool import kv_tokens_for
 from common.types import Role
-from services.decode.migration_plan import PRECOPY_ROUNDS
-from services.decode.scheduler import DecodeSeq, SeqState
+from services.decode.migration_plan import HandOver, MovePlan, Send, movable, targets_in_order
+from services.decode.scheduler import DecodeSeq
 from services.simulate.workers import SimRequest, SimWorker
 
 if TYPE_CHECKING:
@@ -68,8 +68,7 @@ class Move:
     seq: DecodeSeq
     src: SimWorker
     dst: SimWorker
-    copied: int  # KV positions sent so far
-    rounds: int = 1
+    plan: MovePlan = field(default_factory=MovePlan)
     paused_at: float | None = None
     dead: bool = False
 
@@ -88,9 +87,8 @@ class Switcher:
         w.state.begin_switch(to)
         sw = w.switch = Switch(w, from_role, to, c.loop.now, on_done, reason)
         if from_role is Role.DECODE:
-            for seq in list(w.decode.seqs.values()):
-                if seq.state in (SeqState.READY, SeqState.RUNNING):
-                    self.start_move(w, seq)
+            for seq in movable(list(w.decode.seqs.values()), lambda rid: False):
+                self.start_move(w, seq)
         self.check(w)
         return sw
 
@@ -117,35 +115,34 @@ class Switcher:
         if rid in src.stuck or c.by_rid[rid].move is not None:
             return
         blocks = src.pool.blocks_for(kv_tokens_for(seq.prompt_len, seq.params.max_tokens))
-        targets = sorted((x for x in c.workers if x is not src and x.serves(Role.DECODE)),
-                         key=lambda x: (-x.pool.num_free, x.worker_id))
-        dst = targets[0] if targets and targets[0].pool.num_free >= blocks else None
-        if dst is None:
+        targets = targets_in_order((x for x in c.workers if x is not src and x.serves(Role.DECODE)), blocks,
+                                   lambda x: x.pool.num_free, lambda x: x.worker_id)
+        if not targets:
             src.stuck.add(rid)
             src.switch.drained += 1
             return
+        dst = targets[0]
         dst.decode.reserve(DecodeSeq(rid, seq.prompt_len, seq.params))
         r = c.by_rid[rid]
-        move = r.move = Move(r, seq, src, dst, seq.next_position)
+        move = r.move = Move(r, seq, src, dst)
         src.switch.moves_in_flight += 1
-        done = src.link.send(c.loop.now, move.copied * c.kv_bytes_per_token)
-        c.loop.at(done, self._copied, move)
+        self._step(move)
 
     def _alive(self, move: Move) -> bool:
         return move.src.decode.seqs.get(move.req.rid) is move.seq
 
-    def _copied(self, move: Move) -> None:
+    def _step(self, move: Move) -> None:
+        """The move's next step (a pre-copy round's bytes have crossed, or it just began)."""
         if move.dead:
             return
         c, src, seq = self.c, move.src, move.seq
         if not self._alive(move):  # finished here meanwhile
             self._end(move)
             return
-        if move.rounds < PRECOPY_ROUNDS and seq.next_position > move.copied:
-            written, move.copied = seq.next_position - move.copied, seq.next_position
-            move.rounds += 1
-            c.loop.at(src.link.send(c.loop.now, written * c.kv_bytes_per_token), self._copied, move)
-        elif src.in_flight(seq):
+        step = move.plan.next(seq.next_position)
+        if isinstance(step, Send):
+            c.loop.at(src.link.send(c.loop.now, (step.end - step.start) * c.kv_bytes_per_token), self._step, move)
+        elif src.in_flight(seq):  # Pause: after its step
             src.deferred_pauses[move.req.rid] = lambda: self._pause_after_step(move)
         else:
             self._paused(move, c.pause_now(src, move.req.rid))
@@ -162,9 +159,10 @@ class Switcher:
             return
         c = self.c
         move.paused_at = c.loop.now
-        tail = seq.next_position - move.copied
-        move.copied = seq.next_position
-        c.loop.at(move.src.link.send(c.loop.now, tail * c.kv_bytes_per_token), self._handover, move)
+        move.plan.on_paused()
+        step = move.plan.next(seq.next_position)
+        assert isinstance(step, HandOver)
+        c.loop.at(move.src.link.send(c.loop.now, (step.end - step.start) * c.kv_bytes_per_token), self._handover, move)
 
     def _handover(self, move: Move) -> None:
         if move.dead:
@@ -178,7 +176,7 @@ class Switcher:
         c.outstanding_decode[dst.worker_id] += 1
         sw.moves_in_flight -= 1
         sw.migrated += 1
-        sw.migrated_bytes += move.copied * c.kv_bytes_per_token
+        sw.migrated_bytes += move.plan.copied * c.kv_bytes_per_token
         sw.pauses.append(c.loop.now - move.paused_at)
         c.became_ready(dst, dst.decode.seqs[r.rid])
         self.check(src)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from common.errors import FailedPrecondition
 from common.types import Role
 from services.decode.migration import MoveResult, Target
-from services.decode.scheduler import SeqState
+from services.decode.migration_plan import movable
 
 log = logging.getLogger(__name__)
 POLL_S = 0.005
@@ -91,12 +91,9 @@ async def _empty_decode(rt, targets: list[Target], result: SwitchResult) -> None
              ", ".join(f"{s.state.value}" for s in engine.scheduler.seqs.values()),
              [(t.worker_id, t.free_blocks) for t in targets])
     while engine.scheduler.seqs:
-        for seq in list(engine.scheduler.seqs.values()):
-            rid = seq.request_id
-            if rid in started or rid in stuck or seq.state not in (SeqState.READY, SeqState.RUNNING):
-                continue  # moving already, or its KV is still arriving (moved once it lands)
-            targets.sort(key=lambda t: (-t.free_blocks, t.worker_id))
-            started[rid] = asyncio.create_task(rt.migrator.migrate(seq, targets))
+        # Those waiting for their KV are moved once it lands (services/decode/migration_plan.py).
+        for seq in movable(list(engine.scheduler.seqs.values()), lambda rid: rid in started or rid in stuck):
+            started[seq.request_id] = asyncio.create_task(rt.migrator.migrate(seq, targets))
         pending = [t for rid, t in started.items() if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
