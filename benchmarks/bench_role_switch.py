@@ -15,7 +15,7 @@ any client saw, next to the same without a switch. Goals: prefill -> decode <= 5
 prefill <= 250 ms p50 including migration; no client pause longer than its own KV's migration
 plus one decode step.
 
-    python benchmarks/bench_role_switch.py [--model smollm2] [--trials 8] [--out FILE]
+    python benchmarks/bench_role_switch.py [--model smollm2] [--trials 8] [--transport auto|grpc] [--out FILE]
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ async def trial(cluster: Cluster, a: str, b: str, args, switch: bool, seed: int)
         marks = [t, time.perf_counter()]
         out.update(p2d_ms=p2d.total_seconds * 1e3, p2d_rpc_ms=(t_mid - t) * 1e3, d2p_ms=d2p.total_seconds * 1e3,
                    d2p_migration_ms=d2p.migration_seconds * 1e3, migrated=d2p.migrated_requests,
-                   migrated_bytes=d2p.migrated_bytes, longest_request_pause_ms=d2p.longest_request_pause_seconds * 1e3,
+                   migrated_bytes=d2p.migrated_bytes, migrated_bytes_shared=d2p.migrated_bytes_shared,
+                   longest_request_pause_ms=d2p.longest_request_pause_seconds * 1e3,
                    longest_request_migration_ms=d2p.longest_request_migration_seconds * 1e3,
                    fell_back=d2p.fell_back_to_drain, d2p_rpc_ms=(marks[1] - t_mid) * 1e3)
     times = await asyncio.gather(*clients)
@@ -139,13 +140,15 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=220)
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--settle", type=float, default=0.5, help="seconds decoding before the switch")
+    parser.add_argument("--transport", default="auto", choices=["auto", "grpc", "shm"],
+                        help="DOPD_KV_TRANSPORT of every worker (auto: shared memory on one host)")
     parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
 
     log_dir = Path(tempfile.mkdtemp(prefix="dopd-bench-switch-"))
     spec = ClusterSpec(model=args.model, prefill=1, decode=2, port=free_port(), log_dir=log_dir, kv_blocks=1024,
-                       planner="off")
-    log(f"cluster: {args.model}, 1 prefill + 2 decode workers, logs in {log_dir}")
+                       planner="off", extra_env={"DOPD_KV_TRANSPORT": args.transport})
+    log(f"cluster: {args.model}, 1 prefill + 2 decode workers, KV transport {args.transport}, logs in {log_dir}")
     cluster = Cluster(spec)
     cluster.start()
     try:
@@ -162,7 +165,7 @@ def main() -> int:
     step_ms = statistics.median(t["median_gap_ms"] for t in trials)
     report = Report()
     context = statistics.median(t["context"] for t in switched)
-    s = f"{args.model} 1P+2D, {N_REQUESTS} running at ~{context:.0f} ctx"
+    s = f"{args.model} 1P+2D, {N_REQUESTS} running at ~{context:.0f} ctx, KV transport {args.transport}"
     report.add(Figure(s, "prefill -> decode p50", pct(p2d, 50), "ms", "<= 50 ms", at_most(pct(p2d, 50), 50)))
     report.add(Figure(s, "prefill -> decode p99", pct(p2d, 99), "ms"))
     report.add(Figure(s, "decode -> prefill p50 (incl. migration)", pct(d2p, 50), "ms", "<= 250 ms",
@@ -170,7 +173,9 @@ def main() -> int:
     report.add(Figure(s, "decode -> prefill p99", pct(d2p, 99), "ms"))
     report.add(Figure(s, "requests migrated per switch", statistics.median(t["migrated"] for t in switched),
                       note=f"fell back to drain: {sum(t['fell_back'] for t in switched)} of {len(switched)}"))
-    report.add(Figure(s, "KV migrated per switch", statistics.median(mb), "MB"))
+    shared = sum(t["migrated_bytes_shared"] for t in switched) / max(1, sum(t["migrated_bytes"] for t in switched))
+    report.add(Figure(s, "KV migrated per switch", statistics.median(mb), "MB",
+                      note=f"{shared:.0%} read by the target out of the source's pool (shm)"))
     report.add(Figure(s, "migration rate", statistics.median(rate), "MB/s", note="median over switches"))
     report.add(Figure(s, "decode step (median gap between tokens)", step_ms, "ms"))
     worst_pause = max(max(t["pause_during_switch_ms"]) for t in switched)

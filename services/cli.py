@@ -109,6 +109,8 @@ def _role(args) -> int:
           f"{args.worker}: {reply['from_role']} -> {reply['to_role']} in {reply['total_seconds'] * 1e3:.1f} ms "
           f"(drain {reply['drain_seconds'] * 1e3:.1f} ms, migration {reply['migration_seconds'] * 1e3:.1f} ms, "
           f"{reply['migrated_requests']} request(s) moved, {reply['migrated_bytes'] / 1e6:.2f} MB"
+          + (f" ({reply['migrated_bytes_shared'] / 1e6:.2f} MB through shared memory)"
+             if reply["migrated_bytes_shared"] else "")
           + (f", {reply['drained_requests']} finished here: {reply['note']}" if reply["fell_back_to_drain"] else "")
           + ")")
     return 0

@@ -88,8 +88,9 @@ class PagedKVStore:
         same layout) into ours at `slots`; returns the bytes copied. One gather and one scatter per
         layer and side, no intermediate beyond the gathered rows."""
         rows = (-1, self.layout.num_kv_heads, self.layout.head_dim)
+        slots = slots.to(self.kv.device)  # a GPU pool takes a CPU peer's rows through the host
         for side in range(2):
             for layer in range(self.layout.num_layers):
-                mine = self.kv[side, layer].view(rows)
-                mine.index_copy_(0, slots, peer_kv[side, layer].view(rows).index_select(0, peer_slots))
+                theirs = peer_kv[side, layer].view(rows).index_select(0, peer_slots)
+                self.kv[side, layer].view(rows).index_copy_(0, slots, theirs.to(self.kv.device))
         return self.layout.bytes_for(len(slots))
