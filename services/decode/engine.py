@@ -65,12 +65,9 @@ class DecodeEngine:
         self._queues: dict[str, asyncio.Queue] = {}
         self._kv_timers: dict[str, asyncio.TimerHandle] = {}
         self._attach_timers: dict[str, asyncio.TimerHandle] = {}
-        # NOTE: a request in the step that is running now must keep its blocks until the step
-        # ends (the forward writes its new token's KV there); aborts of such requests wait here,
-        # and so do pauses (the step's token must be delivered before the KV tail is copied).
-        self._in_flight: set[str] = set()
-        self._deferred_aborts: set[str] = set()
-        self._deferred_pauses: dict[str, asyncio.Future] = {}
+        # Pauses of requests in the step that runs now wait for its end (the scheduler's rule:
+        # the step's token must be out before the KV tail is copied); their callers wait here.
+        self._pause_waiters: dict[str, asyncio.Future] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -179,31 +176,22 @@ class DecodeEngine:
             timer = timers.pop(request_id, None)
             if timer:
                 timer.cancel()
-        if request_id in self._in_flight:
-            self._deferred_aborts.add(request_id)
-        else:
-            self.scheduler.abort(request_id)
+        self.scheduler.release(request_id)  # now, or when the step it is in ends
         self._update_gauges()
 
     # -- migration out (services/decode/migration.py drives these) ----------------------------
     async def pause(self, request_id: str) -> DecodeSeq | None:
         """Take a request out of the batch, blocks kept; after the step it may be in has ended and
         delivered its token. None when the request ended meanwhile (finished, cancelled)."""
-        if request_id not in self._in_flight:
-            return self._pause_now(request_id)
+        decided, seq = self.scheduler.pause_or_defer(request_id)
+        if decided:
+            return seq
         # NOTE: the loop starts the next step without yielding, so a waiter would never see the
-        # request out of flight; the loop itself pauses it between two steps.
-        future = self._deferred_pauses.get(request_id)
+        # request out of the step; the loop pauses it between two steps and tells us here.
+        future = self._pause_waiters.get(request_id)
         if future is None:
-            future = self._deferred_pauses[request_id] = asyncio.get_running_loop().create_future()
+            future = self._pause_waiters[request_id] = asyncio.get_running_loop().create_future()
         return await asyncio.shield(future)
-
-    def _pause_now(self, request_id: str) -> DecodeSeq | None:
-        seq = self.scheduler.seqs.get(request_id)
-        if seq is None or seq.state not in (SeqState.READY, SeqState.RUNNING):
-            return None
-        self.scheduler.pause(request_id)
-        return seq
 
     def resume(self, seq: DecodeSeq) -> None:
         if self.scheduler.seqs.get(seq.request_id) is seq and seq.state is SeqState.PAUSED:
@@ -255,45 +243,39 @@ class DecodeEngine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = self.scheduler.schedule()
+            batch = self.scheduler.begin_step()
+            paused: dict[str, DecodeSeq | None] = {}
             try:
-                await self._run_step(batch)
+                paused = await self._run_step(batch)
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the loop
                 log.exception("decode step failed")
+                self.scheduler.abandon_step()
                 for seq in batch:
                     self.fail(seq.request_id, ServiceError(f"decode step failed: {exc}"))
+                paused = self.scheduler.settle()
             finally:
-                for request_id in self._deferred_aborts:
-                    self.scheduler.abort(request_id)
-                self._deferred_aborts.clear()
-                for request_id, future in self._deferred_pauses.items():
+                for request_id, future in self._pause_waiters.items():
                     if not future.done():
-                        future.set_result(self._pause_now(request_id))
-                self._deferred_pauses.clear()
+                        future.set_result(paused.get(request_id))
+                self._pause_waiters.clear()
                 self._update_gauges()
 
-    async def _run_step(self, batch: list[DecodeSeq]) -> None:
+    async def _run_step(self, batch: list[DecodeSeq]) -> dict[str, DecodeSeq | None]:
+        """One step; returns the pauses asked for meanwhile (settled by the scheduler)."""
         # Inputs are read here, on the loop thread: the executor thread only runs the model.
         inputs = ([s.tokens[-1] for s in batch], [s.next_position for s in batch], [s.block_table for s in batch],
                   [s.params for s in batch], [len(s.tokens) for s in batch])
-        self._in_flight = {s.request_id for s in batch}
         started = time.perf_counter()
-        try:
-            next_tokens = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.runner.decode_sample, *inputs)
-        finally:
-            self._in_flight = set()
+        next_tokens = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.runner.decode_sample, *inputs)
         metrics.DECODE_STEP_SECONDS.observe(time.perf_counter() - started)
         metrics.DECODE_BATCH_SIZE.observe(len(batch))
-        self._deliver(batch, next_tokens)
-
-    def _deliver(self, batch: list[DecodeSeq], next_tokens: list[int]) -> None:
-        finished = self.scheduler.update(batch, next_tokens)
-        for seq, token in zip(batch, next_tokens, strict=True):
-            if seq.request_id not in self._deferred_aborts:  # update() appended `token` last
-                self._emit(seq.request_id, TokensEvent([token], len(seq.tokens) - 1))
-        for seq in finished:
+        end = self.scheduler.end_step(batch, next_tokens)
+        for seq in end.delivered:  # end_step appended each one's token last
+            self._emit(seq.request_id, TokensEvent([seq.tokens[-1]], len(seq.tokens) - 1))
+        for seq in end.finished:
             self._emit(seq.request_id, FinishedEvent(seq.finish, len(seq.tokens)))
+        return end.paused
 
     def _update_gauges(self) -> None:
         metrics.KV_BLOCKS_USED.set(self.scheduler.pool.num_used)

@@ -66,6 +66,13 @@ class DecodeSeq:
         return None
 
 
+@dataclass
+class StepEnd:
+    delivered: list[DecodeSeq]  # requests whose new token goes out (not released during the step)
+    finished: list[DecodeSeq]  # of those, the ones the token finished
+    paused: dict[str, DecodeSeq | None]  # pauses asked for during the step: the request, or None
+
+
 class DecodeScheduler:
     def __init__(self, pool: BlockPool, max_batch_size: int) -> None:
         self.pool = pool
@@ -73,6 +80,12 @@ class DecodeScheduler:
         self.seqs: dict[str, DecodeSeq] = {}
         self._ready: OrderedDict[str, DecodeSeq] = OrderedDict()
         self._running: dict[str, DecodeSeq] = {}
+        # The step in flight (begin_step .. end_step): its requests keep their blocks and seats
+        # until it ends, since the model reads and writes them; releases and pauses asked for
+        # meanwhile wait for the step's end (settle), releases first.
+        self._in_step: set[str] = set()
+        self._releases: set[str] = set()
+        self._pauses: set[str] = set()
 
     # -- admission ---------------------------------------------------------------------------
     def reserve(self, seq: DecodeSeq) -> None:
@@ -111,9 +124,23 @@ class DecodeScheduler:
         return seq
 
     # -- migration ---------------------------------------------------------------------------
+    def pause_or_defer(self, request_id: str) -> tuple[bool, DecodeSeq | None]:
+        """(True, seq) paused now; (True, None) it ended or is not decoding; (False, None) it is in
+        the step in flight: `settle` pauses it (or says it ended) once the step is over."""
+        if request_id in self._in_step:
+            self._pauses.add(request_id)
+            return False, None
+        return True, self._pause_if_decoding(request_id)
+
+    def _pause_if_decoding(self, request_id: str) -> DecodeSeq | None:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.state not in (SeqState.READY, SeqState.RUNNING):
+            return None
+        return self.pause(request_id)
+
     def pause(self, request_id: str) -> DecodeSeq:
-        """Out of the batch, blocks kept. The caller must not pause a request inside a running
-        step (the engine waits for the step to end first)."""
+        """Out of the batch, blocks kept. Not for a request inside the step in flight
+        (pause_or_defer waits for the step to end)."""
         seq = self.seqs[request_id]
         if seq.state not in (SeqState.READY, SeqState.RUNNING):
             raise ValueError(f"request {request_id!r} is {seq.state.value}; only ready or running ones pause")
@@ -131,6 +158,53 @@ class DecodeScheduler:
         return seq
 
     # -- steps -------------------------------------------------------------------------------
+    def begin_step(self) -> list[DecodeSeq]:
+        """schedule(), and the batch is the step in flight until end_step or abandon_step."""
+        batch = self.schedule()
+        self._in_step = {s.request_id for s in batch}
+        return batch
+
+    def end_step(self, batch: list[DecodeSeq], next_tokens: list[int]) -> StepEnd:
+        """The step's tokens: update(), then settle() what was asked for meanwhile. Requests
+        released during the step get no token out (`delivered` leaves them out)."""
+        self._in_step = set()
+        finished = self.update(batch, next_tokens)
+        released = self._releases
+        delivered = [s for s in batch if s.request_id not in released]
+        finished = [s for s in finished if s.request_id not in released]
+        return StepEnd(delivered, finished, self.settle())
+
+    def abandon_step(self) -> None:
+        """The step failed: nothing is in flight any more (the caller fails its requests, then
+        settle()s)."""
+        self._in_step = set()
+
+    def settle(self) -> dict[str, DecodeSeq | None]:
+        """Apply the releases, then the pauses, asked for during the step that ended; returns each
+        pause's outcome (the paused request, or None if it ended)."""
+        for request_id in sorted(self._releases):
+            self.abort(request_id)
+        self._releases = set()
+        paused = {rid: self._pause_if_decoding(rid) for rid in sorted(self._pauses)}
+        self._pauses = set()
+        return paused
+
+    def release(self, request_id: str) -> bool:
+        """Free a request now (True), or once the step it is in ends (False)."""
+        if request_id in self._in_step:
+            self._releases.add(request_id)
+            return False
+        self.abort(request_id)
+        return True
+
+    def in_step(self, request_id: str) -> bool:
+        return request_id in self._in_step
+
+    @property
+    def settling(self) -> bool:
+        """Releases or pauses wait for the step in flight."""
+        return bool(self._releases or self._pauses)
+
     def schedule(self) -> list[DecodeSeq]:
         """The batch for the next step: every running request, topped up from the ready queue."""
         while self._ready and len(self._running) < self.max_batch_size:
@@ -180,4 +254,4 @@ class DecodeScheduler:
         return bool(self._running or self._ready)
 
 
-__all__ = ["DecodeScheduler", "DecodeSeq", "Finish", "OutOfBlocks", "SeqState"]
+__all__ = ["DecodeScheduler", "DecodeSeq", "Finish", "OutOfBlocks", "SeqState", "StepEnd"]

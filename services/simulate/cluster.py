@@ -190,8 +190,9 @@ class Cluster:
         d.kicked = False
         if d.batch is not None:
             return
-        batch = d.decode.schedule()
+        batch = d.decode.begin_step()
         if not batch:
+            d.decode.abandon_step()
             return
         n = len(batch)
         context = sum(s.next_position for s in batch) / n + 1
@@ -203,45 +204,23 @@ class Cluster:
         batch, d.batch = d.batch, None
         n = len(batch)
         zeros = self._zeros.get(n) or self._zeros.setdefault(n, [FIRST_TOKEN] * n)
-        finished = d.decode.update(batch, zeros)
-        now, by_rid, aborts = self.loop.now, self.by_rid, d.deferred_aborts
-        for seq in batch:
-            if aborts and seq.request_id in aborts:
-                continue
+        end = d.decode.end_step(batch, zeros)  # releases and pauses asked for meanwhile, settled
+        now, by_rid = self.loop.now, self.by_rid
+        for seq in end.delivered:
             r = by_rid[seq.request_id]
             r.itls.append(now - r.last_at)
             r.last_at = now
             r.tokens += 1
-        for seq in finished:
-            if not (aborts and seq.request_id in aborts):
-                self._complete(by_rid[seq.request_id])
-        if aborts:
-            for rid in sorted(aborts):
-                d.decode.abort(rid)
-            aborts.clear()
-        if d.deferred_pauses:
-            pauses, d.deferred_pauses = d.deferred_pauses, {}
-            for callback in pauses.values():
-                callback()
+        for seq in end.finished:
+            self._complete(by_rid[seq.request_id])
+        for rid, seq in end.paused.items():
+            d.pause_waiters.pop(rid)(seq)
         self._step(d)  # the engine's loop starts the next step at once
         self.switches.check(d)
 
-    def pause_now(self, d: SimWorker, rid: str) -> DecodeSeq | None:
-        """As DecodeEngine._pause_now: out of the batch, blocks kept; None if it ended."""
-        seq = d.decode.seqs.get(rid)
-        if seq is None or seq.state not in (SeqState.READY, SeqState.RUNNING):
-            return None
-        return d.decode.pause(rid)
-
     def _release(self, d: SimWorker, rid: str) -> None:
         """As DecodeEngine.release: free a request's blocks, after the step it is in."""
-        seq = d.decode.seqs.get(rid)
-        if seq is None:
-            return
-        if d.in_flight(seq):
-            d.deferred_aborts.add(rid)
-        else:
-            d.decode.abort(rid)
+        d.decode.release(rid)
 
     # -- the end of a request ---------------------------------------------------------------
     def _complete(self, r: SimRequest) -> None:
@@ -309,7 +288,7 @@ class Cluster:
                 out.append(f"{w.worker_id}: {len(w.decode.seqs)} requests still in its decode scheduler")
             if w.prefill_busy:
                 out.append(f"{w.worker_id}: prefill still busy")
-            if w.switch or w.state.switching or w.deferred_aborts or w.deferred_pauses:
+            if w.switch or w.state.switching or w.decode.settling or w.pause_waiters:
                 out.append(f"{w.worker_id}: a switch, abort or pause still pending")
         unended = [r.rid for r in self.requests if r.phase != "done"]
         if unended:

@@ -142,14 +142,12 @@ class Switcher:
         step = move.plan.next(seq.next_position)
         if isinstance(step, Send):
             c.loop.at(src.link.send(c.loop.now, (step.end - step.start) * c.kv_bytes_per_token), self._step, move)
-        elif src.in_flight(seq):  # Pause: after its step
-            src.deferred_pauses[move.req.rid] = lambda: self._pause_after_step(move)
+            return
+        decided, paused = src.decode.pause_or_defer(move.req.rid)  # Pause: now, or after its step
+        if decided:
+            self._paused(move, paused)
         else:
-            self._paused(move, c.pause_now(src, move.req.rid))
-
-    def _pause_after_step(self, move: Move) -> None:
-        if not move.dead:
-            self._paused(move, self.c.pause_now(move.src, move.req.rid))
+            src.pause_waiters[move.req.rid] = lambda paused: self._paused(move, paused)
 
     def _paused(self, move: Move, seq: DecodeSeq | None) -> None:
         if move.dead:

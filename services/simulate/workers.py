@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from common.kv.block_pool import BlockPool
 from common.types import Role
-from services.decode.scheduler import DecodeScheduler, DecodeSeq, SeqState
+from services.decode.scheduler import DecodeScheduler, DecodeSeq
 from services.gateway.routing import WorkerView
 from services.planner.load import WorkerLoad
 from services.prefill.scheduler import PrefillScheduler
@@ -50,8 +50,8 @@ class SimWorker:
     prefill_batch: list[SimRequest] | None = None  # the forward that runs now
     handoffs: int = 0  # batches whose KV is still on its way
     batch: list[DecodeSeq] | None = None  # the decode step that runs now
-    deferred_aborts: set[str] = field(default_factory=set)
-    deferred_pauses: dict[str, Callable[[], None]] = field(default_factory=dict)  # request id -> after the step
+    # Pauses the scheduler deferred to the end of the step in flight: request id -> what to do then.
+    pause_waiters: dict[str, Callable[[DecodeSeq | None], None]] = field(default_factory=dict)
     kicked: bool = False  # a decode step start is scheduled
     switch: object | None = None  # a services.simulate.switching.Switch under way
     stuck: set[str] = field(default_factory=set)  # no room elsewhere: these finish here
@@ -74,10 +74,6 @@ class SimWorker:
     def prefill_busy(self) -> bool:
         """As PrefillEngine.busy: prompts queued or running, or KV still on its way."""
         return bool(self.prefill.num_waiting or self.prefill_batch or self.handoffs)
-
-    def in_flight(self, seq: DecodeSeq) -> bool:
-        """In the decode step that runs now (every RUNNING request is in it while one runs)."""
-        return self.batch is not None and seq.state is SeqState.RUNNING
 
     def view(self) -> WorkerView:
         return WorkerView(self.worker_id, self.worker_id, self.pool.num_free, self.block_size)

@@ -212,3 +212,50 @@ def test_random_simulation_ends_without_leaks():
             assert len(seq.tokens) == seq.params.max_tokens
         else:
             assert seq.finish is Finish.STOP and seq.tokens[-1] == EOS
+
+
+def test_releases_and_pauses_during_a_step_wait_for_its_end():
+    sched = DecodeScheduler(BlockPool(64, 4), max_batch_size=4)
+    for rid in "abcd":
+        sched.reserve(make_seq(rid))
+        sched.kv_complete(rid, first_token=5)
+    batch = sched.begin_step()
+    assert [s.request_id for s in batch] == list("abcd") and sched.in_step("a")
+    used = sched.pool.num_used
+    assert sched.release("a") is False  # in the step: its blocks are being written
+    assert sched.pause_or_defer("b") == (False, None)
+    assert sched.pool.num_used == used and sched.settling
+    end = sched.end_step(batch, [7, 7, EOS, 7])
+    assert [s.request_id for s in end.delivered] == ["b", "c", "d"]  # a's token never goes out
+    assert [s.request_id for s in end.finished] == ["c"]
+    assert end.paused == {"b": sched.seqs["b"]} and sched.seqs["b"].state is SeqState.PAUSED
+    assert sched.seqs["b"].tokens == [5, 7]  # paused after its step's token
+    assert "a" not in sched.seqs and not sched.settling
+    # Out of a step, both happen at once.
+    assert sched.pause_or_defer("d") == (True, sched.seqs["d"])
+    assert sched.pause_or_defer("a") == (True, None)  # ended: nothing to pause
+    assert sched.release("b") is True and sched.release("d") is True
+    assert_no_leak(sched)
+
+
+def test_a_pause_asked_for_in_a_step_that_finishes_the_request_says_it_ended():
+    sched = DecodeScheduler(BlockPool(64, 4), max_batch_size=4)
+    sched.reserve(make_seq("r", max_tokens=2))
+    sched.kv_complete("r", first_token=5)
+    batch = sched.begin_step()
+    sched.pause_or_defer("r")
+    end = sched.end_step(batch, [9])
+    assert end.finished == batch and end.paused == {"r": None}
+    assert_no_leak(sched)
+
+
+def test_an_abandoned_step_settles_after_its_requests_failed():
+    sched = DecodeScheduler(BlockPool(64, 4), max_batch_size=4)
+    sched.reserve(make_seq("r"))
+    sched.kv_complete("r", first_token=5)
+    sched.begin_step()
+    sched.pause_or_defer("r")
+    sched.abandon_step()
+    assert sched.release("r") is True  # the engine fails the step's requests: freed at once
+    assert sched.settle() == {"r": None}
+    assert_no_leak(sched)
