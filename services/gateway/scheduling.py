@@ -1,0 +1,185 @@
+"""DOPD's request scheduling policy, pure (no I/O, no clock of its own): which path a request
+takes, on which workers, and whether it is admitted at all.
+
+    long          a prompt above the predicted mean prompt length goes at once to the prefill
+                  worker with the least outstanding prefill work (seconds, from the profile)
+    short         the rest are batched: held until their tokens reach a cap or the oldest has
+                  waited the wait cap, then sent together to the least loaded prefill worker
+    ultra-short   a prompt whose prefill fits in a decode step's slack under the TPOT SLO (and is
+                  among the shortest predicted) is prefilled on the decode worker itself: no KV
+                  moves at all
+    decode        the worker with the smallest batch among those that can hold the request's whole
+                  reservation, then the most free blocks
+    admission     a request whose predicted TTFT (the prefill work queued ahead of it, its own
+                  prefill, its wait for a batch) is already past the TTFT SLO is refused at once,
+                  with the reason, instead of being served late and delaying the others
+
+Every threshold follows the planner's forecast (`LoadForecast`) and the latency profile, never a
+constant: `SchedulingPolicy.for_forecast` derives them each interval.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from common.profile import LatencyProfile
+from services.planner.load import SLO, LoadForecast
+
+ULTRA_SHORT_QUANTILE = 0.1  # at most the shortest tenth of the predicted prompts skip the KV move
+# A short batch waits at most this share of the TTFT SLO (the rest is for its prefill and queue).
+WAIT_CAP_SHARE_OF_TTFT = 0.2
+
+
+class Path(enum.StrEnum):
+    LONG = "long"
+    SHORT = "short"
+    ULTRA_SHORT = "ultra-short"
+
+
+@dataclass(frozen=True)
+class PrefillCandidate:
+    worker_id: str
+    outstanding_tokens: int  # prompt tokens sent to it and not yet prefilled
+
+
+@dataclass(frozen=True)
+class DecodeCandidate:
+    worker_id: str
+    free_blocks: int
+    block_size: int
+    batch_size: int  # requests it decodes now
+
+
+@dataclass(frozen=True)
+class SchedulingPolicy:
+    long_above: float  # prompt tokens
+    ultra_short_up_to: float  # prompt tokens; 0 turns the path off
+    batch_token_cap: int
+    batch_wait_cap_s: float
+    slo: SLO
+    profile: LatencyProfile
+    admission: bool = True
+
+    @classmethod
+    def for_forecast(cls, forecast: LoadForecast, profile: LatencyProfile, slo: SLO, batch_token_cap: int,
+                     typical_decode_batch: int, admission: bool = True) -> SchedulingPolicy:
+        """Thresholds for the interval the forecast is for. The ultra-short cap is the shorter of
+        the predicted prompts' ULTRA_SHORT_QUANTILE and the longest prompt whose prefill, added to
+        a decode step of `typical_decode_batch` requests, still meets the TPOT SLO."""
+        prompt = forecast.prompt
+        context = prompt.mean + forecast.output.mean / 2
+        slack = slo.tpot_s - profile.decode_step_time(max(1, typical_decode_batch), context)
+        fits = _longest_prompt_within(profile, slack)
+        wait_cap = WAIT_CAP_SHARE_OF_TTFT * slo.ttft_s
+        if forecast.rate > 0 and prompt.mean > 0:
+            # No longer than the predicted arrivals take to fill a batch: waiting beyond it gains nothing.
+            wait_cap = min(wait_cap, batch_token_cap / (forecast.rate * prompt.mean))
+        return cls(long_above=prompt.mean, ultra_short_up_to=min(prompt.quantile(ULTRA_SHORT_QUANTILE), fits),
+                   batch_token_cap=batch_token_cap, batch_wait_cap_s=wait_cap, slo=slo, profile=profile,
+                   admission=admission)
+
+    def path(self, prompt_tokens: int) -> Path:
+        if prompt_tokens <= self.ultra_short_up_to:
+            return Path.ULTRA_SHORT
+        if prompt_tokens > self.long_above:
+            return Path.LONG
+        return Path.SHORT
+
+    def prefill_worker(self, candidates: Sequence[PrefillCandidate]) -> PrefillCandidate | None:
+        """The least outstanding prefill work, in the profile's seconds."""
+        if not candidates:
+            return None
+        return min(candidates, key=lambda c: (self._prefill_s(c.outstanding_tokens), c.worker_id))
+
+    def decode_workers(self, candidates: Sequence[DecodeCandidate], kv_tokens: int) -> list[DecodeCandidate]:
+        """Those that can hold `kv_tokens`, best first: smallest batch, then most free blocks."""
+        fit = [c for c in candidates if c.free_blocks * c.block_size >= kv_tokens]
+        return sorted(fit, key=lambda c: (c.batch_size, -c.free_blocks, c.worker_id))
+
+    def predicted_ttft(self, prompt_tokens: int, path: Path, queued_tokens: int) -> float:
+        """Seconds to the first token: the prefill work queued ahead on the chosen worker, the
+        prompt's own prefill, and (short) the longest wait for a batch."""
+        if path is Path.ULTRA_SHORT:
+            return self._prefill_s(prompt_tokens)
+        wait = self.batch_wait_cap_s if path is Path.SHORT else 0.0
+        return self._prefill_s(queued_tokens) + self._prefill_s(prompt_tokens) + wait
+
+    def refusal(self, prompt_tokens: int, path: Path, queued_tokens: int) -> str | None:
+        """Why a request is refused (admission control), or None to admit it."""
+        if not self.admission:
+            return None
+        ttft = self.predicted_ttft(prompt_tokens, path, queued_tokens)
+        if ttft <= self.slo.ttft_s:
+            return None
+        return (f"overloaded: predicted time to first token {ttft * 1e3:.0f} ms is past the "
+                f"{self.slo.ttft_s * 1e3:.0f} ms SLO ({queued_tokens} prompt tokens queued ahead on the least "
+                f"loaded prefill worker)")
+
+    def _prefill_s(self, tokens: int) -> float:
+        return self.profile.prefill_time(tokens) if tokens > 0 else 0.0
+
+
+def _longest_prompt_within(profile: LatencyProfile, seconds: float) -> float:
+    """The longest prompt the profile prefills within `seconds` (0 when none does)."""
+    if seconds <= 0 or profile.prefill_time(1) > seconds:
+        return 0.0
+    lo, hi = 1, max(2, int(profile.prefill_tokens[-1]))
+    while lo < hi:  # prefill time grows with the tokens: bisect
+        mid = (lo + hi + 1) // 2
+        if profile.prefill_time(mid) <= seconds:
+            lo = mid
+        else:
+            hi = mid - 1
+    return float(lo)
+
+
+@dataclass(eq=False)
+class _Held:
+    key: object
+    tokens: int
+    since: float
+
+
+@dataclass
+class ShortBatcher:
+    """Short prompts held for one batch: released when their tokens reach the cap, or when the
+    oldest has waited the wait cap. The caller passes the time (the gateway's clock, the
+    simulator's virtual one) and asks `due` when the next release may be."""
+
+    token_cap: int
+    wait_cap_s: float
+    _held: list[_Held] = field(default_factory=list)
+
+    def add(self, key: object, tokens: int, now: float) -> list[object] | None:
+        """Hold `key`; returns the batch to send now (it included) when the cap is reached."""
+        self._held.append(_Held(key, tokens, now))
+        if sum(h.tokens for h in self._held) >= self.token_cap:
+            return self._release()
+        return None
+
+    def due(self) -> float | None:
+        """When the oldest held prompt's wait cap ends (None: nothing held)."""
+        return self._held[0].since + self.wait_cap_s if self._held else None
+
+    def poll(self, now: float) -> list[object] | None:
+        """The batch whose wait cap has passed, if any."""
+        if self._held and now >= self._held[0].since + self.wait_cap_s:
+            return self._release()
+        return None
+
+    def remove(self, key: object) -> bool:
+        """A held prompt whose client went away."""
+        for held in self._held:
+            if held.key is key:
+                self._held.remove(held)
+                return True
+        return False
+
+    def _release(self) -> list[object]:
+        batch, self._held = [h.key for h in self._held], []
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._held)

@@ -1,0 +1,83 @@
+"""DOPD's request scheduling policy, the pure core (services/gateway/scheduling.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.profile import load_profile
+from services.gateway.scheduling import (
+    DecodeCandidate,
+    Path,
+    PrefillCandidate,
+    SchedulingPolicy,
+    ShortBatcher,
+)
+from services.planner.load import SLO, LengthDist, LoadForecast
+
+PROFILE = load_profile("llama3-8b-h100")
+SLO_ = SLO(ttft_s=0.3, tpot_s=0.04)
+
+
+def forecast(prompts: list[int], rate: float = 20.0, output: int = 200) -> LoadForecast:
+    return LoadForecast(rate, LengthDist.from_samples(prompts), LengthDist.from_samples([output] * 10))
+
+
+def policy(prompts: list[int], **kw) -> SchedulingPolicy:
+    return SchedulingPolicy.for_forecast(forecast(prompts, **kw), PROFILE, SLO_, batch_token_cap=8192,
+                                         typical_decode_batch=64)
+
+
+def test_thresholds_follow_the_forecast_not_constants():
+    chat = policy([20, 40, 60, 100, 200, 400, 800])
+    documents = policy([2000, 3000, 4000, 5000, 6000, 8000])
+    assert chat.long_above == pytest.approx(231.4, abs=0.1)  # the predicted mean prompt
+    assert documents.long_above > 10 * chat.long_above
+    assert chat.path(1000) is Path.LONG and documents.path(1000) is Path.SHORT
+    # Ultra-short: among the shortest predicted, and only while a decode step has slack for it.
+    assert 0 < chat.ultra_short_up_to <= chat.long_above and chat.path(20) is Path.ULTRA_SHORT
+    assert documents.ultra_short_up_to > chat.ultra_short_up_to
+    tight = SchedulingPolicy.for_forecast(forecast([20, 40, 60]), PROFILE, SLO(0.3, 0.005), 8192, 64)
+    assert tight.ultra_short_up_to == 0 and tight.path(1) is Path.SHORT  # no slack: no prefill on decode
+
+
+def test_the_batch_wait_cap_shrinks_as_arrivals_fill_batches_sooner():
+    slow, busy = policy([100] * 10, rate=1.0), policy([100] * 10, rate=10_000.0)
+    assert slow.batch_wait_cap_s == pytest.approx(0.2 * SLO_.ttft_s)  # capped by its share of the SLO
+    assert busy.batch_wait_cap_s == pytest.approx(8192 / (10_000 * 100))  # a batch fills in 8 ms
+
+
+def test_prefill_goes_to_the_least_outstanding_work_decode_to_the_smallest_batch_with_room():
+    p = policy([100, 200, 300])
+    assert p.prefill_worker([PrefillCandidate("p0", 9000), PrefillCandidate("p1", 300)]).worker_id == "p1"
+    assert p.prefill_worker([]) is None
+    decode = [DecodeCandidate("d0", free_blocks=100, block_size=16, batch_size=40),
+              DecodeCandidate("d1", free_blocks=10, block_size=16, batch_size=2),  # 160 tokens: too few
+              DecodeCandidate("d2", free_blocks=50, block_size=16, batch_size=40),
+              DecodeCandidate("d3", free_blocks=20, block_size=16, batch_size=5)]
+    assert [c.worker_id for c in p.decode_workers(decode, kv_tokens=300)] == ["d3", "d0", "d2"]
+
+
+def test_admission_refuses_what_would_miss_the_ttft_slo_and_says_why():
+    p = policy([100, 200, 300], rate=5.0)
+    assert p.refusal(500, Path.LONG, queued_tokens=0) is None
+    why = p.refusal(500, Path.LONG, queued_tokens=200_000)  # seconds of prefill queued ahead
+    assert why is not None and "predicted time to first token" in why and "300 ms SLO" in why
+    off = SchedulingPolicy.for_forecast(forecast([100]), PROFILE, SLO_, 8192, 64, admission=False)
+    assert off.refusal(500, Path.LONG, queued_tokens=200_000) is None
+    # A short prompt's prediction counts its wait for a batch.
+    assert p.predicted_ttft(100, Path.SHORT, 0) == pytest.approx(p.predicted_ttft(100, Path.LONG, 0)
+                                                                 + p.batch_wait_cap_s)
+
+
+def test_short_batches_leave_at_the_token_cap_or_the_wait_cap():
+    batcher = ShortBatcher(token_cap=100, wait_cap_s=0.05)
+    assert batcher.add("a", 40, now=0.0) is None and batcher.due() == pytest.approx(0.05)
+    assert batcher.add("b", 40, now=0.01) is None
+    assert batcher.add("c", 30, now=0.02) == ["a", "b", "c"]  # 110 tokens >= the cap
+    assert len(batcher) == 0 and batcher.due() is None
+    batcher.add("d", 10, now=1.0)
+    batcher.add("e", 10, now=1.03)
+    assert batcher.poll(1.049) is None
+    assert batcher.remove("d") and not batcher.remove("d")  # its client went away
+    assert batcher.poll(1.05) is None  # the oldest is now e: its cap ends at 1.08
+    assert batcher.poll(1.08) == ["e"]
