@@ -12,10 +12,15 @@ there, so a masked-out position never feeds uninitialised memory (possibly NaN) 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from common.kv.shared_memory import SharedPoolHandle, allocate_shared
+from common.kv import shared_memory
+from common.kv.shared_memory import SharedPoolHandle
 from common.kv.wire import KVLayout
+
+log = logging.getLogger(__name__)
 
 
 def slots_for(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
@@ -39,9 +44,13 @@ class PagedKVStore:
         # ~3 ms/MB on these machines, which made a migration's writes 10x slower than the copy.
         shape = (2, layout.num_layers, num_blocks + 1, block_size, layout.num_kv_heads, layout.head_dim)
         self.shared_handle: SharedPoolHandle | None = None
-        if shared and torch.device(device).type == "cpu":
-            self.kv, self.shared_handle = allocate_shared(shape, layout.dtype)
-        else:
+        self.kv: torch.Tensor | None = None
+        if shared and torch.device(device).type == "cpu" and shared_memory.available():
+            try:
+                self.kv, self.shared_handle = shared_memory.allocate_shared(shape, layout.dtype)
+            except OSError as exc:  # no memfd here: peers get the KV over gRPC
+                log.warning("KV pool not shared (%s): migrations from this worker send bytes", exc)
+        if self.kv is None:
             self.kv = torch.zeros(shape, dtype=layout.dtype, device=device)
         self.k, self.v = self.kv[0], self.kv[1]
 

@@ -25,6 +25,11 @@ from common.kv.wire import dtype_from_name
 from common.pb import worker_pb2
 
 
+def available() -> bool:
+    """memfd and /proc: Linux."""
+    return hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir()
+
+
 @cache
 def host_id() -> str:
     """Same value in every process of this host (and boot): the kernel's boot id."""
