@@ -37,7 +37,12 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),  # accept the clients' pings
+    # Accept the clients' keepalive pings (every 10 s) on idle connections. NOTE: the key is
+    # gRPC core's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; unknown keys are ignored
+    # silently, and with the default (5 min) an idle connection's pings were "too many": the server
+    # sent GOAWAY and a call just starting on it failed UNAVAILABLE (one request in a 55-minute
+    # sim-engine run, docs/results/bench-planner-r26).
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
 ]
 
 
