@@ -13,6 +13,7 @@ There is no file to clean up: the memory goes when the worker and every peer map
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -61,9 +62,7 @@ class SharedPoolHandle:
 
 def allocate_shared(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, SharedPoolHandle]:
     """A zeroed tensor in a memfd, every page resident, and the handle peers map it by."""
-    numel = 1
-    for n in shape:
-        numel *= n
+    numel = math.prod(shape)
     fd = os.memfd_create("dopd-kv", os.MFD_CLOEXEC)
     os.ftruncate(fd, numel * dtype.itemsize)
     tensor = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=numel, dtype=dtype).view(shape)
@@ -94,9 +93,7 @@ class PeerPools:
             dtype = dtype_from_name(handle.dtype)
         except ValueError as exc:
             raise OSError(str(exc)) from None
-        numel = 1
-        for n in handle.shape:
-            numel *= n
+        numel = math.prod(handle.shape)
         path = f"/proc/{handle.pid}/fd/{handle.fd}"
         if os.stat(path).st_size != numel * dtype.itemsize:
             raise OSError(f"{path} is not a KV pool of shape {list(handle.shape)}")

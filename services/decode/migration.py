@@ -74,7 +74,7 @@ class Migrator:
         # The shm transport: targets read the KV out of our pool themselves (services/kvtransfer/
         # receiver.py). `auto` sends the bytes over gRPC to a target that cannot map our pool
         # (another host, say), and remembers it; `shm` makes that a failed move.
-        self.shared_pool = shared_pool if transport != "grpc" else None
+        self.shared_pool = shared_pool  # None: a gRPC-only worker, or a pool that is not shared
         self.transport = transport
         self._grpc_only: set[str] = set()  # addresses of targets that cannot map our pool
 

@@ -197,9 +197,6 @@ class DecodeScheduler:
         self.abort(request_id)
         return True
 
-    def in_step(self, request_id: str) -> bool:
-        return request_id in self._in_step
-
     @property
     def settling(self) -> bool:
         """Releases or pauses wait for the step in flight."""

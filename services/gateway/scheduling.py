@@ -2,7 +2,8 @@
 takes, on which workers, and whether it is admitted at all.
 
     long          a prompt above the predicted mean prompt length goes at once to the prefill
-                  worker with the least outstanding prefill work (seconds, from the profile)
+                  worker with the least outstanding prefill work (routing.pick_prefill: prefill
+                  time grows with the tokens, so the fewest tokens is the least work)
     short         the rest are batched: held until their tokens reach a cap or the oldest has
                   waited the wait cap, then sent together to the least loaded prefill worker
     ultra-short   a prompt whose prefill fits in a decode step's slack under the TPOT SLO (and is
@@ -36,12 +37,6 @@ class Path(enum.StrEnum):
     LONG = "long"
     SHORT = "short"
     ULTRA_SHORT = "ultra-short"
-
-
-@dataclass(frozen=True)
-class PrefillCandidate:
-    worker_id: str
-    outstanding_tokens: int  # prompt tokens sent to it and not yet prefilled
 
 
 @dataclass(frozen=True)
@@ -86,12 +81,6 @@ class SchedulingPolicy:
         if prompt_tokens > self.long_above:
             return Path.LONG
         return Path.SHORT
-
-    def prefill_worker(self, candidates: Sequence[PrefillCandidate]) -> PrefillCandidate | None:
-        """The least outstanding prefill work, in the profile's seconds."""
-        if not candidates:
-            return None
-        return min(candidates, key=lambda c: (self._prefill_s(c.outstanding_tokens), c.worker_id))
 
     def decode_workers(self, candidates: Sequence[DecodeCandidate], kv_tokens: int) -> list[DecodeCandidate]:
         """Those that can hold `kv_tokens`, best first: smallest batch, then most free blocks."""

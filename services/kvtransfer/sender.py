@@ -139,6 +139,8 @@ class KVSender:
                 self._queue.task_done()
 
     def _counted(self, message: worker_pb2.KVPush) -> worker_pb2.KVPush:
+        if not message.HasField("chunk"):  # a shm `ready` notice: the receiver counts what it copies
+            return message
         # Sized from its ranges: reading `chunk.data` would copy the bytes.
         part, layout = message.chunk, self._builder.layout
         layers, tokens = part.layer_end - part.layer_start, part.token_end - part.token_start

@@ -192,7 +192,6 @@ class Cluster:
             return
         batch = d.decode.begin_step()
         if not batch:
-            d.decode.abandon_step()
             return
         n = len(batch)
         context = sum(s.next_position for s in batch) / n + 1

@@ -8,7 +8,6 @@ from common.profile import load_profile
 from services.gateway.scheduling import (
     DecodeCandidate,
     Path,
-    PrefillCandidate,
     SchedulingPolicy,
     ShortBatcher,
 )
@@ -46,10 +45,9 @@ def test_the_batch_wait_cap_shrinks_as_arrivals_fill_batches_sooner():
     assert busy.batch_wait_cap_s == pytest.approx(8192 / (10_000 * 100))  # a batch fills in 8 ms
 
 
-def test_prefill_goes_to_the_least_outstanding_work_decode_to_the_smallest_batch_with_room():
+def test_decode_goes_to_the_smallest_batch_with_room():
+    # (The prefill worker is routing.pick_prefill's, tested in test_routing.py.)
     p = policy([100, 200, 300])
-    assert p.prefill_worker([PrefillCandidate("p0", 9000), PrefillCandidate("p1", 300)]).worker_id == "p1"
-    assert p.prefill_worker([]) is None
     decode = [DecodeCandidate("d0", free_blocks=100, block_size=16, batch_size=40),
               DecodeCandidate("d1", free_blocks=10, block_size=16, batch_size=2),  # 160 tokens: too few
               DecodeCandidate("d2", free_blocks=50, block_size=16, batch_size=40),
