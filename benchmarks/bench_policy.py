@@ -54,7 +54,7 @@ def main() -> int:
         out = simulate(reqs, base)
         static = summarize(out.results, out.duration, ttft, tpot)["slo_attainment"]
         for label, change in VARIANTS.items():
-            out = simulate(reqs, replace(base, mode="dopd", policy=replace(default_policy(), **change)))
+            out = simulate(reqs, replace(base, mode="dopd-no-policy", policy=replace(default_policy(), **change)))
             dopd = summarize(out.results, out.duration, ttft, tpot)["slo_attainment"]
             print(f"{name:28} {label:38} {static:8.2%} {dopd:8.2%} {len(out.switches):8d}", flush=True)
     return 0

@@ -77,6 +77,20 @@ class LatencyProfile:
         per_batch = [_interp(list(self.decode_context), list(row), mean_context) for row in self.decode_seconds]
         return _interp(list(self.decode_batch), per_batch, batch_size)
 
+    def mixed_step_time(self, decode_batch: int, mean_context: float, prefill_tokens: int) -> float:
+        """One forward that decodes `decode_batch` requests and prefills `prefill_tokens` prompt
+        tokens together (chunked prefill). The weights are read once and every token goes through
+        the linear layers: the prefill of all the tokens. On top, the decodes' attention over their
+        contexts: what a decode step of that batch costs beyond one at the smallest profiled
+        context. A modelling choice, stated in common/profiles/README.md."""
+        if prefill_tokens <= 0:
+            return self.decode_step_time(decode_batch, mean_context)
+        if decode_batch <= 0:
+            return self.prefill_time(prefill_tokens)
+        attention = self.decode_step_time(decode_batch, mean_context) - self.decode_step_time(
+            decode_batch, self.decode_context[0])
+        return self.prefill_time(prefill_tokens + decode_batch) + max(0.0, attention)
+
     @classmethod
     def from_dict(cls, doc: dict) -> LatencyProfile:
         try:
@@ -105,6 +119,17 @@ class LatencyProfile:
         if len(self.decode_seconds) != len(self.decode_batch) or any(
                 len(row) != len(self.decode_context) for row in self.decode_seconds):
             raise ValueError(f"profile {self.name}: decode.seconds must be [batch][context]")
+
+
+def serving_profile_name(model: str, explicit: str = "") -> str:
+    """The profile the planner and the gateway's policy reason with for a cluster of `model`:
+    the one given, the sim engine's own, or smollm2-cpu2 (the real engine on these machines;
+    tiny-random and fake have the same shape)."""
+    if explicit:
+        return explicit
+    if model.startswith("sim:"):
+        return model.removeprefix("sim:")
+    return "smollm2-cpu2"
 
 
 def list_profiles() -> list[str]:

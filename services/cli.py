@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.modes import MODES, serving_mode
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
@@ -27,10 +29,12 @@ def _up(args) -> int:
 
         model = f"sim:{args.profile}"
         load_profile(args.profile)  # fail here, not in every worker, on a bad name
+    planner = args.planner or ("dynamic" if serving_mode(args.mode).switching else "static")
     cluster = Cluster(ClusterSpec(model=model, prefill=args.prefill, decode=args.decode, host=args.host,
                                   port=args.port, log_dir=log_dir, kv_blocks=args.kv_blocks,
                                   torch_threads=args.torch_threads, time_scale=args.time_scale,
-                                  planner=args.planner, predictor=args.predictor, slo_ttft_ms=args.slo_ttft,
+                                  planner=planner,
+                                  mode=args.mode, predictor=args.predictor, slo_ttft_ms=args.slo_ttft,
                                   slo_tpot_ms=args.slo_tpot, interval_s=args.interval))
     stop = {"now": False}
 
@@ -178,8 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--kv-blocks", type=int, default=2048, help="KV blocks per worker (16 tokens each)")
     up.add_argument("--torch-threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
-    up.add_argument("--planner", choices=["dynamic", "static", "off"], default="dynamic",
-                    help="dynamic: forecast, split, switch roles in place; static: forecast only; off: registry")
+    up.add_argument("--mode", choices=list(MODES), default="dopd",
+                    help="dopd: the planner switches roles and the gateway runs DOPD's scheduling policy with "
+                         "admission control; static: a fixed split, first come first served; aggregated: every "
+                         "worker prefills (in chunks) and decodes its own requests (--prefill + --decode in all); "
+                         "dopd-no-policy / dopd-no-planner: the ablations")
+    up.add_argument("--planner", choices=["dynamic", "static", "off"],
+                    help="dynamic: forecast, split, switch roles in place; static: forecast only; off: registry "
+                         "(default: dynamic where the mode switches roles, else static)")
     up.add_argument("--predictor", default="arima", help="constant | ewma | holt-winters | arima")
     up.add_argument("--slo-ttft", type=float, default=2000.0, help="TTFT SLO the planner splits for (ms)")
     up.add_argument("--slo-tpot", type=float, default=200.0, help="TPOT SLO the planner splits for (ms)")
@@ -226,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # as given, for the records of a run
     return args.func(args)
 
 

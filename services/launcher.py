@@ -16,6 +16,8 @@ from pathlib import Path
 
 import redis
 
+from common.modes import serving_mode
+
 
 @dataclass
 class Proc:
@@ -43,6 +45,9 @@ class ClusterSpec:
     torch_threads: int = 0
     time_scale: float = 1.0  # sim models only
     planner: str = "static"  # dynamic | static | off (services/planner)
+    # Serving mode (common/modes.py), the gateway's: aggregated makes every worker a decode
+    # worker that prefills its own requests (prefill + decode workers in all).
+    mode: str = "static"
     predictor: str = "arima"
     slo_ttft_ms: float = 2000.0  # the SLOs the planner splits for
     slo_tpot_ms: float = 200.0
@@ -156,14 +161,18 @@ class Cluster:
             "DOPD_SLO_TTFT_MS": str(s.slo_ttft_ms), "DOPD_SLO_TPOT_MS": str(s.slo_tpot_ms)})
         self._spawn("gateway", "gateway", "services.gateway", s.port, metrics_ports[1], {
             **common, "DOPD_GATEWAY_PORT": str(s.port), "DOPD_GATEWAY_METRICS_PORT": str(metrics_ports[1]),
-            "DOPD_LOAD_INTERVAL_S": str(s.interval_s * s.time_scale)})
+            "DOPD_LOAD_INTERVAL_S": str(s.interval_s * s.time_scale), "DOPD_MODE": s.mode,
+            "DOPD_SLO_TTFT_MS": str(s.slo_ttft_ms), "DOPD_SLO_TPOT_MS": str(s.slo_tpot_ms)})
         roles = ["prefill"] * s.prefill + ["decode"] * s.decode
+        if not serving_mode(s.mode).disaggregated:
+            roles = ["decode"] * n_workers  # each prefills the requests it decodes
+        first_decode = roles.index("decode") if "decode" in roles else len(roles)
         # NOTE: torch's default (one thread per core in every worker) oversubscribes the cores as
         # soon as two workers compute at once, and on 2 cores that is many times slower than one
         # thread each. 0 means: share the cores out.
         threads = s.torch_threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
         for i, role in enumerate(roles):
-            name = f"{role}-{i if role == 'prefill' else i - s.prefill}"
+            name = f"{role}-{i if role == 'prefill' else i - first_decode}"
             self._spawn(name, role, "services.worker", grpc_ports[1 + i], metrics_ports[2 + i], {
                 **common, "DOPD_ROLE": role, "DOPD_WORKER_ID": name, "DOPD_WORKER_PORT": str(grpc_ports[1 + i]),
                 "DOPD_WORKER_METRICS_PORT": str(metrics_ports[2 + i]), "DOPD_KV_BLOCKS": str(s.kv_blocks),

@@ -6,6 +6,9 @@ DIR/*.png; `dopd bench sweep` runs it at several rates for DistServe's goodput.
                [--duration S] [--seed N] --slo-ttft MS --slo-tpot MS --out DIR
                [--time-scale F] [--max-context N] [--request-timeout S]
     dopd bench sweep ... (--rates R1,R2,... | --min-rate R [--max-rate R]) [--max-runs N]
+    dopd bench compare --modes aggregated,static,dopd [--engine des|sim --profile NAME | --model M]
+               --workers N ... (services/bench/compare.py: each mode's cluster brought up, run
+               and taken down in turn; the best static split searched)
 
 Traces: JSONL (services/bench/trace.py) or Azure CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`);
 several are merged onto one clock (`read_traces`), as `dopd simulate` does.
@@ -40,9 +43,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser("bench", help="benchmark a cluster: latency percentiles, SLO attainment, goodput",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", nargs="?", choices=("run", "sweep"), default="run",
-                   help="run once (default), or sweep rates for the highest that meets the SLOs")
-    p.add_argument("--target", required=True, help="gateway address host:port")
+    p.add_argument("mode", nargs="?", choices=("run", "sweep", "compare"), default="run",
+                   help="run once (default), sweep rates for the highest that meets the SLOs, or compare "
+                        "serving modes (each mode's cluster brought up by the command)")
+    p.add_argument("--target", help="gateway address host:port (run, sweep)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--workload", choices=sorted(WORKLOADS), help="a built-in seeded workload")
     source.add_argument("--trace", type=Path, nargs="+",
@@ -68,6 +72,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     sweep.add_argument("--max-runs", type=int, default=8, help="runs at most")
     sweep.add_argument("--attainment-target", type=float, default=0.9,
                        help="fraction of requests meeting both SLOs (DistServe: 0.9)")
+    from services.bench.compare import add_compare_arguments
+
+    add_compare_arguments(p)
     p.set_defaults(func=run_bench)
     return p
 
@@ -158,6 +165,13 @@ def run_bench(args) -> int:
 
     from services.bench.sweep import RateSearch, run_sweep
 
+    if args.mode == "compare":
+        from services.bench.compare import run_compare
+
+        return run_compare(args)
+    if args.target is None:
+        print(f"error: `bench {args.mode}` needs --target", file=sys.stderr)
+        return 2
     if args.mode == "run" and (args.rates or args.min_rate or args.max_rate):
         print("error: --rates/--min-rate/--max-rate are for `bench sweep`", file=sys.stderr)
         return 2

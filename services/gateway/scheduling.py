@@ -4,16 +4,20 @@ takes, on which workers, and whether it is admitted at all.
     long          a prompt above the predicted mean prompt length goes at once to the prefill
                   worker with the least outstanding prefill work (routing.pick_prefill: prefill
                   time grows with the tokens, so the fewest tokens is the least work)
-    short         the rest are batched: held until their tokens reach a cap or the oldest has
-                  waited the wait cap, then sent together to the least loaded prefill worker
+    short         the rest are batched, bound late: sent at once while a prefill worker has
+                  nothing outstanding; while every one is busy, held until one frees (`flush`),
+                  their tokens reach a cap, or the oldest has waited the wait cap, then sent
+                  together to the least loaded prefill worker. A prompt queued early on a busy
+                  worker may wait behind a long one while another worker frees first
     ultra-short   a prompt whose prefill fits in a decode step's slack under the TPOT SLO (and is
                   among the shortest predicted) is prefilled on the decode worker itself: no KV
                   moves at all
     decode        the worker with the smallest batch among those that can hold the request's whole
                   reservation, then the most free blocks
-    admission     a request whose predicted TTFT (the prefill work queued ahead of it, its own
-                  prefill, its wait for a batch) is already past the TTFT SLO is refused at once,
-                  with the reason, instead of being served late and delaying the others
+    admission     a request whose predicted TTFT (the prefill of the work queued ahead of it and
+                  its own, batched together as the prefill scheduler would; a short prompt's wait
+                  for a batch when every worker is busy) is already past the TTFT SLO is refused
+                  at once, with the reason, instead of being served late and delaying the others
 
 Every threshold follows the planner's forecast (`LoadForecast`) and the latency profile, never a
 constant: `SchedulingPolicy.for_forecast` derives them each interval.
@@ -88,12 +92,13 @@ class SchedulingPolicy:
         return sorted(fit, key=lambda c: (c.batch_size, -c.free_blocks, c.worker_id))
 
     def predicted_ttft(self, prompt_tokens: int, path: Path, queued_tokens: int) -> float:
-        """Seconds to the first token: the prefill work queued ahead on the chosen worker, the
-        prompt's own prefill, and (short) the longest wait for a batch."""
+        """Seconds to the first token: the prefill of the work queued ahead on the least loaded
+        worker and of the prompt (the scheduler batches them: one forward's cost, not two), and
+        (short, when that worker is busy) the longest wait for a batch."""
         if path is Path.ULTRA_SHORT:
             return self._prefill_s(prompt_tokens)
-        wait = self.batch_wait_cap_s if path is Path.SHORT else 0.0
-        return self._prefill_s(queued_tokens) + self._prefill_s(prompt_tokens) + wait
+        wait = self.batch_wait_cap_s if path is Path.SHORT and queued_tokens > 0 else 0.0
+        return self._prefill_s(queued_tokens + prompt_tokens) + wait
 
     def refusal(self, prompt_tokens: int, path: Path, queued_tokens: int) -> str | None:
         """Why a request is refused (admission control), or None to admit it."""
@@ -165,6 +170,10 @@ class ShortBatcher:
                 self._held.remove(held)
                 return True
         return False
+
+    def flush(self) -> list[object]:
+        """Every held prompt (a prefill worker has freed: late binding); [] when none is held."""
+        return self._release()
 
     def _release(self) -> list[object]:
         batch, self._held = [h.key for h in self._held], []

@@ -1,14 +1,16 @@
 """`dopd simulate`: a whole cluster in virtual time (services/simulate), writing DIR/results.json
 and the plots as `dopd bench` does.
 
-    dopd simulate --profile NAME --workers N --mode static|dopd [--split P:D]
+    dopd simulate --profile NAME --workers N --mode MODE [--split P:D]
                   (--workload NAME | --trace FILE...) [--rate R] [--duration S] [--seed N]
                   [--burstiness B] [--max-context N] --slo-ttft MS --slo-tpot MS --out DIR
                   [--interval S] [--predictor NAME] [--link-gbps G] [--kv-blocks N] ...
 
 Traces: JSONL (services/bench/trace.py) or Azure CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`);
-several are merged onto one clock. `static` keeps the split; `dopd` runs the planner every
-interval and switches roles in place (the switch's duration is modelled, KV migration included).
+several are merged onto one clock. Modes (common/modes.py): `aggregated` (every worker prefills,
+in chunks, and decodes), `static` (the split kept, first come first served), `dopd` (the planner
+every interval, switching roles in place with KV migration modelled, plus the scheduling policy
+with admission control), and the ablations `dopd-no-policy` and `dopd-no-planner`.
 """
 
 from __future__ import annotations
@@ -35,13 +37,13 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     from common.config import PlannerSettings, WorkerSettings
     from services.bench.workloads import WORKLOADS
     from services.planner.predictors import predictor_names
-    from services.simulate.sim import MODES, setting
+    from services.simulate.sim import DEFAULT_CHUNK_TOKENS, MODES, setting
 
     p = subparsers.add_parser("simulate", help="simulate a whole cluster in virtual time (no services started)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", required=True, help="latency profile: a shipped name (common/profiles) or a file")
     p.add_argument("--workers", type=int, required=True, help="workers in all (>= 2)")
-    p.add_argument("--mode", choices=MODES, required=True, help="static: keep the split; dopd: the planner switches")
+    p.add_argument("--mode", choices=MODES, required=True, help="serving mode (see above)")
     p.add_argument("--split", type=_split, help="P:D at the start (default half and half, decode gets the odd one)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--workload", choices=sorted(WORKLOADS), help="a built-in seeded workload")
@@ -64,6 +66,12 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
                        ("prefill_token_budget", "prompt tokens per prefill forward")):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=setting(WorkerSettings, name),
                        help=f"{what} (default %(default)s, as the workers')")
+    p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
+                   help="tokens a step on a worker that prefills its own prompts (aggregated; DOPD's "
+                        "ultra-short path): decodes plus prompt chunks (default %(default)s)")
+    p.add_argument("--admission", action=argparse.BooleanOptionalAction, default=None,
+                   help="admission control: refuse at once a request whose predicted TTFT is past the SLO "
+                        "(default: on in dopd and dopd-no-planner, which run the scheduling policy)")
     p.add_argument("--cooldown", type=float, default=setting(PlannerSettings, "cooldown_s"),
                    help="seconds after a switch before the next forecast move")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request (as `dopd bench`)")
@@ -96,7 +104,8 @@ def config_from_args(args):
         prefill_token_budget=args.prefill_token_budget, request_timeout_s=args.request_timeout,
         interval_s=args.interval, sample_interval_s=args.sample_interval, slo_ttft_s=args.slo_ttft / 1e3,
         slo_tpot_s=args.slo_tpot / 1e3, predictor=args.predictor,
-        policy=replace(default_policy(), cooldown_s=args.cooldown))
+        policy=replace(default_policy(), cooldown_s=args.cooldown), chunk_tokens=args.chunk_tokens,
+        admission=args.admission)
 
 
 def results_doc(requests, outcome, cfg, args, schedule_duration: float) -> dict:
@@ -120,7 +129,8 @@ def results_doc(requests, outcome, cfg, args, schedule_duration: float) -> dict:
               "requests": len(requests), "interval_s": cfg.interval_s, "predictor": cfg.predictor,
               "link_gbps": cfg.link_gbps, "kv_blocks": cfg.kv_blocks, "block_size": cfg.block_size,
               "max_batch_size": cfg.max_batch_size, "prefill_token_budget": cfg.prefill_token_budget,
-              "cooldown_s": cfg.policy.cooldown_s}
+              "cooldown_s": cfg.policy.cooldown_s, "chunk_tokens": cfg.chunk_tokens,
+              "admission": cfg.admission}
     results = build_results(requests, run, config, schedule_duration, args.slo_ttft, args.slo_tpot, None)
     results["harness"] = {"simulated": True, "saturated": False, "saturation_reasons": [],
                           "note": "virtual time: no client, no gateway ceiling"}
@@ -128,7 +138,7 @@ def results_doc(requests, outcome, cfg, args, schedule_duration: float) -> dict:
         "events": outcome.events, "decode_steps": outcome.decode_steps, "prefill_batches": outcome.prefill_batches,
         "switches": outcome.switches, "migrated_requests": sum(s["migrated"] for s in outcome.switches),
         "migrated_bytes": sum(s["migrated_bytes"] for s in outcome.switches),
-        "drained_requests": sum(s["drained"] for s in outcome.switches),
+        "drained_requests": sum(s["drained"] for s in outcome.switches), "refused": outcome.refused,
         "decisions": [list(x) for x in outcome.decisions], "leaks": outcome.leaks,
         # Host figures: the only ones that differ between two runs of the same arguments.
         "host": {"wall_s": outcome.wall_s, "cpu_s": outcome.cpu_s, "decision_seconds": outcome.decision_seconds,

@@ -2,19 +2,25 @@
 loops (services/prefill/engine.py, services/decode/engine.py) as events around the real pure
 cores. Pure: no I/O, no clock but the EventLoop's.
 
-    arrival    validation.validate_context (else INVALID_ARGUMENT, at once);
-               reserve decode blocks on the first worker of routing.decode_preference that has
-               them (none: RESOURCE_EXHAUSTED, at once); queue the prompt on the prefill worker
-               of routing.pick_prefill (fewest outstanding prompt tokens)
+    arrival    validation.validate_context (else INVALID_ARGUMENT, at once); the path, by the
+               serving mode (common/modes.py): first come first served (static), DOPD's
+               scheduling policy (services/gateway/scheduling.py: long, short, ultra-short, and
+               admission on predicted TTFT: RESOURCE_EXHAUSTED, at once), or on the decode
+               worker itself (aggregated); reserve decode blocks on the first worker that has
+               them (routing.decode_preference, or the policy's order; none: RESOURCE_EXHAUSTED,
+               at once); queue the prompt on the prefill worker of routing.pick_prefill (fewest
+               outstanding prompt tokens), hold it in the policy's ShortBatcher, or queue it on
+               the decode worker's LocalPrefill
     prefill    a worker runs PrefillScheduler.schedule()'s batch for profile.prefill_time(total
                tokens); the next batch starts at once. The KV streams layer by layer during the
                forward over the worker's link (hardware.Link.stream_layers); when its last byte
                is out the prompt's KV is complete on its decode worker and the gateway has the
                first token (TTFT)
-    decode     a worker steps while DecodeScheduler.schedule() gives a batch: a step costs
-               profile.decode_step_time(batch, mean context) (context as SimRunner reads it:
-               position + 1) and gives each request in it one token; requests join and leave
-               at step boundaries
+    decode     a worker steps while DecodeScheduler.schedule() gives a batch or LocalPrefill
+               a chunk: a step costs profile.decode_step_time(batch, mean context) (context as
+               SimRunner reads it: position + 1), or profile.mixed_step_time with a chunk, and
+               gives each request in it one token; requests join and leave at step boundaries;
+               a prompt whose last chunk ran has its first token at the step's end
     timeout    at arrival + request timeout a request still open fails (DEADLINE_EXCEEDED): its
                prompt leaves the queue, its blocks are freed (after the step it is in, as the
                engine defers aborts)
@@ -29,14 +35,18 @@ from collections import Counter
 
 from common.errors import InvalidArgument
 from common.kv.block_pool import OutOfBlocks, kv_tokens_for
+from common.modes import ServingMode, serving_mode
 from common.profile import LatencyProfile
 from common.types import Role, SamplingParams
 from services.bench.metrics import RequestResult
 from services.bench.outcome import StatusSample
+from services.decode.local_prefill import Chunk
 from services.decode.scheduler import DecodeSeq, SeqState
 from services.gateway.load_recorder import LoadRecorder
 from services.gateway.routing import WorkerView, decode_preference, pick_prefill
+from services.gateway.scheduling import DecodeCandidate, Path, SchedulingPolicy, ShortBatcher
 from services.gateway.validation import validate_context
+from services.planner.load import SLO, LoadForecast
 from services.simulate.events import EventLoop
 from services.simulate.hardware import StepTimer
 from services.simulate.switching import Switcher
@@ -48,17 +58,26 @@ FIRST_TOKEN = 0  # the simulator has no vocabulary; every token is this id and n
 class Cluster:
     def __init__(self, loop: EventLoop, profile: LatencyProfile, prefill: int, decode: int, *, kv_blocks: int,
                  block_size: int, max_batch_size: int, prefill_token_budget: int, link_gbps: float,
-                 request_timeout_s: float) -> None:
-        if prefill < 1 or decode < 1:
+                 request_timeout_s: float, mode: ServingMode | None = None, chunk_tokens: int = 2048) -> None:
+        self.mode = mode or serving_mode("static")
+        if not self.mode.disaggregated:
+            prefill, decode = 0, prefill + decode  # every worker decodes, and prefills its own requests
+        elif prefill < 1 or decode < 1:
             raise ValueError(f"need at least one worker of each role, got {prefill}P/{decode}D")
         self.loop = loop
         self.profile = profile
+        self.prefill_token_budget = prefill_token_budget
+        # The scheduling policy's thresholds, from the planner's forecast (set_forecast); until
+        # the first forecast every prompt takes the long path (at once to a prefill worker).
+        self.policy: SchedulingPolicy | None = None
+        self.batcher: ShortBatcher | None = None
+        self.refused = 0
         self.step_time = StepTimer(profile)
         self.kv_bytes_per_token = profile.model.kv_bytes_per_token
         self.request_timeout_s = request_timeout_s
         roles = [Role.PREFILL] * prefill + [Role.DECODE] * decode
         self.workers = [SimWorker.build(f"w{i:02d}", role, kv_blocks, block_size, max_batch_size, prefill_token_budget,
-                                        link_gbps) for i, role in enumerate(roles)]
+                                        link_gbps, chunk_tokens) for i, role in enumerate(roles)]
         self.by_id = {w.worker_id: w for w in self.workers}
         self._prefill_views = {w.worker_id: WorkerView(w.worker_id, w.worker_id, 0, block_size) for w in self.workers}
         self.switches = Switcher(self)
@@ -99,38 +118,99 @@ class Cluster:
         except InvalidArgument:
             self._fail(r, "INVALID_ARGUMENT")
             return
-        params = SamplingParams(max_tokens=r.max_tokens)
-        views = [w.view() for w in self.workers if w.serves(Role.DECODE)]
-        if not views:  # unreachable under the policy (never the last serving worker of a role)
-            self._fail(r, "UNAVAILABLE")
-            return
-        for view in decode_preference(views, self.outstanding_decode, kv_tokens_for(r.prompt, r.max_tokens)):
-            worker = self.by_id[view.worker_id]
-            try:
-                worker.decode.reserve(DecodeSeq(r.rid, r.prompt, params))
-            except OutOfBlocks:
-                continue
-            break
-        else:
+        path = self._path(r)
+        if self.policy is not None:
+            reason = self.policy.refusal(r.prompt, path, self._least_queued_prefill_tokens())
+            if reason is not None:  # admission control: refused at once, counted as an SLO miss
+                self.refused += 1
+                self.recorder.rejected()
+                self._fail(r, "RESOURCE_EXHAUSTED")
+                return
+        worker = self._reserve_decode(r)
+        if worker is None:
             self.recorder.rejected()
             self._fail(r, "RESOURCE_EXHAUSTED")
             return
         r.decode_worker = worker
         self.outstanding_decode[worker.worker_id] += 1
         self.recorder.arrived(r.prompt, r.max_tokens)
+        self.loop.after(self.request_timeout_s, self._timeout, r)
+        if path is Path.ULTRA_SHORT:
+            r.phase = "local"
+            worker.local.add(r, r.prompt)
+            self.kick_decode(worker)
+        elif path is Path.SHORT:
+            r.phase = "held"
+            batch = self.batcher.add(r, r.prompt, self.loop.now)
+            if not batch and self._least_queued_prefill_tokens() == 0:
+                batch = self.batcher.flush()  # a prefill worker is idle: bound late, sent now
+            if batch:
+                self._dispatch(batch)
+            else:
+                # A cap lowered by the last forecast may have passed already: release at once.
+                self.loop.at(max(self.loop.now, self.batcher.due()), self._poll_batcher)
+        else:
+            self._dispatch([r])
+
+    def _path(self, r: SimRequest) -> Path:
+        if not self.mode.disaggregated:
+            return Path.ULTRA_SHORT  # aggregated: every prompt is prefilled where it decodes
+        return self.policy.path(r.prompt) if self.policy is not None else Path.LONG
+
+    def _least_queued_prefill_tokens(self) -> int:
+        return min((self.outstanding_prefill_tokens[w.worker_id] for w in self.workers if w.serves(Role.PREFILL)),
+                   default=0)
+
+    def _reserve_decode(self, r: SimRequest) -> SimWorker | None:
+        """Reserve r's whole KV on the first decode worker, in the policy's order (else the
+        gateway's), that has the blocks. None: no worker has room."""
+        serving = [w for w in self.workers if w.serves(Role.DECODE)]
+        needed = kv_tokens_for(r.prompt, r.max_tokens)
+        if self.policy is not None:
+            order = [self.by_id[c.worker_id] for c in self.policy.decode_workers(
+                [DecodeCandidate(w.worker_id, w.pool.num_free, w.block_size, self.outstanding_decode[w.worker_id])
+                 for w in serving], needed)]
+        else:
+            order = [self.by_id[v.worker_id] for v in decode_preference([w.view() for w in serving],
+                                                                        self.outstanding_decode, needed)]
+        params = SamplingParams(max_tokens=r.max_tokens)
+        for worker in order:
+            try:
+                worker.decode.reserve(DecodeSeq(r.rid, r.prompt, params))
+            except OutOfBlocks:
+                continue
+            return worker
+        return None
+
+    def _poll_batcher(self) -> None:
+        batch = self.batcher.poll(self.loop.now)
+        if batch:
+            self._dispatch(batch)
+
+    def _dispatch(self, batch: list[SimRequest]) -> None:
+        """Queue prompts, together, on the prefill worker with the fewest outstanding prompt tokens."""
         chosen = pick_prefill([self._prefill_views[w.worker_id] for w in self.workers if w.serves(Role.PREFILL)],
                               self.outstanding_prefill_tokens)
-        if chosen is None:  # unreachable, as above
-            self.outstanding_decode[worker.worker_id] -= 1
-            self._release(worker, r.rid)
-            self._fail(r, "UNAVAILABLE")
-            return
+        assert chosen is not None, "no prefill worker serves"  # the policy never switches the last one away
         p = self.by_id[chosen.worker_id]
-        self.outstanding_prefill_tokens[p.worker_id] += r.prompt
-        r.prefill_worker, r.phase = p, "prefill"
-        p.prefill.add(r, r.prompt)
-        self.loop.after(self.request_timeout_s, self._timeout, r)
+        for r in batch:
+            self.outstanding_prefill_tokens[p.worker_id] += r.prompt
+            r.prefill_worker, r.phase = p, "prefill"
+            p.prefill.add(r, r.prompt)
         self._kick_prefill(p)
+
+    def set_forecast(self, forecast: LoadForecast, slo: SLO) -> None:
+        """The planner's forecast for the next interval: the policy's thresholds follow it."""
+        if not self.mode.policy:
+            return
+        decoding = [w.decode.num_running for w in self.workers if w.serves(Role.DECODE)]
+        typical = max(1, round(sum(decoding) / max(1, len(decoding))))
+        self.policy = SchedulingPolicy.for_forecast(forecast, self.profile, slo, self.prefill_token_budget, typical,
+                                                    admission=self.mode.admission)
+        if self.batcher is None:
+            self.batcher = ShortBatcher(self.policy.batch_token_cap, self.policy.batch_wait_cap_s)
+        else:  # prompts held keep their place; the new caps apply from now on
+            self.batcher.token_cap, self.batcher.wait_cap_s = self.policy.batch_token_cap, self.policy.batch_wait_cap_s
 
     # -- prefill ----------------------------------------------------------------------------
     def _kick_prefill(self, w: SimWorker) -> None:
@@ -155,21 +235,35 @@ class Cluster:
 
     def _kv_landed(self, w: SimWorker, batch: list[SimRequest]) -> None:
         w.handoffs -= 1
-        now = self.loop.now
         for r in batch:
             if r.phase != "prefill":
                 continue  # timed out meanwhile: the gateway let go of it
             self.outstanding_prefill_tokens[w.worker_id] -= r.prompt
-            r.phase, r.first_at, r.last_at, r.tokens = "decode", now, now, 1
-            self.recorder.first_token(now - r.t)
-            d = r.decode_worker
-            seq = d.decode.kv_complete(r.rid, FIRST_TOKEN)
-            if seq.state is SeqState.FINISHED:  # max_tokens 1
-                self._complete(r)
-                self.switches.check(d)
-            else:
-                self.became_ready(d, seq)
+            self._first_token(r)
+        if self.batcher is not None and not self.outstanding_prefill_tokens[w.worker_id] and w.serves(Role.PREFILL):
+            held = self.batcher.flush()  # w has freed: the short prompts held go to it
+            if held:
+                self._dispatch(held)
         self.switches.check(w)
+
+    def _prefilled_here(self, d: SimWorker, chunks: list[Chunk[SimRequest]]) -> None:
+        """The prompts whose last chunk ran in d's step have their KV in d's pool."""
+        for chunk in chunks:
+            if chunk.last and chunk.job.phase == "local":  # not timed out meanwhile
+                self._first_token(chunk.job)
+
+    def _first_token(self, r: SimRequest) -> None:
+        """r's KV is complete on its decode worker and the gateway has its first token."""
+        now = self.loop.now
+        r.phase, r.first_at, r.last_at, r.tokens = "decode", now, now, 1
+        self.recorder.first_token(now - r.t)
+        d = r.decode_worker
+        seq = d.decode.kv_complete(r.rid, FIRST_TOKEN)
+        if seq.state is SeqState.FINISHED:  # max_tokens 1
+            self._complete(r)
+            self.switches.check(d)
+        else:
+            self.became_ready(d, seq)
 
     # -- decode -----------------------------------------------------------------------------
     def became_ready(self, d: SimWorker, seq: DecodeSeq) -> None:
@@ -182,7 +276,7 @@ class Cluster:
     def kick_decode(self, d: SimWorker) -> None:
         """Start a step on an idle worker, after every other event of this instant (so that KV
         landing together joins one step)."""
-        if d.batch is None and not d.kicked and d.decode.has_work():
+        if d.batch is None and not d.kicked and (d.decode.has_work() or d.local):
             d.kicked = True
             self.loop.at(self.loop.now, self._step, d)
 
@@ -191,16 +285,22 @@ class Cluster:
         if d.batch is not None:
             return
         batch = d.decode.begin_step()
-        if not batch:
+        chunks = d.local.take(len(batch)) if d.local else []
+        if not batch and not chunks:
             return
         n = len(batch)
-        context = sum(s.next_position for s in batch) / n + 1
-        d.batch = batch
+        context = sum(s.next_position for s in batch) / n + 1 if n else 0.0
+        d.batch, d.chunks = batch, chunks
         self.decode_steps += 1
-        self.loop.after(self.step_time(n, context), self._step_done, d)
+        if chunks:
+            seconds = self.profile.mixed_step_time(n, context, sum(c.end - c.start for c in chunks))
+        else:
+            seconds = self.step_time(n, context)
+        self.loop.after(seconds, self._step_done, d)
 
     def _step_done(self, d: SimWorker) -> None:
         batch, d.batch = d.batch, None
+        chunks, d.chunks = d.chunks, []
         n = len(batch)
         zeros = self._zeros.get(n) or self._zeros.setdefault(n, [FIRST_TOKEN] * n)
         end = d.decode.end_step(batch, zeros)  # releases and pauses asked for meanwhile, settled
@@ -214,6 +314,7 @@ class Cluster:
             self._complete(by_rid[seq.request_id])
         for rid, seq in end.paused.items():
             d.pause_waiters.pop(rid)(seq)
+        self._prefilled_here(d, chunks)
         self._step(d)  # the engine's loop starts the next step at once
         self.switches.check(d)
 
@@ -240,13 +341,18 @@ class Cluster:
         if r.phase == "prefill":
             r.prefill_worker.prefill.remove(r)  # still queued: it never runs (else it runs for nothing)
             self.outstanding_prefill_tokens[r.prefill_worker.worker_id] -= r.prompt
+        elif r.phase == "held":
+            self.batcher.remove(r)
+        elif r.phase == "local":
+            r.decode_worker.local.remove(r)  # a chunk in the step in flight runs for nothing
         d = r.decode_worker
         self.outstanding_decode[d.worker_id] -= 1
         self._release(d, r.rid)
         self.switches.abort_move(r)
         self._fail(r, "DEADLINE_EXCEEDED")
         self.switches.check(d)
-        self.switches.check(r.prefill_worker)
+        if r.prefill_worker is not None:
+            self.switches.check(r.prefill_worker)
 
     # -- what the outside sees --------------------------------------------------------------
     def sample(self) -> StatusSample:
@@ -285,10 +391,14 @@ class Cluster:
                 out.append(f"{w.worker_id}: {w.pool.num_used} KV blocks still in use")
             if w.decode.seqs:
                 out.append(f"{w.worker_id}: {len(w.decode.seqs)} requests still in its decode scheduler")
+            if w.local:
+                out.append(f"{w.worker_id}: {w.local.num_waiting} prompts still queued for its own prefill")
             if w.prefill_busy:
                 out.append(f"{w.worker_id}: prefill still busy")
             if w.switch or w.state.switching or w.decode.settling or w.pause_waiters:
                 out.append(f"{w.worker_id}: a switch, abort or pause still pending")
+        if self.batcher is not None and len(self.batcher):
+            out.append(f"{len(self.batcher)} short prompts still held for a batch")
         unended = [r.rid for r in self.requests if r.phase != "done"]
         if unended:
             out.append(f"{len(unended)} requests never ended, e.g. {unended[:5]}")

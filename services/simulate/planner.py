@@ -34,6 +34,7 @@ class PlannerDriver:
         decision = self.core.decide(now, self.intervals, [w.load() for w in c.workers])
         self.decision_seconds += decision.seconds
         self.decisions.append((now, decision.target.prefill, decision.target.decode, decision.forecast.rate))
+        c.set_forecast(decision.forecast, self.core.slo)
         for change in decision.changes:
             worker = c.by_id[change.worker_id]
             c.switches.begin(worker, Role(change.to_role),

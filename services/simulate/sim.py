@@ -9,9 +9,11 @@ the planner's `decision_seconds` are measured on the host).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from common.config import PlannerSettings, WorkerSettings
+from common.modes import MODES as SERVING_MODES
+from common.modes import serving_mode
 from common.profile import LatencyProfile
 from services.bench.metrics import RequestResult
 from services.bench.outcome import StatusSample
@@ -24,7 +26,10 @@ from services.simulate.cluster import Cluster
 from services.simulate.events import EventLoop
 from services.simulate.planner import PlannerDriver
 
-MODES = ("static", "dopd")
+MODES = tuple(SERVING_MODES)
+# vLLM's chunked-prefill step budget (max_num_batched_tokens) for its OpenAI server on GPUs
+# below 70 GiB; 8192 on larger ones. `aggregated` mode's step budget unless told otherwise.
+DEFAULT_CHUNK_TOKENS = 2048
 
 
 def setting(cls, name: str):
@@ -60,6 +65,8 @@ class SimConfig:
     slo_tpot_s: float = setting(PlannerSettings, "slo_tpot_ms") / 1e3
     predictor: str = setting(PlannerSettings, "predictor")
     policy: PolicyConfig = field(default_factory=default_policy)
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # tokens a step (decodes + prompt chunks) on a worker that prefills
+    admission: bool | None = None  # admission control; None: the mode's default
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -67,13 +74,15 @@ class SimConfig:
         if self.workers < 2:
             raise ValueError(f"need at least 2 workers (one of each role), got {self.workers}")
         p, d = self.initial_split
-        if p < 1 or d < 1 or p + d != self.workers:
+        if serving_mode(self.mode).disaggregated and (p < 1 or d < 1 or p + d != self.workers):
             raise ValueError(f"split {p}:{d} must give each role >= 1 worker and add up to {self.workers}")
         if not (self.interval_s > 0 and self.sample_interval_s > 0 and self.request_timeout_s > 0):
             raise ValueError("interval, sample interval and request timeout must be > 0")
 
     @property
     def initial_split(self) -> tuple[int, int]:
+        if not serving_mode(self.mode).disaggregated:
+            return 0, self.workers
         return self.split or default_split(self.workers)
 
 
@@ -91,6 +100,7 @@ class SimOutcome:
     wall_s: float
     cpu_s: float
     decision_seconds: float = 0.0
+    refused: int = 0  # by admission control (also counted in `results` as RESOURCE_EXHAUSTED)
 
 
 def simulate(requests: list[BenchRequest], cfg: SimConfig) -> SimOutcome:
@@ -100,17 +110,21 @@ def simulate(requests: list[BenchRequest], cfg: SimConfig) -> SimOutcome:
             raise ValueError("the simulator has no tokenizer: give prompts as prompt_tokens, not text")
         arrivals.append((r.t, r.prompt_tokens, r.output_tokens))
     loop = EventLoop()
+    mode = serving_mode(cfg.mode)
+    if cfg.admission is not None:
+        mode = replace(mode, admission=cfg.admission)
     p, d = cfg.initial_split
     cluster = Cluster(loop, cfg.profile, p, d, kv_blocks=cfg.kv_blocks, block_size=cfg.block_size,
                       max_batch_size=cfg.max_batch_size, prefill_token_budget=cfg.prefill_token_budget,
-                      link_gbps=cfg.link_gbps, request_timeout_s=cfg.request_timeout_s)
+                      link_gbps=cfg.link_gbps, request_timeout_s=cfg.request_timeout_s, mode=mode,
+                      chunk_tokens=cfg.chunk_tokens)
     cluster.submit(arrivals)
     planner = None
-    if cfg.mode == "dopd":
+    if mode.forecasting:
         core = PlannerCore(
             predictor=make_predictor(cfg.predictor), profile=cfg.profile, slo=SLO(cfg.slo_ttft_s, cfg.slo_tpot_s),
             shape=PoolShape(cfg.kv_blocks, cfg.block_size, cfg.max_batch_size, cfg.prefill_token_budget),
-            interval_s=cfg.interval_s, switching=True, policy=ReconfigPolicy(cfg.policy))
+            interval_s=cfg.interval_s, switching=mode.switching, policy=ReconfigPolicy(cfg.policy))
         planner = PlannerDriver(cluster, core)
         planner.start()
     samples: list[StatusSample] = []
@@ -135,4 +149,5 @@ def simulate(requests: list[BenchRequest], cfg: SimConfig) -> SimOutcome:
         results=results, samples=samples, switches=[sw.record() for sw in switches],
         decisions=planner.decisions if planner else [], duration=duration, events=loop.processed,
         decode_steps=cluster.decode_steps, prefill_batches=cluster.prefill_batches, leaks=cluster.leaks(),
-        wall_s=wall, cpu_s=cpu, decision_seconds=planner.decision_seconds if planner else 0.0)
+        wall_s=wall, cpu_s=cpu, decision_seconds=planner.decision_seconds if planner else 0.0,
+        refused=cluster.refused)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from common.kv.block_pool import BlockPool
 from common.types import Role
+from services.decode.local_prefill import Chunk, LocalPrefill
 from services.decode.scheduler import DecodeScheduler, DecodeSeq
 from services.gateway.routing import WorkerView
 from services.planner.load import WorkerLoad
@@ -27,7 +28,9 @@ class SimRequest:
     t: float
     prompt: int
     max_tokens: int
-    phase: str = "new"  # new | prefill (queued or running) | handoff | decode | done
+    # new | held (for a short batch) | prefill (queued or running on a prefill worker) |
+    # local (prefilled on its decode worker) | decode | done
+    phase: str = "new"
     prefill_worker: SimWorker | None = None
     decode_worker: SimWorker | None = None
     move: object | None = None  # a services.simulate.switching.Move under way
@@ -47,9 +50,11 @@ class SimWorker:
     decode: DecodeScheduler
     link: Link
     block_size: int
+    local: LocalPrefill[SimRequest]  # prompts this worker prefills for itself (chunked)
     prefill_batch: list[SimRequest] | None = None  # the forward that runs now
     handoffs: int = 0  # batches whose KV is still on its way
     batch: list[DecodeSeq] | None = None  # the decode step that runs now
+    chunks: list[Chunk[SimRequest]] = field(default_factory=list)  # its prompt chunks
     # Pauses the scheduler deferred to the end of the step in flight: request id -> what to do then.
     pause_waiters: dict[str, Callable[[DecodeSeq | None], None]] = field(default_factory=dict)
     kicked: bool = False  # a decode step start is scheduled
@@ -58,9 +63,10 @@ class SimWorker:
 
     @classmethod
     def build(cls, worker_id: str, role: Role, kv_blocks: int, block_size: int, max_batch_size: int,
-              token_budget: int, link_gbps: float) -> SimWorker:
+              token_budget: int, link_gbps: float, chunk_tokens: int) -> SimWorker:
         return cls(worker_id, RoleState(role), PrefillScheduler(token_budget),
-                   DecodeScheduler(BlockPool(kv_blocks, block_size), max_batch_size), Link(link_gbps), block_size)
+                   DecodeScheduler(BlockPool(kv_blocks, block_size), max_batch_size), Link(link_gbps), block_size,
+                   LocalPrefill(chunk_tokens))
 
     @property
     def pool(self) -> BlockPool:

@@ -62,9 +62,12 @@ def test_admission_refuses_what_would_miss_the_ttft_slo_and_says_why():
     assert why is not None and "predicted time to first token" in why and "300 ms SLO" in why
     off = SchedulingPolicy.for_forecast(forecast([100]), PROFILE, SLO_, 8192, 64, admission=False)
     assert off.refusal(500, Path.LONG, queued_tokens=200_000) is None
-    # A short prompt's prediction counts its wait for a batch.
-    assert p.predicted_ttft(100, Path.SHORT, 0) == pytest.approx(p.predicted_ttft(100, Path.LONG, 0)
-                                                                 + p.batch_wait_cap_s)
+    # A short prompt waits for a batch only when every prefill worker is busy.
+    assert p.predicted_ttft(100, Path.SHORT, 0) == pytest.approx(p.predicted_ttft(100, Path.LONG, 0))
+    assert p.predicted_ttft(100, Path.SHORT, 50) == pytest.approx(p.predicted_ttft(100, Path.LONG, 50)
+                                                                  + p.batch_wait_cap_s)
+    # The queued work and the prompt are one batched forward, not two.
+    assert p.predicted_ttft(500, Path.LONG, 4000) == pytest.approx(PROFILE.prefill_time(4500))
 
 
 def test_short_batches_leave_at_the_token_cap_or_the_wait_cap():
@@ -79,3 +82,5 @@ def test_short_batches_leave_at_the_token_cap_or_the_wait_cap():
     assert batcher.remove("d") and not batcher.remove("d")  # its client went away
     assert batcher.poll(1.05) is None  # the oldest is now e: its cap ends at 1.08
     assert batcher.poll(1.08) == ["e"]
+    batcher.add("f", 10, now=2.0)
+    assert batcher.flush() == ["f"] and batcher.flush() == []  # a prefill worker freed

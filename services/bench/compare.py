@@ -1,0 +1,459 @@
+"""`dopd bench compare`: the same workload, with the same seed, served by each serving mode
+(common/modes.py) in one run, and the figures side by side.
+
+    dopd bench compare --modes aggregated,static,dopd [--engine des|sim --profile NAME | --model M]
+                       --workers N (--workload NAME | --trace FILE...) [--rate R] [--time-scale F]
+                       --slo-ttft MS --slo-tpot MS --out DIR [--static-splits all|P:D,...|des:K]
+
+Engines: `des` runs the virtual-time simulator (`dopd simulate`: minutes for hours of traffic);
+`sim` brings up the real services on the sim engine (`dopd up --engine sim`, time-scaled), runs
+`dopd bench` against them and takes them down; `--model M` does the same with a real model.
+
+`static` is run at every split of the N workers and the best (by goodput, then attainment) is
+its figure: the strongest baseline, not a strawman. On the real services every split of 16
+workers is 15 runs of an hour each here, so there `--static-splits des:K` (the default) ranks
+the splits in the simulator and runs the best K for real; compare.json says which were run where.
+
+Writes DIR/compare.json (per mode: p50/p90/p99 TTFT and TPOT, attainment, goodput, completed,
+refused and failed counts; for static the split used and every split's goodput; dopd against the
+better of static and aggregated, with the goals), DIR/compare.md (the same as tables), and
+plots: the latency CDFs per mode, goodput per mode, and dopd's P/D split over time. Each run's own
+results.json and plots are under DIR/<run>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.modes import MODES, serving_mode
+from services.bench.metrics import RequestResult
+from services.simulate.sim import default_split
+
+BASELINES = ("static", "aggregated")
+FIGURES = ("median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p90_tpot_ms", "p99_tpot_ms",
+           "slo_attainment", "goodput", "completed", "refused", "failed", "requests")
+# DOPD's goals against the better baseline (the issue's, after the DOPD paper's figures).
+GOALS = {"goodput_ratio": 1.5, "p90_ttft_change": -0.5, "p90_tpot_change": -0.2, "attainment": 0.99}
+
+
+@dataclass
+class Run:
+    """One cluster served the workload once: a mode at a split."""
+
+    mode: str
+    split: tuple[int, int] | None  # at the start (dopd modes switch from it); None: aggregated
+    results: dict
+    requests: list[RequestResult] = field(default_factory=list)
+    samples: list = field(default_factory=list)  # status samples (simulator runs), for the split plot
+    engine: str = "des"
+
+    def figures(self) -> dict:
+        r = self.results
+        refused = r["errors"].get("RESOURCE_EXHAUSTED", 0) if r.get("errors") else 0
+        out = {k: r.get(k) for k in FIGURES if k not in ("refused", "failed")}
+        out["refused"] = refused
+        out["failed"] = r["failed"] - refused
+        out["split"] = None if self.split is None else f"{self.split[0]}:{self.split[1]}"
+        out["engine"] = self.engine
+        sim = r.get("simulation") or {}
+        out["switches"] = len(sim["switches"]) if "switches" in sim else r.get("switches")
+        return out
+
+
+def all_splits(workers: int) -> list[tuple[int, int]]:
+    return [(p, workers - p) for p in range(1, workers)]
+
+
+def best(runs: Sequence[Run]) -> Run:
+    """The run with the highest goodput, then attainment, then the lower p90 TTFT."""
+    return max(runs, key=lambda r: (r.results["goodput"], r.results["slo_attainment"] or 0.0,
+                                    -(r.results["p90_ttft_ms"] or float("inf"))))
+
+
+def verdict(dopd: dict, baseline: dict) -> dict:
+    """dopd's figures against the baseline's, and whether each goal is met."""
+    def change(key: str) -> float | None:
+        a, b = dopd.get(key), baseline.get(key)
+        return None if a is None or not b else (a - b) / b
+
+    ratio = dopd["goodput"] / baseline["goodput"] if baseline["goodput"] else None
+    out = {"goodput_ratio": ratio, "p90_ttft_change": change("p90_ttft_ms"),
+           "p90_tpot_change": change("p90_tpot_ms"), "attainment": dopd["slo_attainment"]}
+    met = {"goodput_ratio": ratio is not None and ratio >= GOALS["goodput_ratio"],
+           "p90_ttft_change": out["p90_ttft_change"] is not None and out["p90_ttft_change"] <= GOALS["p90_ttft_change"],
+           "p90_tpot_change": out["p90_tpot_change"] is not None and out["p90_tpot_change"] <= GOALS["p90_tpot_change"],
+           "attainment": (out["attainment"] or 0.0) >= GOALS["attainment"]}
+    return {"figures": out, "goals": GOALS, "met": met}
+
+
+def build_doc(runs_by_mode: dict[str, list[Run]], config: dict) -> dict:
+    """compare.json: each mode's figures (static: its best split's, plus every split tried)."""
+    modes = {}
+    for mode, runs in runs_by_mode.items():
+        chosen = best(runs)
+        fig = chosen.figures()
+        if mode == "static":
+            fig["splits_tried"] = [{"split": r.figures()["split"], "engine": r.engine, "goodput": r.results["goodput"],
+                                    "slo_attainment": r.results["slo_attainment"]} for r in runs]
+        modes[mode] = fig
+    doc = {"config": config, "modes": modes}
+    baselines = [m for m in BASELINES if m in modes]
+    if "dopd" in modes and baselines:
+        base = max(baselines, key=lambda m: (modes[m]["goodput"], modes[m]["slo_attainment"] or 0.0))
+        doc["dopd_vs_best_baseline"] = {"baseline": base, **verdict(modes["dopd"], modes[base])}
+    return doc
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if pct:
+        return f"{v * 100:+.1f}%"
+    if isinstance(v, float):
+        return f"{v:.4f}" if 0 < v <= 1.0 else f"{v:.1f}"
+    return str(v)
+
+
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def markdown(doc: dict) -> str:
+    c = doc["config"]
+    lines = [f"# dopd bench compare: {c['source']}, {c['workers']} workers, {c['engine_label']}", "",
+             f"Command: `{c['command']}`", "",
+             f"SLOs: TTFT {c['slo_ttft_ms']:g} ms, TPOT {c['slo_tpot_ms']:g} ms. Goodput: requests a second that "
+             "met both SLOs. Refused: RESOURCE_EXHAUSTED at once (admission control, or no decode worker with room), "
+             "counted as SLO misses.", "",
+             "| mode | split (at the start) | goodput req/s | attainment | p50 / p90 / p99 TTFT ms "
+             "| p50 / p90 / p99 TPOT ms | completed | refused | failed | switches |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for mode, f in doc["modes"].items():
+        ttft = " / ".join(_fmt(f[k]) for k in ("median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms"))
+        tpot = " / ".join(_fmt(f[k]) for k in ("median_tpot_ms", "p90_tpot_ms", "p99_tpot_ms"))
+        split = f["split"] or "none: all do both"
+        lines.append(f"| {mode} | {split} | {f['goodput']:.2f} | {_fmt(f['slo_attainment'])} | {ttft} | {tpot} | "
+                     f"{f['completed']} | {f['refused']} | {f['failed']} | {_fmt(f['switches'])} |")
+    v = doc.get("dopd_vs_best_baseline")
+    if v:
+        fig, met, goals = v["figures"], v["met"], v["goals"]
+        yes = {k: "yes" if ok else "no" for k, ok in met.items()}
+        lines += ["", f"## dopd against the better baseline ({v['baseline']})", "",
+                  "| figure | value | goal | met |", "| --- | ---: | ---: | --- |",
+                  f"| goodput ratio | {_ratio(fig['goodput_ratio'])} | >= {goals['goodput_ratio']}x | "
+                  f"{yes['goodput_ratio']} |",
+                  f"| p90 TTFT change | {_fmt(fig['p90_ttft_change'], True)} | "
+                  f"<= {goals['p90_ttft_change'] * 100:.0f}% | {yes['p90_ttft_change']} |",
+                  f"| p90 TPOT change | {_fmt(fig['p90_tpot_change'], True)} | "
+                  f"<= {goals['p90_tpot_change'] * 100:.0f}% | {yes['p90_tpot_change']} |",
+                  f"| dopd SLO attainment | {_fmt(fig['attainment'])} | >= {goals['attainment']} | "
+                  f"{'yes' if met['attainment'] else 'no'} |"]
+    static = doc["modes"].get("static")
+    if static and static.get("splits_tried"):
+        lines += ["", "## static: every split tried", "", "| split | engine | goodput req/s | attainment |",
+                  "| --- | --- | ---: | ---: |"]
+        lines += [f"| {s['split']} | {s['engine']} | {s['goodput']:.2f} | {_fmt(s['slo_attainment'])} |"
+                  for s in static["splits_tried"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(chosen: dict[str, Run], out: Path, slo_ttft_ms: float, slo_tpot_ms: float) -> list[Path]:
+    """Latency CDFs per mode, goodput per mode, and dopd's P/D split over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, what, slo in ((axes[0], "TTFT", slo_ttft_ms), (axes[1], "TPOT", slo_tpot_ms)):
+        for mode, run in chosen.items():
+            ms = sorted((r.ttft if what == "TTFT" else r.tpot) * 1e3 for r in run.requests
+                        if r.ok and (r.ttft if what == "TTFT" else r.tpot) is not None)
+            if ms:
+                ax.plot(ms, [(i + 1) / len(run.requests) for i in range(len(ms))], label=mode)
+        ax.axvline(slo, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{what} (ms, log)")
+        ax.set_ylabel("fraction of all requests")
+        ax.set_title(f"{what} CDF (failed and refused requests never reach 1)")
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out / "latency_cdfs.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(chosen)
+    ax.bar(names, [chosen[m].results["goodput"] for m in names], color="tab:blue")
+    for i, m in enumerate(names):
+        ax.annotate(f"{(chosen[m].results['slo_attainment'] or 0) * 100:.1f}%", (i, chosen[m].results["goodput"]),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("goodput (req/s meeting both SLOs)")
+    ax.set_title("goodput per mode (label: SLO attainment)")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    paths.append(out / "goodput.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    dopd = chosen.get("dopd")
+    if dopd is not None and dopd.samples:
+        fig, ax = plt.subplots(figsize=(9, 3.5))
+        t = [s.t for s in dopd.samples]
+        ax.step(t, [s.prefill_workers for s in dopd.samples], where="post", label="prefill workers")
+        ax.step(t, [s.decode_workers for s in dopd.samples], where="post", label="decode workers")
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("workers")
+        ax2 = ax.twinx()
+        arrivals = dopd.results["timeline"]["arrivals_per_s"]
+        ax2.plot([i + 0.5 for i in range(len(arrivals))], arrivals, color="grey", alpha=0.5, label="arrivals/s")
+        ax2.set_ylabel("arrivals per second")
+        ax.legend(loc="upper left")
+        ax.set_title("dopd: the P/D split over time")
+        fig.tight_layout()
+        paths.append(out / "dopd_split.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+# -- engines ------------------------------------------------------------------------------------
+
+def simulate_argv(args, mode: str, split: tuple[int, int] | None, out: Path) -> list[str]:
+    """`dopd simulate`'s arguments for one run of the comparison."""
+    argv = ["simulate", "--profile", args.profile, "--workers", str(args.workers), "--mode", mode,
+            *source_argv(args), "--slo-ttft", str(args.slo_ttft), "--slo-tpot", str(args.slo_tpot),
+            "--out", str(out), "--no-plots"]
+    if split is not None:
+        argv += ["--split", f"{split[0]}:{split[1]}"]
+    for name in ("kv_blocks", "max_batch_size", "prefill_token_budget", "chunk_tokens"):
+        if getattr(args, name, None) is not None:
+            argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    if args.predictor:
+        argv += ["--predictor", args.predictor]
+    return argv
+
+
+def source_argv(args) -> list[str]:
+    argv = ["--workload", args.workload] if args.workload else ["--trace", *map(str, args.trace)]
+    if args.rate is not None:
+        argv += ["--rate", str(args.rate)]
+    if args.duration is not None:
+        argv += ["--duration", str(args.duration)]
+    return argv + ["--burstiness", str(args.burstiness), "--seed", str(args.seed), "--max-context",
+                   str(args.max_context), "--request-timeout", str(args.request_timeout)]
+
+
+def run_des(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run:
+    """One run in virtual time: `dopd simulate`'s own path (results.json as it writes it), kept in
+    memory for the plots."""
+    from services.cli import build_parser
+    from services.simulate.cli import build_requests, config_from_args, results_doc
+    from services.simulate.sim import simulate
+
+    sargs = build_parser().parse_args(simulate_argv(args, mode, split, out))
+    cfg = config_from_args(sargs)
+    requests, duration = build_requests(sargs)
+    outcome = simulate(requests, cfg)
+    if outcome.leaks:
+        raise RuntimeError(f"{mode}: the simulator's leak check failed: {'; '.join(outcome.leaks)}")
+    results = results_doc(requests, outcome, cfg, sargs, duration)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    split = cfg.initial_split if serving_mode(mode).disaggregated else None
+    return Run(mode, split, results, outcome.results, outcome.samples, "des")
+
+
+def run_services(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run:
+    """One run on the real services: bring up the mode's cluster, `dopd bench` it, take it down."""
+    from services.cli import main as dopd
+    from services.launcher import Cluster, ClusterSpec, free_port
+
+    m = serving_mode(mode)
+    p, d = split if split is not None else default_split(args.workers)  # aggregated: all decode anyway
+    model = f"sim:{args.profile}" if args.engine == "sim" else args.model
+    extra = {"DOPD_KV_TIMEOUT_S": str(30 * args.time_scale)}
+    if args.max_batch_size is not None:
+        extra["DOPD_MAX_BATCH_SIZE"] = str(args.max_batch_size)
+    if args.prefill_token_budget is not None:
+        extra["DOPD_PREFILL_TOKEN_BUDGET"] = str(args.prefill_token_budget)
+    if args.chunk_tokens is not None:
+        extra["DOPD_STEP_TOKEN_BUDGET"] = str(args.chunk_tokens)
+    spec = ClusterSpec(model=model, prefill=p, decode=d, port=free_port(),
+                       log_dir=Path(tempfile.mkdtemp(prefix=f"dopd-compare-{mode}-")),
+                       kv_blocks=args.kv_blocks or ClusterSpec.kv_blocks, time_scale=args.time_scale,
+                       planner="dynamic" if m.switching else "static", mode=mode,
+                       predictor=args.predictor or "arima",
+                       slo_ttft_ms=args.slo_ttft, slo_tpot_ms=args.slo_tpot, extra_env=extra)
+    cluster = Cluster(spec)
+    cluster.start()
+    try:
+        cluster.wait_ready(600)
+        rc = dopd(["bench", "--target", cluster.gateway_address, *source_argv(args), "--slo-ttft", str(args.slo_ttft),
+                   "--slo-tpot", str(args.slo_tpot), "--time-scale", str(args.time_scale), "--out", str(out),
+                   "--no-progress"])
+    finally:
+        cluster.stop()
+    if rc != 0:
+        raise RuntimeError(f"{mode}: dopd bench failed ({rc}); logs in {spec.log_dir}")
+    results = json.loads((out / "results.json").read_text())
+    with open(out / "requests.jsonl") as f:
+        requests = [RequestResult(**json.loads(line)) for line in f]
+    return Run(mode, (p, d) if m.disaggregated else None, results, requests, [],
+               args.engine if args.model is None else "real")
+
+
+# -- the comparison -------------------------------------------------------------------------------
+
+def static_plan(args) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
+    """(splits to rank in the simulator first, splits to run on the chosen engine, how many
+    static runs on the engine)."""
+    spec = args.static_splits
+    every = all_splits(args.workers)
+    if spec == "all":
+        return [], every, len(every)
+    if spec.startswith("des:"):
+        k = int(spec.split(":")[1])
+        return every, [], min(k, len(every))  # the engine's splits: the simulator's best K, once ranked
+    splits = []
+    for part in spec.split(","):
+        p, d = (int(x) for x in part.split(":"))
+        if p < 1 or d < 1 or p + d != args.workers:
+            raise ValueError(f"split {part} must give each role >= 1 worker and add up to {args.workers}")
+        splits.append((p, d))
+    return [], splits, len(splits)
+
+
+def compare(args, progress: Callable[[str], None] = lambda _: None) -> tuple[dict, dict[str, Run]]:
+    engine = run_des if args.engine == "des" else run_services
+    runs: dict[str, list[Run]] = {}
+    rank, splits, k = static_plan(args) if "static" in args.modes else ([], [], 0)
+    ranked: list[Run] = []
+    for split in rank:
+        progress(f"static {split[0]}:{split[1]} (ranking, des)")
+        ranked.append(run_des(args, "static", split, args.out / "des-rank" / f"static-{split[0]}p{split[1]}d"))
+    if rank:
+        order = sorted(ranked, key=lambda r: (r.results["goodput"], r.results["slo_attainment"] or 0.0), reverse=True)
+        splits = [r.split for r in order[:k]]
+    for mode in args.modes:
+        if mode == "static":
+            runs[mode] = []
+            for split in splits:
+                progress(f"static {split[0]}:{split[1]}")
+                runs[mode].append(engine(args, mode, split, args.out / f"static-{split[0]}p{split[1]}d"))
+            continue
+        progress(mode)
+        runs[mode] = [engine(args, mode, args.split if serving_mode(mode).disaggregated else None,
+                             args.out / mode)]
+    config = {"command": args.command_line, "engine": args.engine, "engine_label": engine_label(args),
+              "profile": args.profile, "model": args.model, "workers": args.workers, "source": source_label(args),
+              "rate": args.rate, "burstiness": args.burstiness, "duration_s": args.duration, "seed": args.seed,
+              "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "time_scale": args.time_scale,
+              "modes": list(args.modes), "static_splits": args.static_splits,
+              "dopd_split_at_start": None if args.split is None else f"{args.split[0]}:{args.split[1]}"}
+    doc = build_doc(runs, config)
+    if ranked:
+        doc["static_des_ranking"] = [{"split": f"{r.split[0]}:{r.split[1]}", "goodput": r.results["goodput"],
+                                      "slo_attainment": r.results["slo_attainment"]} for r in ranked]
+    return doc, {mode: best(rs) for mode, rs in runs.items()}
+
+
+def engine_label(args) -> str:
+    if args.engine == "des":
+        return f"virtual time (dopd simulate), profile {args.profile}"
+    if args.model:
+        return f"real services, model {args.model}"
+    return f"real services on the sim engine, profile {args.profile}, time scale {args.time_scale:g}"
+
+
+def source_label(args) -> str:
+    if args.workload:
+        return f"{args.workload} at {args.rate or 1:g} req/s (burstiness {args.burstiness:g}, seed {args.seed})"
+    names = " + ".join(Path(t).name for t in args.trace)
+    return f"{names}" + (f" rescaled to {args.rate:g} req/s" if args.rate else "")
+
+
+def check_args(args) -> None:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if isinstance(args.modes, str) else args.modes
+    for m in modes:
+        serving_mode(m)  # ValueError names the known ones
+    args.modes = modes
+    if args.workers is None or args.workers < 2:
+        raise ValueError("--workers N (>= 2) is required")
+    if args.model is None and args.profile is None:
+        raise ValueError("give --profile NAME (--engine des or sim) or --model M (real services)")
+    if args.model is not None:
+        args.engine = "real"
+    if args.engine == "des" and args.profile is None:
+        raise ValueError("--engine des needs --profile")
+    if args.static_splits is None:  # on the real services, rank in the simulator when it can
+        args.static_splits = "des:2" if args.engine != "des" and args.profile and args.workers > 3 else "all"
+    if args.static_splits.startswith("des:") and args.profile is None:
+        raise ValueError("--static-splits des:K ranks the splits in the simulator: it needs --profile")
+
+
+def run_compare(args) -> int:
+    """0 when every mode ran; 2 on bad arguments; 1 when a run failed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    try:
+        check_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.command_line = "dopd " + " ".join(shlex.quote(a) for a in (getattr(args, "argv", None) or sys.argv[1:]))
+    rank, _, static_runs = static_plan(args) if "static" in args.modes else ([], [], 0)
+    total = len(args.modes) - ("static" in args.modes) + len(rank) + static_runs
+    args.out.mkdir(parents=True, exist_ok=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=args.no_progress) as bar:
+        task = bar.add_task("compare", total=total)
+        started = [False]
+
+        def step(what: str) -> None:
+            if started[0]:
+                bar.advance(task)
+            started[0] = True
+            bar.update(task, description=f"running {what}")
+
+        try:
+            doc, chosen = compare(args, step)
+        except (ValueError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1 if isinstance(exc, RuntimeError) else 2
+        bar.update(task, completed=total, description="done")
+    (args.out / "compare.json").write_text(json.dumps(doc, indent=2))
+    (args.out / "compare.md").write_text(markdown(doc))
+    plot(chosen, args.out, args.slo_ttft, args.slo_tpot)
+    print(markdown(doc))
+    print(f"-> {args.out}/compare.json, compare.md, latency_cdfs.png, goodput.png"
+          + (", dopd_split.png" if "dopd" in chosen and chosen["dopd"].samples else ""))
+    return 0
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compare")
+    g.add_argument("--modes", default="aggregated,static,dopd",
+                   help=f"comma-separated, of: {', '.join(MODES)} (default %(default)s)")
+    g.add_argument("--engine", choices=("des", "sim"), default="des",
+                   help="des: the virtual-time simulator; sim: the real services on the sim engine")
+    g.add_argument("--profile", help="latency profile (des, sim)")
+    g.add_argument("--model", help="a real model: the real services with it (e.g. smollm2)")
+    g.add_argument("--workers", type=int, help="workers in each cluster")
+    g.add_argument("--split", type=lambda s: tuple(int(x) for x in s.split(":")),
+                   help="P:D at the start for the disaggregated modes other than static (default half and half)")
+    g.add_argument("--static-splits", help="static's splits: all (des default), P:D,P:D..., or des:K (sim "
+                                           "default, des:2): the simulator's best K, run on the engine")
+    g.add_argument("--kv-blocks", type=int, help="KV blocks per worker")
+    g.add_argument("--max-batch-size", type=int)
+    g.add_argument("--prefill-token-budget", type=int)
+    g.add_argument("--chunk-tokens", type=int, help="tokens a step where a worker prefills its own prompts")
+    g.add_argument("--predictor", help="the planner's predictor")
