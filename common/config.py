@@ -91,6 +91,10 @@ class WorkerSettings(_Base):
     # smaller batches cost nothing and hand KV to decode sooner, which measured better end to end
     # (benchmarks/bench_core.py). A GPU wants thousands: docker-compose.yml sets 8192.
     prefill_token_budget: int = 512
+    # A decode worker that prefills its own prompts (`aggregated` mode, DOPD's ultra-short path):
+    # tokens a step at most, decodes and prompt chunks together (vLLM's max_num_batched_tokens
+    # for its API server on GPUs under 70 GiB).
+    step_token_budget: int = 2048
     # How long a decode worker holds a reservation whose KV has not arrived.
     kv_timeout_s: float = 30.0
     # KV is sent in chunks of at least/at most this many bytes (layers are coalesced up to
@@ -118,3 +122,18 @@ class GatewaySettings(_Base):
     default_max_tokens: int = 64
     # Longest a request may run end to end when the client set no deadline.
     request_timeout_s: float = 600.0
+    # Serving mode (common/modes.py): static (first come first served), dopd and dopd-no-planner
+    # (DOPD's scheduling policy, services/gateway/scheduling.py), dopd-no-policy, aggregated
+    # (every worker prefills the requests it decodes). `dopd up --mode` sets it.
+    mode: str = Field("static", pattern="^(aggregated|static|dopd|dopd-no-policy|dopd-no-planner)$")
+    # Admission control: refuse at once a request whose predicted TTFT is past the SLO.
+    # "" = the mode's default (on where the scheduling policy runs).
+    admission: str = Field("", pattern="^(|on|off)$")
+    # What the policy's thresholds are computed from: the SLOs, the workers' prefill budget (the
+    # short-batch token cap), the latency profile ("" = as the planner picks it) and the sim
+    # engine's time scale (the policy reasons in profile seconds).
+    slo_ttft_ms: float = 2000.0
+    slo_tpot_ms: float = 200.0
+    prefill_token_budget: int = 512
+    planner_profile: str = ""
+    time_scale: float = 1.0

@@ -20,3 +20,23 @@ def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
 def sampling_from_pb(m: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(temperature=m.temperature, top_p=m.top_p or 1.0, top_k=m.top_k, seed=m.seed,
                           max_tokens=m.max_tokens, stop_token_ids=frozenset(m.stop_token_ids))
+
+
+def forecast_to_pb(f):
+    """services/planner/load.LoadForecast -> planner_pb2.Forecast."""
+    from common.pb import planner_pb2
+
+    return planner_pb2.Forecast(rate=f.rate, prompt_quantiles=list(f.prompt.quantiles), prompt_mean=f.prompt.mean,
+                                output_quantiles=list(f.output.quantiles), output_mean=f.output.mean,
+                                predictor=f.predictor)
+
+
+def forecast_from_pb(m):
+    """planner_pb2.Forecast -> LoadForecast; None when the message carries none (or a malformed one)."""
+    from services.planner.load import LengthDist, LoadForecast
+
+    try:
+        return LoadForecast(m.rate, LengthDist(tuple(m.prompt_quantiles), m.prompt_mean),
+                            LengthDist(tuple(m.output_quantiles), m.output_mean), m.predictor)
+    except ValueError:
+        return None

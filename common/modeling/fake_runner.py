@@ -15,7 +15,7 @@ import torch
 
 from common.kv.kv_store import PagedKVStore
 from common.kv.wire import KVLayout
-from common.modeling.base import LayerKVHook
+from common.modeling.base import DecodeInputs, LayerKVHook, PromptChunk, mixed_one_after_the_other
 from common.modeling.registry import BuiltRunner, RunnerSpec, register_runner
 from common.types import SamplingParams
 
@@ -66,6 +66,26 @@ class FakeRunner:
                                   * weights).sum()) * (layer + 1) for layer in range(FAKE_LAYOUT.num_layers))
             out.append(_fold(checksum, pos + 1))
         return out
+
+
+    def prefill_chunk_sample(self, chunk: PromptChunk) -> int | None:
+        """Write the chunk's K/V into its blocks; on the last chunk, the first token from the whole
+        prompt's layer-0 K as the pool holds it (prefill_sample's token when every chunk landed)."""
+        self.prefills += 1
+        positions = list(range(chunk.start, chunk.start + len(chunk.tokens)))
+        slots = self.store.slots(chunk.block_table, chunk.start, positions[-1] + 1)
+        for layer in range(FAKE_LAYOUT.num_layers):
+            kv = self._kv_row(chunk.tokens, positions, layer).transpose(0, 1)  # [tokens, heads, head_dim]
+            self.store.write_tokens(layer, slots, kv, kv)
+        if chunk.params is None:
+            return None
+        end = positions[-1] + 1
+        checksum = float(self.store.flat_k(0)[self.store.slots(chunk.block_table, 0, end)][:, 0, 0].sum())
+        return _fold(checksum, end)
+
+    def mixed_sample(self, chunks: list[PromptChunk], decode: DecodeInputs | None) -> tuple[list[int | None],
+                                                                                               list[int]]:
+        return mixed_one_after_the_other(self, chunks, decode)
 
 
 def _fold(checksum: float, length: int) -> int:

@@ -10,6 +10,9 @@ calls `paged_attention(...)` with its query and this step's key/value (RoPE appl
   is what lets the prefill worker stream KV layer by layer while later layers still run.
 - DecodeBatch: one new token for each running request. Its K/V is written into the paged pool,
   then attention reads the request's context through its block table.
+- ChunkBatch: one chunk of a prompt prefilled on the worker that keeps its KV (chunked prefill):
+  its K/V is written into the pool, and its queries attend to the prompt's earlier positions
+  (read from the pool) and causally to the chunk itself. SDPA on every device.
 
 Kernels, chosen at run time: with flash-attn on CUDA, `flash_attn_varlen_func` for prefill and
 `flash_attn_with_kvcache(block_table=...)` for decode (it reads blocks in place). Otherwise torch
@@ -76,6 +79,34 @@ def _prefill_attention(module, query, key, value, scaling, batch: PrefillBatch):
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
 
 
+@dataclass
+class ChunkBatch:
+    store: PagedKVStore
+    start: int  # the chunk's first position
+    slots: torch.Tensor  # [chunk] where its positions' K/V go
+    context_slots: torch.Tensor  # [start + chunk] slots of positions 0 .. start + chunk - 1
+    attn_mask: torch.Tensor | None  # [1, 1, chunk, start + chunk] bool; None for a first chunk (causal)
+
+
+def _chunk_attention(module, query, key, value, scaling, batch: ChunkBatch):
+    # query: [1, heads, chunk, dim]; key/value: [1, kv_heads, chunk, dim]
+    store = batch.store
+    layer = module.layer_idx
+    store.write_tokens(layer, batch.slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    if batch.start == 0:  # nothing before it: plain causal self-attention, as a prefill
+        return sdpa_attention_forward(module, query, key, value, None, scaling=scaling)
+    k = store.flat_k(layer)[batch.context_slots].transpose(0, 1).unsqueeze(0)
+    v = store.flat_v(layer)[batch.context_slots].transpose(0, 1).unsqueeze(0)
+    return sdpa_attention_forward(module, query, k, v, batch.attn_mask, scaling=scaling)
+
+
+def chunk_mask(start: int, n: int, device) -> torch.Tensor:
+    """[1, 1, n, start + n]: every earlier position, and the chunk's own causally."""
+    mask = torch.ones(n, start + n, dtype=torch.bool)
+    mask[:, start:] = torch.ones(n, n, dtype=torch.bool).tril()
+    return mask.view(1, 1, n, start + n).to(device)
+
+
 def _decode_attention(module, query, key, value, scaling, batch: DecodeBatch):
     # query: [batch, heads, 1, dim]; key/value: [batch, kv_heads, 1, dim]
     layer = module.layer_idx
@@ -101,7 +132,10 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         return _prefill_attention(module, query, key, value, scaling, batch)
     if isinstance(batch, DecodeBatch):
         return _decode_attention(module, query, key, value, scaling, batch)
-    raise RuntimeError(f"{ATTENTION_NAME} attention needs a dopd_batch keyword (PrefillBatch or DecodeBatch)")
+    if isinstance(batch, ChunkBatch):
+        return _chunk_attention(module, query, key, value, scaling, batch)
+    raise RuntimeError(f"{ATTENTION_NAME} attention needs a dopd_batch keyword (PrefillBatch, DecodeBatch or "
+                       "ChunkBatch)")
 
 
 def _no_mask(*args, **kwargs):

@@ -13,9 +13,9 @@ import torch
 from common.kv.kv_store import PagedKVStore
 from common.kv.wire import KVLayout, dtype_from_name
 from common.modeling import paged_attention
-from common.modeling.base import LayerKVHook, Runner
+from common.modeling.base import DecodeInputs, LayerKVHook, PromptChunk, Runner, mixed_one_after_the_other
 from common.modeling.loader import LoadedModel, load_model
-from common.modeling.paged_attention import DecodeBatch, PrefillBatch
+from common.modeling.paged_attention import ChunkBatch, DecodeBatch, PrefillBatch, chunk_mask
 from common.modeling.registry import BuiltRunner, RunnerSpec, register_runner
 from common.sampling import sample_batch
 from common.types import SamplingParams
@@ -84,6 +84,28 @@ class ModelRunner:
         out = self.model(input_ids=torch.tensor(tokens, device=self.device).unsqueeze(1),
                          position_ids=pos.to(self.device).unsqueeze(1), use_cache=False, dopd_batch=batch)
         return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def prefill_chunk(self, chunk: PromptChunk) -> torch.Tensor:
+        """One chunk of a prompt whose KV stays here, its K/V written into the pool; the logits of
+        its last token ([vocab])."""
+        n = len(chunk.tokens)
+        context_slots = self.store.slots(chunk.block_table, 0, chunk.start + n).to(self.device)
+        mask = chunk_mask(chunk.start, n, self.device) if chunk.start else None
+        batch = ChunkBatch(self.store, chunk.start, context_slots[chunk.start:], context_slots, mask)
+        positions = torch.arange(chunk.start, chunk.start + n, device=self.device).unsqueeze(0)
+        out = self.model(input_ids=torch.tensor(chunk.tokens, device=self.device).unsqueeze(0),
+                         position_ids=positions, use_cache=False, logits_to_keep=1, dopd_batch=batch)
+        return out.logits[0, -1].float()
+
+    def prefill_chunk_sample(self, chunk: PromptChunk) -> int | None:
+        logits = self.prefill_chunk(chunk)
+        return None if chunk.params is None else sample_batch(logits.unsqueeze(0), [chunk.params], [0])[0]
+
+    def mixed_sample(self, chunks: list[PromptChunk], decode: DecodeInputs | None) -> tuple[list[int | None],
+                                                                                               list[int]]:
+        # No fused mixed-batch kernel here: the chunks' forwards, then the decode step's.
+        return mixed_one_after_the_other(self, chunks, decode)
 
     def prefill_sample(self, prompts: list[list[int]], params: list[SamplingParams],
                        on_layer_kv: Callable[[int, torch.Tensor, torch.Tensor], None] | None) -> list[int]:

@@ -16,7 +16,7 @@ import torch
 
 from common.kv.kv_store import slots_for
 from common.kv.wire import KVLayout, dtype_from_name
-from common.modeling.base import LayerKVHook
+from common.modeling.base import DecodeInputs, LayerKVHook, PromptChunk
 from common.modeling.registry import BuiltRunner, RunnerSpec, register_runner
 from common.profile import LatencyProfile, load_profile
 from common.types import SamplingParams
@@ -82,6 +82,19 @@ class SimRunner:
         mean_context = sum(positions) / len(positions) + 1
         _sleep_until(time.perf_counter() + self.profile.decode_step_time(len(tokens), mean_context) * self.time_scale)
         return [pseudo_token(t, p + 1) for t, p in zip(tokens, positions, strict=True)]
+
+    def mixed_sample(self, chunks: list[PromptChunk], decode: DecodeInputs | None) -> tuple[list[int | None],
+                                                                                               list[int]]:
+        """One forward for the chunks and the decode step together, timed by
+        profile.mixed_step_time (as `dopd simulate` times it)."""
+        n = len(decode.tokens) if decode is not None else 0
+        context = sum(decode.positions) / n + 1 if n else 0.0
+        seconds = self.profile.mixed_step_time(n, context, sum(len(c.tokens) for c in chunks))
+        _sleep_until(time.perf_counter() + seconds * self.time_scale)
+        firsts = [pseudo_token(c.tokens[-1], c.start + len(c.tokens)) if c.params is not None else None
+                  for c in chunks]
+        tokens = [pseudo_token(t, p + 1) for t, p in zip(decode.tokens, decode.positions, strict=True)] if n else []
+        return firsts, tokens
 
 
 def _sleep_until(deadline: float) -> None:

@@ -27,14 +27,32 @@ class GetTopologyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Topology(_message.Message):
-    __slots__ = ("workers", "version", "planner_metrics_address")
+    __slots__ = ("workers", "version", "planner_metrics_address", "forecast")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLANNER_METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[_common_pb2.WorkerInfo]
     version: int
     planner_metrics_address: str
-    def __init__(self, workers: _Optional[_Iterable[_Union[_common_pb2.WorkerInfo, _Mapping]]] = ..., version: _Optional[int] = ..., planner_metrics_address: _Optional[str] = ...) -> None: ...
+    forecast: Forecast
+    def __init__(self, workers: _Optional[_Iterable[_Union[_common_pb2.WorkerInfo, _Mapping]]] = ..., version: _Optional[int] = ..., planner_metrics_address: _Optional[str] = ..., forecast: _Optional[_Union[Forecast, _Mapping]] = ...) -> None: ...
+
+class Forecast(_message.Message):
+    __slots__ = ("rate", "prompt_quantiles", "prompt_mean", "output_quantiles", "output_mean", "predictor")
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_MEAN_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_MEAN_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_FIELD_NUMBER: _ClassVar[int]
+    rate: float
+    prompt_quantiles: _containers.RepeatedScalarFieldContainer[float]
+    prompt_mean: float
+    output_quantiles: _containers.RepeatedScalarFieldContainer[float]
+    output_mean: float
+    predictor: str
+    def __init__(self, rate: _Optional[float] = ..., prompt_quantiles: _Optional[_Iterable[float]] = ..., prompt_mean: _Optional[float] = ..., output_quantiles: _Optional[_Iterable[float]] = ..., output_mean: _Optional[float] = ..., predictor: _Optional[str] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("source", "start_unix", "duration_s", "arrivals", "prompt_lens", "output_lens", "rejected", "ttft_s", "tpot_s")

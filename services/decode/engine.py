@@ -5,6 +5,9 @@ is work: schedule -> forward + sample (executor thread) -> update -> deliver. Ev
 touches scheduler state runs on the event loop thread; the executor thread only runs the model.
 
 Requests join the running batch at any step (as their KV completes) and leave it at any step.
+A request may also be prefilled here (`prefill_here`: no KV moves): its prompt goes through
+LocalPrefill in chunks that share the steps' forwards (`Runner.mixed_sample`), and its first token
+comes out of its own stream.
 Each request's events go to its own asyncio.Queue, read by the Decode RPC handler; a request
 migrated in has its queue before anyone reads it (the gateway attaches a moment later).
 Migrating a request out is `services/decode/migration.py`; it uses pause/resume/moved here.
@@ -21,8 +24,9 @@ from dataclasses import dataclass
 from common.errors import Aborted, DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from common.kv.block_pool import OutOfBlocks
 from common.kv.wire import KVChunk
-from common.modeling.base import Runner
+from common.modeling.base import DecodeInputs, PromptChunk, Runner
 from common.types import SamplingParams
+from services.decode.local_prefill import Chunk, LocalPrefill
 from services.decode.scheduler import DecodeScheduler, DecodeSeq, Finish, SeqState
 from services.worker import metrics
 
@@ -55,11 +59,21 @@ class ErrorEvent:
     error: ServiceError
 
 
+@dataclass(eq=False)
+class LocalPrompt:
+    """A request prefilled on this worker: its reservation and its prompt."""
+
+    seq: DecodeSeq
+    prompt: list[int]
+
+
 class DecodeEngine:
     def __init__(self, runner: Runner, scheduler: DecodeScheduler, executor: Executor,
-                 kv_timeout_s: float) -> None:
+                 kv_timeout_s: float, step_token_budget: int = 2048) -> None:
         self.runner = runner
         self.scheduler = scheduler
+        self.local: LocalPrefill[LocalPrompt] = LocalPrefill(step_token_budget)
+        self._local: dict[str, LocalPrompt] = {}  # request id -> its prompt, until its KV is complete
         self.executor = executor
         self.kv_timeout_s = kv_timeout_s
         self._queues: dict[str, asyncio.Queue] = {}
@@ -128,6 +142,22 @@ class DecodeEngine:
             timer.cancel()
         return seq
 
+    def prefill_here(self, request_id: str, prompt: list[int]) -> None:
+        """The request reserved here is prefilled here too, in chunks between (within) decode
+        steps; no KV moves. Its first token goes out on its own stream."""
+        seq = self.scheduler.seqs.get(request_id)
+        if seq is None or seq.state is not SeqState.WAITING_KV:
+            raise InvalidArgument(f"request {request_id!r} has no reservation waiting for its prompt here")
+        if len(prompt) != seq.prompt_len:
+            raise InvalidArgument(f"{len(prompt)} prompt tokens for request {request_id!r}, which reserved "
+                                  f"a {seq.prompt_len}-token prompt")
+        timer = self._kv_timers.pop(request_id, None)  # nothing to wait for from elsewhere
+        if timer:
+            timer.cancel()
+        job = self._local[request_id] = LocalPrompt(seq, prompt)
+        self.local.add(job, len(prompt))
+        self._wake.set()
+
     def receiving_store(self, seq: DecodeSeq):
         """The pool a transfer writes `seq`'s KV into; Aborted when it ended meanwhile."""
         if seq.state is not SeqState.WAITING_KV:  # cancelled or failed while its KV was streaming
@@ -172,6 +202,10 @@ class DecodeEngine:
         if seq is not None and current is not None and current is not seq:
             return
         self._queues.pop(request_id, None)
+        job = self._local.get(request_id)
+        if job is not None and (seq is None or job.seq is seq):
+            del self._local[request_id]
+            self.local.remove(job)  # a chunk of it in the step in flight runs for nothing
         for timers in (self._kv_timers, self._attach_timers):
             timer = timers.pop(request_id, None)
             if timer:
@@ -239,18 +273,21 @@ class DecodeEngine:
     # -- the loop ---------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
-            if not self.scheduler.has_work():
+            if not self.scheduler.has_work() and not self.local:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             batch = self.scheduler.begin_step()
+            chunks = self.local.take(len(batch)) if self.local else []
+            # The step writes the chunks' KV into their blocks: released meanwhile, they wait too.
+            self.scheduler.also_in_step(c.job.seq.request_id for c in chunks)
             paused: dict[str, DecodeSeq | None] = {}
             try:
-                paused = await self._run_step(batch)
+                paused = await self._run_step(batch, chunks)
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the loop
                 log.exception("decode step failed")
                 self.scheduler.abandon_step()
-                for seq in batch:
+                for seq in [*batch, *(c.job.seq for c in chunks)]:
                     self.fail(seq.request_id, ServiceError(f"decode step failed: {exc}"))
                 paused = self.scheduler.settle()
             finally:
@@ -260,22 +297,46 @@ class DecodeEngine:
                 self._pause_waiters.clear()
                 self._update_gauges()
 
-    async def _run_step(self, batch: list[DecodeSeq]) -> dict[str, DecodeSeq | None]:
+    async def _run_step(self, batch: list[DecodeSeq], chunks: list[Chunk[LocalPrompt]]) -> dict[str, DecodeSeq | None]:
         """One step; returns the pauses asked for meanwhile (settled by the scheduler)."""
         # Inputs are read here, on the loop thread: the executor thread only runs the model.
-        inputs = ([s.tokens[-1] for s in batch], [s.next_position for s in batch], [s.block_table for s in batch],
-                  [s.params for s in batch], [len(s.tokens) for s in batch])
+        decode = DecodeInputs([s.tokens[-1] for s in batch], [s.next_position for s in batch],
+                              [s.block_table for s in batch], [s.params for s in batch],
+                              [len(s.tokens) for s in batch]) if batch else None
+        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        next_tokens = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.runner.decode_sample, *inputs)
-        metrics.DECODE_STEP_SECONDS.observe(time.perf_counter() - started)
-        metrics.DECODE_BATCH_SIZE.observe(len(batch))
+        firsts: list[int | None] = []
+        if chunks:
+            prompt_chunks = [PromptChunk(c.job.prompt[c.start:c.end], c.start, c.job.seq.block_table,
+                                         c.job.seq.params if c.last else None) for c in chunks]
+            firsts, next_tokens = await loop.run_in_executor(self.executor, self.runner.mixed_sample,
+                                                             prompt_chunks, decode)
+            metrics.LOCAL_PREFILL_TOKENS.inc(sum(c.end - c.start for c in chunks))
+        else:
+            next_tokens = await loop.run_in_executor(
+                self.executor, self.runner.decode_sample, decode.tokens, decode.positions, decode.block_tables,
+                decode.params, decode.token_indices)
+        if batch:
+            metrics.DECODE_STEP_SECONDS.observe(time.perf_counter() - started)
+            metrics.DECODE_BATCH_SIZE.observe(len(batch))
         end = self.scheduler.end_step(batch, next_tokens)
         for seq in end.delivered:  # end_step appended each one's token last
             self._emit(seq.request_id, TokensEvent([seq.tokens[-1]], len(seq.tokens) - 1))
         for seq in end.finished:
             self._emit(seq.request_id, FinishedEvent(seq.finish, len(seq.tokens)))
+        for chunk, first in zip(chunks, firsts, strict=True):
+            if chunk.last:
+                self._prefilled_here(chunk.job, first)
         return end.paused
+
+    def _prefilled_here(self, job: LocalPrompt, first: int) -> None:
+        """A prompt's last chunk ran: its KV is complete in this pool; its first token goes out."""
+        rid = job.seq.request_id
+        if self._local.get(rid) is not job:
+            return  # released (cancelled, failed) while its chunk ran
+        del self._local[rid]
+        self._emit(rid, TokensEvent([first], 0))
+        self.kv_complete(rid, first)
 
     def _update_gauges(self) -> None:
         metrics.KV_BLOCKS_USED.set(self.scheduler.pool.num_used)

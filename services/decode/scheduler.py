@@ -164,6 +164,11 @@ class DecodeScheduler:
         self._in_step = {s.request_id for s in batch}
         return batch
 
+    def also_in_step(self, request_ids) -> None:
+        """Requests whose prompt chunks the step in flight writes (chunked prefill here): their
+        blocks, too, are kept until it ends."""
+        self._in_step |= set(request_ids)
+
     def end_step(self, batch: list[DecodeSeq], next_tokens: list[int]) -> StepEnd:
         """The step's tokens: update(), then settle() what was asked for meanwhile. Requests
         released during the step get no token out (`delivered` leaves them out)."""

@@ -8,7 +8,7 @@ import asyncio
 
 import grpc
 
-from common.convert import FINISH_FROM_PB, sampling_to_pb
+from common.convert import FINISH_FROM_PB, forecast_from_pb, sampling_to_pb
 from common.errors import Unavailable
 from common.pb import common_pb2, planner_pb2, worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
@@ -16,6 +16,7 @@ from common.rpc.errors import domain_error
 from common.types import SamplingParams
 from services.gateway.events import DecodeEvent, Finished, Moved, Reserved, Tokens
 from services.gateway.routing import WorkerView
+from services.planner.load import LoadForecast
 
 _ROLES = {"prefill": common_pb2.ROLE_PREFILL, "decode": common_pb2.ROLE_DECODE}
 
@@ -53,6 +54,7 @@ class GrpcBackend:
     def __init__(self, channels: ChannelPool) -> None:
         self.channels = channels
         self._topology = planner_pb2.Topology()
+        self._forecast: tuple[planner_pb2.Topology, LoadForecast | None] | None = None  # parsed once a topology
         self._updated = asyncio.Event()  # set (and replaced) whenever a topology arrives
         self.refresh_now = asyncio.Event()  # asks the topology watcher for a fetch now
 
@@ -98,9 +100,18 @@ class GrpcBackend:
         return stream
 
     async def open_decode(self, worker: WorkerView, request_id: str, prompt_len: int, params: SamplingParams,
-                          timeout: float) -> GrpcDecodeStream:
+                          timeout: float, prompt: list[int] | None = None) -> GrpcDecodeStream:
         return await self._open(worker.worker_id, worker.address, worker_pb2.DecodeRequest(
-            request_id=request_id, prompt_len=prompt_len, sampling=sampling_to_pb(params)), timeout)
+            request_id=request_id, prompt_len=prompt_len, sampling=sampling_to_pb(params),
+            prompt_token_ids=prompt or ()), timeout)
+
+    def forecast(self) -> LoadForecast | None:
+        """The planner's forecast in the last topology (None before its first decision)."""
+        if not self.topology.HasField("forecast"):
+            return None
+        if self._forecast is None or self._forecast[0] is not self.topology:
+            self._forecast = (self.topology, forecast_from_pb(self.topology.forecast))
+        return self._forecast[1]
 
     async def attach_decode(self, moved: Moved, request_id: str, timeout: float) -> GrpcDecodeStream:
         return await self._open(moved.worker_id, moved.address,

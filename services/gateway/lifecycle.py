@@ -1,9 +1,16 @@
 """The gateway's request core, free of any transport: one request from validated input to its
 last token, following it when a migration moves it from one decode worker to another.
 
-    reserve decode  open Decode on the best decode worker (it reserves KV, or the next is tried)
+    path            by the serving mode (common/modes.py): first come first served; DOPD's
+                    scheduling policy (services/gateway/scheduling.py: long, short or
+                    ultra-short, and admission control: RESOURCE_EXHAUSTED at once when the
+                    predicted TTFT is past the SLO); or, in `aggregated` mode, prefilled where
+                    it decodes
+    reserve decode  open Decode on the best decode worker (it reserves KV, or the next is tried);
+                    an ultra-short or aggregated prompt goes with it, to be prefilled there
     prefill         on the least loaded prefill worker, with the decode worker's address (the KV
-                    goes peer to peer; the first token comes back here)
+                    goes peer to peer; the first token comes back here); a short prompt may be
+                    held first for a batch (services/gateway/short_gate.py)
     relay           the decode stream's tokens, detokenized, cut at stop strings; on `Moved`,
                     attach to the new worker's stream and go on from the same token index
 
@@ -18,18 +25,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from common.errors import Refused, ResourceExhausted, ServiceError, Unavailable
 from common.kv.block_pool import kv_tokens_for
+from common.modes import ServingMode, serving_mode
 from common.types import SamplingParams
 from services.gateway import metrics
 from services.gateway.detokenizer import Detokenizer
 from services.gateway.events import DecodeEvent, Finished, Moved, TokenEvent, Tokens
 from services.gateway.load_recorder import LoadRecorder
 from services.gateway.routing import WorkerView, decode_preference, pick_prefill
+from services.gateway.scheduling import DecodeCandidate, Path, SchedulingPolicy
+from services.gateway.short_gate import ShortGate
+from services.planner.load import LoadForecast
 
 MAX_MOVES = 64  # a request moved more often than this is going round in circles
 
@@ -55,7 +66,10 @@ class Backend(Protocol):
     def workers(self, role: str) -> list[WorkerView]: ...
 
     async def open_decode(self, worker: WorkerView, request_id: str, prompt_len: int, params: SamplingParams,
-                          timeout: float) -> DecodeStream: ...
+                          timeout: float, prompt: list[int] | None = None) -> DecodeStream: ...
+    # (with `prompt`, the decode worker prefills it too: no prefill worker, no KV moved)
+
+    def forecast(self) -> LoadForecast | None: ...  # the planner's, for the coming interval
 
     async def attach_decode(self, moved: Moved, request_id: str, timeout: float) -> DecodeStream: ...
 
@@ -67,7 +81,9 @@ class Backend(Protocol):
 
 class RequestCore:
     def __init__(self, backend: Backend, tokenizer, recorder: LoadRecorder | None = None,
-                 no_worker_wait_s: float = 5.0) -> None:
+                 no_worker_wait_s: float = 5.0, mode: ServingMode | None = None,
+                 policy_for: Callable[[LoadForecast], SchedulingPolicy] | None = None,
+                 time_scale: float = 1.0) -> None:
         self.backend = backend
         self.no_worker_wait_s = no_worker_wait_s
         self.tokenizer = tokenizer
@@ -75,6 +91,52 @@ class RequestCore:
         self.outstanding_prefill_tokens: Tally[str] = Tally()
         self.outstanding_decode: Tally[str] = Tally()
         self.running = 0
+        self.mode = mode or serving_mode("static")
+        # The scheduling policy's thresholds follow the planner's forecast (policy_for); until
+        # the first forecast every prompt takes the long path.
+        self.policy_for = policy_for if self.mode.policy else None
+        self._policy: tuple[LoadForecast, SchedulingPolicy] | None = None
+        self.time_scale = time_scale
+        self.short_gate = ShortGate(self._least_loaded_prefill, time.monotonic, time_scale)
+        self.paths: Tally[str] = Tally()  # requests by path taken, for the metrics and tests
+
+    # -- the path ---------------------------------------------------------------------------
+    def policy(self) -> SchedulingPolicy | None:
+        if self.policy_for is None:
+            return None
+        forecast = self.backend.forecast()
+        if forecast is None:
+            return None
+        if self._policy is None or self._policy[0] != forecast:
+            policy = self.policy_for(forecast)
+            self._policy = (forecast, policy)
+            self.short_gate.set_caps(policy.batch_token_cap, policy.batch_wait_cap_s)
+        return self._policy[1]
+
+    def _path(self, prompt_len: int, policy: SchedulingPolicy | None) -> Path:
+        if not self.mode.disaggregated:
+            return Path.ULTRA_SHORT  # aggregated: prefilled where it decodes
+        return policy.path(prompt_len) if policy is not None else Path.LONG
+
+    def _prefill_workers(self) -> list[WorkerView]:
+        return self.backend.workers("prefill")
+
+    def _least_queued_prefill_tokens(self) -> int:
+        return min((self.outstanding_prefill_tokens[w.worker_id] for w in self._prefill_workers()), default=0)
+
+    def _least_loaded_prefill(self) -> str | None:
+        worker = pick_prefill(self._prefill_workers(), self.outstanding_prefill_tokens)
+        return worker.worker_id if worker else None
+
+    def _admit(self, req: GenerationRequest, path: Path, policy: SchedulingPolicy | None) -> None:
+        """Admission control: RESOURCE_EXHAUSTED at once, saying why, when the predicted TTFT is
+        already past the SLO."""
+        if policy is None:
+            return
+        reason = policy.refusal(len(req.prompt), path, self._least_queued_prefill_tokens())
+        if reason is not None:
+            metrics.ADMISSION_REFUSED.inc()
+            raise ResourceExhausted(reason)
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
         remaining = lambda: max(0.001, req.deadline - time.monotonic())  # noqa: E731
@@ -84,20 +146,36 @@ class RequestCore:
         metrics.PROMPT_TOKENS.inc(len(req.prompt))
         stream = decode_worker = None
         try:
+            policy = self.policy()
+            path = self._path(len(req.prompt), policy)
             try:
-                stream, decode_worker = await self._reserve_decode(req, remaining)
+                self._admit(req, path, policy)
+                local = path is Path.ULTRA_SHORT
+                stream, decode_worker = await self._reserve_decode(req, remaining, policy, local)
             except ResourceExhausted:
                 self.recorder.rejected()
                 raise
+            self.paths[path.value] += 1
+            metrics.PATHS.labels(path.value).inc()
             self.recorder.arrived(len(req.prompt), req.params.max_tokens)
-            first = await self._prefill(req, decode_worker, remaining)
+            if local:
+                firsts = await self._first_tokens_here(stream, decode_worker)
+            else:
+                prefer = None
+                if path is Path.SHORT and self._least_queued_prefill_tokens() > 0:
+                    metrics.SHORT_HELD.inc()  # every prefill worker is busy: held for a batch
+                    try:
+                        prefer = await self.short_gate.hold(len(req.prompt))
+                    finally:
+                        metrics.SHORT_HELD.dec()
+                firsts = (await self._prefill(req, decode_worker, remaining, prefer),)
             detok = Detokenizer(self.tokenizer, req.stop)
             ttft = time.perf_counter() - req.arrived
             metrics.TTFT.observe(ttft)
             self.recorder.first_token(ttft)
             first_at = time.perf_counter()
-            n_tokens = 1
-            yield TokenEvent(req.request_id, (first,), detok.add([first]))
+            n_tokens = len(firsts)
+            yield TokenEvent(req.request_id, firsts, detok.add(list(firsts)))
             finish = None
             moves = 0
             while not detok.stopped:
@@ -157,14 +235,24 @@ class RequestCore:
             raise Unavailable(what)
         await self.backend.next_topology(min(left, 0.5))
 
-    async def _prefill(self, req: GenerationRequest, decode_worker: WorkerView, remaining) -> int:
-        """Prefill on the least loaded prefill worker; one that refuses at once (draining,
-        switching, not a prefill worker any more) has pushed no KV, so the next one is tried."""
+    async def _first_tokens_here(self, stream: DecodeStream, worker: WorkerView) -> tuple[int, ...]:
+        """The decode worker prefilled the prompt itself: its stream's first tokens (index 0 on)."""
+        event = await stream.next()
+        if not isinstance(event, Tokens) or event.start_index != 0 or not event.token_ids:
+            raise Unavailable(f"decode worker {worker.worker_id} prefilling locally sent {event!r} first")
+        return tuple(event.token_ids)
+
+    async def _prefill(self, req: GenerationRequest, decode_worker: WorkerView, remaining,
+                       prefer: str | None = None) -> int:
+        """Prefill on the least loaded prefill worker (`prefer`red first: the worker a short batch
+        was sent to); one that refuses at once (draining, switching, not a prefill worker any
+        more) has pushed no KV, so the next one is tried."""
         tried: set[str] = set()
         since = time.monotonic()
         while True:
             candidates = [w for w in self.backend.workers("prefill") if w.worker_id not in tried]
-            worker = pick_prefill(candidates, self.outstanding_prefill_tokens)
+            preferred = [w for w in candidates if w.worker_id == prefer]
+            worker = preferred[0] if preferred else pick_prefill(candidates, self.outstanding_prefill_tokens)
             if worker is None:
                 await self._wait_for_workers(since, remaining, "no prefill worker is serving")
                 tried.clear()
@@ -178,19 +266,36 @@ class RequestCore:
                 continue
             finally:
                 self.outstanding_prefill_tokens[worker.worker_id] -= len(req.prompt)
+                if not self.outstanding_prefill_tokens[worker.worker_id] and len(self.short_gate):
+                    self.short_gate.worker_freed()  # late binding: the short prompts held go now
 
-    async def _reserve_decode(self, req: GenerationRequest, remaining) -> tuple[DecodeStream, WorkerView]:
-        """Open Decode on the first decode worker that reserves the request's KV blocks. When every
-        worker refused because roles are changing (not for want of KV), wait for a new topology."""
+    def _decode_order(self, req: GenerationRequest, policy: SchedulingPolicy | None) -> list[WorkerView]:
+        """Decode workers, best first: the policy's order (smallest batch among those whose last
+        report shows room, then most free blocks), or the gateway's own; those that look full
+        last (their reports may be stale)."""
+        workers = self.backend.workers("decode")
+        needed = kv_tokens_for(len(req.prompt), req.params.max_tokens)
+        if policy is None:
+            return decode_preference(workers, self.outstanding_decode, needed)
+        by_id = {w.worker_id: w for w in workers}
+        fit = policy.decode_workers([DecodeCandidate(w.worker_id, w.kv_free_blocks, w.block_size,
+                                                     self.outstanding_decode[w.worker_id]) for w in workers], needed)
+        order = [by_id[c.worker_id] for c in fit]
+        return order + [w for w in decode_preference(workers, self.outstanding_decode, needed) if w not in order]
+
+    async def _reserve_decode(self, req: GenerationRequest, remaining, policy: SchedulingPolicy | None = None,
+                              local: bool = False) -> tuple[DecodeStream, WorkerView]:
+        """Open Decode on the first decode worker that reserves the request's KV blocks (`local`:
+        and prefills the prompt there). When every worker refused because roles are changing
+        (not for want of KV), wait for a new topology."""
         since = time.monotonic()
         while True:
-            workers = decode_preference(self.backend.workers("decode"), self.outstanding_decode,
-                                        kv_tokens_for(len(req.prompt), req.params.max_tokens))
+            workers = self._decode_order(req, policy)
             refusals, full = [], False
             for worker in workers:
                 try:
                     stream = await self.backend.open_decode(worker, req.worker_request_id, len(req.prompt),
-                                                            req.params, remaining())
+                                                            req.params, remaining(), req.prompt if local else None)
                 except (ResourceExhausted, Unavailable) as exc:
                     refusals.append(f"{worker.worker_id}: {exc}")
                     full = full or isinstance(exc, ResourceExhausted)

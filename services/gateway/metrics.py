@@ -11,3 +11,9 @@ E2E = Histogram("dopd_e2e_request_latency_seconds", "Request arrival to last tok
 RUNNING = Gauge("dopd_gateway_running_requests", "Generate requests in flight")
 PROMPT_TOKENS = Counter("dopd_prompt_tokens_total", "Prompt tokens of admitted requests")
 GENERATION_TOKENS = Counter("dopd_generation_tokens_total", "Tokens streamed back to clients")
+PATHS = Counter("dopd_gateway_paths_total", "Requests by the path they took (long, short, ultra-short: prefilled on "
+                                            "the decode worker; every request in aggregated mode)", ["path"])
+ADMISSION_REFUSED = Counter("dopd_admission_refused_total",
+                            "Requests refused at once because their predicted TTFT was past the SLO")
+SHORT_HELD = Gauge("dopd_gateway_short_prompts_held",
+                   "Short prompts held for a batch while every prefill worker is busy")

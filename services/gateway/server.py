@@ -11,6 +11,7 @@ import logging
 import random
 import time
 import uuid
+from dataclasses import replace
 
 import grpc
 
@@ -18,16 +19,41 @@ from common.config import GatewaySettings
 from common.convert import FINISH_TO_PB
 from common.errors import Unavailable
 from common.modeling.loader import load_config, load_tokenizer
+from common.modes import serving_mode
 from common.pb import gateway_pb2, gateway_pb2_grpc, planner_pb2, planner_pb2_grpc
+from common.profile import load_profile, serving_profile_name
 from common.rpc.channels import ChannelPool
 from common.rpc.errors import grpc_errors
 from common.rpc.server import Service, run_server
 from common.types import SamplingParams
 from services.gateway.grpc_backend import GrpcBackend
 from services.gateway.lifecycle import GenerationRequest, RequestCore
+from services.gateway.scheduling import SchedulingPolicy
 from services.gateway.validation import validate_context, validate_params, validate_prompt_ids
+from services.planner.load import SLO, LoadForecast
 
 log = logging.getLogger(__name__)
+
+
+def build_core(settings: GatewaySettings, backend: GrpcBackend, tokenizer) -> RequestCore:
+    """The request core for the settings' serving mode, with DOPD's scheduling policy where the
+    mode runs it (its thresholds from each forecast of the planner)."""
+    mode = serving_mode(settings.mode)
+    if settings.admission:
+        mode = replace(mode, admission=settings.admission == "on")
+    profile = load_profile(serving_profile_name(settings.model, settings.planner_profile))
+    slo = SLO(settings.slo_ttft_ms / 1e3, settings.slo_tpot_ms / 1e3)
+    core: RequestCore
+
+    def policy_for(forecast: LoadForecast) -> SchedulingPolicy:
+        decoding = [core.outstanding_decode[w.worker_id] for w in backend.workers("decode")]
+        typical = max(1, round(sum(decoding) / max(1, len(decoding))))
+        return SchedulingPolicy.for_forecast(forecast, profile, slo, settings.prefill_token_budget, typical,
+                                             admission=mode.admission)
+
+    core = RequestCore(backend, tokenizer, no_worker_wait_s=settings.no_worker_wait_s, mode=mode,
+                       policy_for=policy_for, time_scale=settings.time_scale)
+    return core
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -54,7 +80,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids |= {self.tokenizer.eos_token_id}
-        self.core = RequestCore(self.backend, self.tokenizer, no_worker_wait_s=self.settings.no_worker_wait_s)
+        self.core = build_core(self.settings, self.backend, self.tokenizer)
         self.core.recorder.start = time.time()
         self._tasks = [asyncio.create_task(self._watch_topology()), asyncio.create_task(self._report_load())]
         await handle.set_serving(True)

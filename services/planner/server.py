@@ -20,10 +20,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from common.config import PlannerSettings
-from common.convert import ROLE_FROM_PB
+from common.convert import ROLE_FROM_PB, forecast_to_pb
 from common.errors import InvalidArgument, Unavailable
 from common.pb import planner_pb2, planner_pb2_grpc
-from common.profile import load_profile
+from common.profile import load_profile, serving_profile_name
 from common.rpc.channels import ChannelPool
 from common.rpc.errors import grpc_errors
 from common.rpc.server import Service, run_server
@@ -40,11 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def profile_name(settings: PlannerSettings) -> str:
-    if settings.planner_profile:
-        return settings.planner_profile
-    if settings.model.startswith("sim:"):
-        return settings.model.removeprefix("sim:")
-    return "smollm2-cpu2"  # the real engine on these machines (tiny-random and fake: the same shape)
+    return serving_profile_name(settings.model, settings.planner_profile)
 
 
 def build_core(settings: PlannerSettings, kv_blocks: int, block_size: int) -> PlannerCore | None:
@@ -101,9 +97,11 @@ class PlannerServicer(planner_pb2_grpc.PlannerServicer):
         workers = self.registry.live(time.monotonic())
         for role, name in ROLE_FROM_PB.items():
             metrics.LIVE_WORKERS.labels(str(name)).set(sum(w.role == role for w in workers))
+        last = self.controller.last
         return planner_pb2.Topology(
             workers=workers, version=self.registry.version,
-            planner_metrics_address=f"{self.settings.public_host}:{self.settings.planner_metrics_port}")
+            planner_metrics_address=f"{self.settings.public_host}:{self.settings.planner_metrics_port}",
+            forecast=forecast_to_pb(last.forecast) if last is not None else None)
 
     @grpc_errors
     async def ReportLoad(self, request, context):

@@ -24,3 +24,5 @@ ROLE_SWITCH_SECONDS = Histogram("dopd_role_switch_seconds", "Time of one in-plac
 KV_MIGRATION_SECONDS = Histogram("dopd_kv_migration_seconds", "Time to move one running request to another worker",
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 KV_MIGRATED_BYTES = Counter("dopd_kv_migrated_bytes_total", "KV bytes moved out by live migration")
+LOCAL_PREFILL_TOKENS = Counter("dopd_local_prefill_tokens_total",
+                               "Prompt tokens prefilled on the decode worker itself, in chunks (no KV moved)")

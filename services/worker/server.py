@@ -68,6 +68,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 raise InvalidArgument("max_tokens must be at least 1")
             queue = engine.reserve(request.request_id, request.prompt_len, params)
             seq = engine.scheduler.seqs[request.request_id]
+            if request.prompt_token_ids:
+                try:
+                    engine.prefill_here(request.request_id, self._check_tokens(request.prompt_token_ids))
+                except InvalidArgument:
+                    engine.release(request.request_id)
+                    raise
         try:
             yield worker_pb2.DecodeEvent(reserved=worker_pb2.DecodeEvent.Reserved(
                 blocks=len(seq.block_table) if seq else 0))

@@ -200,6 +200,10 @@ class GatedRunner:
         self._pass()
         return self.inner.decode_sample(*args)
 
+    def mixed_sample(self, *args):
+        self._pass()
+        return self.inner.mixed_sample(*args)
+
 
 def fake_runner(kv_blocks: int, block_size: int) -> FakeRunner:
     return build_runner(RunnerSpec(model="fake:", kv_blocks=kv_blocks, block_size=block_size)).runner
@@ -207,13 +211,14 @@ def fake_runner(kv_blocks: int, block_size: int) -> FakeRunner:
 
 @contextlib.asynccontextmanager
 async def running_decode(kv_blocks: int = 64, block_size: int = 4, max_batch_size: int = 8,
-                         kv_timeout_s: float = 5.0, gated: bool = False, start: bool = True):
+                         kv_timeout_s: float = 5.0, gated: bool = False, start: bool = True,
+                         step_token_budget: int = 2048):
     """A DecodeEngine over its own fake runner, pool and one-thread model executor."""
     runner = fake_runner(kv_blocks, block_size)
     model = GatedRunner(runner) if gated else runner
     executor = ThreadPoolExecutor(max_workers=1)
     engine = DecodeEngine(model, DecodeScheduler(BlockPool(kv_blocks, block_size), max_batch_size), executor,
-                          kv_timeout_s)
+                          kv_timeout_s, step_token_budget)
     if start:
         engine.start()
     try:

@@ -234,3 +234,47 @@ async def test_a_request_that_moves_on_before_its_gateway_attached_keeps_its_str
         assert isinstance(events[-1], MovedEvent) and events[-1].next_index == len(seq.tokens)
         engine.release("hop")
         assert_decode_empty(engine)
+
+
+async def run_here(engine: DecodeEngine, request_id: str, prompt: list[int], params: SamplingParams) -> list[int]:
+    """Reserve and prefill here (no KV pushed): the whole completion, from index 0."""
+    queue = engine.reserve(request_id, len(prompt), params)
+    engine.prefill_here(request_id, prompt)
+    tokens, end = await read_tokens(queue, 0)
+    engine.release(request_id)
+    assert isinstance(end, FinishedEvent), end
+    return tokens
+
+
+async def test_a_prompt_prefilled_here_in_chunks_decodes_as_one_whose_kv_was_pushed():
+    """Chunks of 4 tokens (the step budget, less the decodes sharing the step): the fake runner's
+    tokens read every position's KV back, so equal completions mean the chunks landed in place."""
+    params = SamplingParams(max_tokens=7)
+    async with running_decode(step_token_budget=4) as engine:
+        pushed = await run_request(engine, "a", PROMPT, params)
+        assert await run_here(engine, "b", PROMPT, params) == pushed
+        # Two at once, one mid-decode while the other's chunks share its steps.
+        both = await asyncio.gather(run_here(engine, "c", PROMPT, params), run_here(engine, "d", PROMPT[:5], params))
+        assert both[0] == pushed and both[1] == await run_request(engine, "e", PROMPT[:5], params)
+        assert_decode_empty(engine)
+
+
+async def test_a_prompt_for_here_must_match_its_reservation_and_a_release_mid_chunk_waits_for_the_step():
+    params = SamplingParams(max_tokens=4)
+    async with running_decode(gated=True, step_token_budget=4) as engine:
+        engine.reserve("r", len(PROMPT), params)
+        with pytest.raises(InvalidArgument, match="reserved a 11-token prompt"):
+            engine.prefill_here("r", PROMPT[:3])
+        engine.runner.close()
+        engine.prefill_here("r", PROMPT)
+        await engine.runner.wait_entered()  # its first chunk is in the forward
+        used = engine.scheduler.pool.num_used
+        engine.release("r")
+        assert engine.scheduler.pool.num_used == used  # the step still writes its blocks
+        engine.runner.open()
+        for _ in range(100):
+            if engine.scheduler.pool.num_used == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert not engine.local and "r" not in engine.scheduler.seqs
+        assert_decode_empty(engine)
