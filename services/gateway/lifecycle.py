@@ -38,7 +38,7 @@ from services.gateway.detokenizer import Detokenizer
 from services.gateway.events import DecodeEvent, Finished, Moved, TokenEvent, Tokens
 from services.gateway.load_recorder import LoadRecorder
 from services.gateway.routing import WorkerView, decode_preference, pick_prefill
-from services.gateway.scheduling import DecodeCandidate, Path, SchedulingPolicy
+from services.gateway.scheduling import DecodeCandidate, Path, PrefillLedger, SchedulingPolicy
 from services.gateway.short_gate import ShortGate
 from services.planner.load import LoadForecast
 
@@ -88,7 +88,7 @@ class RequestCore:
         self.no_worker_wait_s = no_worker_wait_s
         self.tokenizer = tokenizer
         self.recorder = recorder or LoadRecorder()
-        self.outstanding_prefill_tokens: Tally[str] = Tally()
+        self.prefill_ledger = PrefillLedger()  # prompts sent to each prefill worker, first token not back
         self.outstanding_decode: Tally[str] = Tally()
         self.running = 0
         self.mode = mode or serving_mode("static")
@@ -121,11 +121,14 @@ class RequestCore:
     def _prefill_workers(self) -> list[WorkerView]:
         return self.backend.workers("prefill")
 
-    def _least_queued_prefill_tokens(self) -> int:
-        return min((self.outstanding_prefill_tokens[w.worker_id] for w in self._prefill_workers()), default=0)
+    def _least_loaded_prefill_work(self) -> tuple[int, float]:
+        """(tokens outstanding, profile seconds busy) of the prefill worker with the fewest tokens."""
+        tokens, busy = self.prefill_ledger.least_loaded((w.worker_id for w in self._prefill_workers()),
+                                                        time.monotonic())
+        return tokens, busy / self.time_scale
 
     def _least_loaded_prefill(self) -> str | None:
-        worker = pick_prefill(self._prefill_workers(), self.outstanding_prefill_tokens)
+        worker = pick_prefill(self._prefill_workers(), self.prefill_ledger.tokens)
         return worker.worker_id if worker else None
 
     def _admit(self, req: GenerationRequest, path: Path, policy: SchedulingPolicy | None) -> None:
@@ -133,7 +136,7 @@ class RequestCore:
         already past the SLO."""
         if policy is None:
             return
-        reason = policy.refusal(len(req.prompt), path, self._least_queued_prefill_tokens())
+        reason = policy.refusal(len(req.prompt), path, *self._least_loaded_prefill_work())
         if reason is not None:
             metrics.ADMISSION_REFUSED.inc()
             raise ResourceExhausted(reason)
@@ -150,7 +153,11 @@ class RequestCore:
             path = self._path(len(req.prompt), policy)
             try:
                 self._admit(req, path, policy)
-                local = path is Path.ULTRA_SHORT
+            except ResourceExhausted:
+                self.recorder.refused_by_admission(len(req.prompt), req.params.max_tokens)
+                raise
+            local = path is Path.ULTRA_SHORT
+            try:
                 stream, decode_worker = await self._reserve_decode(req, remaining, policy, local)
             except ResourceExhausted:
                 self.recorder.rejected()
@@ -162,7 +169,7 @@ class RequestCore:
                 firsts = await self._first_tokens_here(stream, decode_worker)
             else:
                 prefer = None
-                if path is Path.SHORT and self._least_queued_prefill_tokens() > 0:
+                if path is Path.SHORT and self._least_loaded_prefill_work()[0] > 0:
                     metrics.SHORT_HELD.inc()  # every prefill worker is busy: held for a batch
                     try:
                         prefer = await self.short_gate.hold(len(req.prompt))
@@ -252,21 +259,21 @@ class RequestCore:
         while True:
             candidates = [w for w in self.backend.workers("prefill") if w.worker_id not in tried]
             preferred = [w for w in candidates if w.worker_id == prefer]
-            worker = preferred[0] if preferred else pick_prefill(candidates, self.outstanding_prefill_tokens)
+            worker = preferred[0] if preferred else pick_prefill(candidates, self.prefill_ledger.tokens)
             if worker is None:
                 await self._wait_for_workers(since, remaining, "no prefill worker is serving")
                 tried.clear()
                 continue
             tried.add(worker.worker_id)
-            self.outstanding_prefill_tokens[worker.worker_id] += len(req.prompt)
+            self.prefill_ledger.sent(worker.worker_id, req.worker_request_id, len(req.prompt), time.monotonic())
             try:
                 return await self.backend.prefill(worker, req.worker_request_id, req.prompt, req.params,
                                                   decode_worker.address, remaining())
             except Refused:
                 continue
             finally:
-                self.outstanding_prefill_tokens[worker.worker_id] -= len(req.prompt)
-                if not self.outstanding_prefill_tokens[worker.worker_id] and len(self.short_gate):
+                self.prefill_ledger.done(worker.worker_id, req.worker_request_id)
+                if not self.prefill_ledger.tokens[worker.worker_id] and len(self.short_gate):
                     self.short_gate.worker_freed()  # late binding: the short prompts held go now
 
     def _decode_order(self, req: GenerationRequest, policy: SchedulingPolicy | None) -> list[WorkerView]:

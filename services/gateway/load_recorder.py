@@ -32,6 +32,12 @@ class LoadRecorder:
     def rejected(self) -> None:
         self._rejected += 1
 
+    def refused_by_admission(self, prompt_len: int, max_tokens: int) -> None:
+        """A request admission control refused: still demand, counted with its lengths as an
+        arrival. Left out, the longest prompts (the ones refused) would vanish from the planner's
+        forecast, which would then give prefill fewer workers, and more would be refused."""
+        self.arrived(prompt_len, max_tokens)
+
     def first_token(self, ttft_s: float) -> None:
         if len(self._ttft) < MAX_SAMPLES:
             self._ttft.append(ttft_s)

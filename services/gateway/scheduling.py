@@ -1,14 +1,17 @@
 """DOPD's request scheduling policy, pure (no I/O, no clock of its own): which path a request
 takes, on which workers, and whether it is admitted at all.
 
-    long          a prompt above the predicted mean prompt length goes at once to the prefill
-                  worker with the least outstanding prefill work (routing.pick_prefill: prefill
-                  time grows with the tokens, so the fewest tokens is the least work)
+    long          a prompt above the predicted mean prompt length, or long enough to use the
+                  device well alone (its prefill's cost a token within 10% of the profile's best:
+                  company gains it nothing), goes at once to the prefill worker with the least
+                  outstanding prefill work (routing.pick_prefill: prefill time grows with the
+                  tokens, so the fewest tokens is the least work)
     short         the rest are batched, bound late: sent at once while a prefill worker has
                   nothing outstanding; while every one is busy, held until one frees (`flush`),
-                  their tokens reach a cap, or the oldest has waited the wait cap, then sent
-                  together to the least loaded prefill worker. A prompt queued early on a busy
-                  worker may wait behind a long one while another worker frees first
+                  the next would take their tokens past one forward's budget, or the oldest has
+                  waited the wait cap, then sent together to the least loaded prefill worker. A
+                  prompt queued early on a busy worker may wait behind a long one while another
+                  worker frees first
     ultra-short   a prompt whose prefill fits in a decode step's slack under the TPOT SLO (and is
                   among the shortest predicted) is prefilled on the decode worker itself: no KV
                   moves at all
@@ -26,13 +29,17 @@ constant: `SchedulingPolicy.for_forecast` derives them each interval.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from common.profile import LatencyProfile
 from services.planner.load import SLO, LoadForecast
 
 ULTRA_SHORT_QUANTILE = 0.1  # at most the shortest tenth of the predicted prompts skip the KV move
+# A prompt whose prefill costs a token within this factor of the profile's cheapest uses the
+# device well on its own: batching it with others gains nothing, so it is never held.
+BATCHING_PAYS_ABOVE = 1.1
 # A short batch waits at most this share of the TTFT SLO (the rest is for its prefill and queue).
 WAIT_CAP_SHARE_OF_TTFT = 0.2
 
@@ -75,7 +82,8 @@ class SchedulingPolicy:
         if forecast.rate > 0 and prompt.mean > 0:
             # No longer than the predicted arrivals take to fill a batch: waiting beyond it gains nothing.
             wait_cap = min(wait_cap, batch_token_cap / (forecast.rate * prompt.mean))
-        return cls(long_above=prompt.mean, ultra_short_up_to=min(prompt.quantile(ULTRA_SHORT_QUANTILE), fits),
+        long_above = min(prompt.mean, saturating_prompt(profile))
+        return cls(long_above=long_above, ultra_short_up_to=min(prompt.quantile(ULTRA_SHORT_QUANTILE), fits),
                    batch_token_cap=batch_token_cap, batch_wait_cap_s=wait_cap, slo=slo, profile=profile,
                    admission=admission)
 
@@ -91,20 +99,23 @@ class SchedulingPolicy:
         fit = [c for c in candidates if c.free_blocks * c.block_size >= kv_tokens]
         return sorted(fit, key=lambda c: (c.batch_size, -c.free_blocks, c.worker_id))
 
-    def predicted_ttft(self, prompt_tokens: int, path: Path, queued_tokens: int) -> float:
+    def predicted_ttft(self, prompt_tokens: int, path: Path, queued_tokens: int, busy_s: float = 0.0) -> float:
         """Seconds to the first token: the prefill of the work queued ahead on the least loaded
-        worker and of the prompt (the scheduler batches them: one forward's cost, not two), and
-        (short, when that worker is busy) the longest wait for a batch."""
+        worker and of the prompt (the scheduler batches them: one forward's cost, not two), less
+        what that worker has done of it already (`busy_s`: it has worked on its outstanding
+        prompts since the oldest was sent), and (short, when that worker is busy) the longest
+        wait for a batch. Never less than the prompt's own prefill."""
+        own = self._prefill_s(prompt_tokens)
         if path is Path.ULTRA_SHORT:
-            return self._prefill_s(prompt_tokens)
+            return own
         wait = self.batch_wait_cap_s if path is Path.SHORT and queued_tokens > 0 else 0.0
-        return self._prefill_s(queued_tokens + prompt_tokens) + wait
+        return max(own, self._prefill_s(queued_tokens + prompt_tokens) - busy_s) + wait
 
-    def refusal(self, prompt_tokens: int, path: Path, queued_tokens: int) -> str | None:
+    def refusal(self, prompt_tokens: int, path: Path, queued_tokens: int, busy_s: float = 0.0) -> str | None:
         """Why a request is refused (admission control), or None to admit it."""
         if not self.admission:
             return None
-        ttft = self.predicted_ttft(prompt_tokens, path, queued_tokens)
+        ttft = self.predicted_ttft(prompt_tokens, path, queued_tokens, busy_s)
         if ttft <= self.slo.ttft_s:
             return None
         return (f"overloaded: predicted time to first token {ttft * 1e3:.0f} ms is past the "
@@ -113,6 +124,14 @@ class SchedulingPolicy:
 
     def _prefill_s(self, tokens: int) -> float:
         return self.profile.prefill_time(tokens) if tokens > 0 else 0.0
+
+
+def saturating_prompt(profile: LatencyProfile) -> float:
+    """The shortest profiled prompt whose prefill costs a token within BATCHING_PAYS_ABOVE of
+    the cheapest (1024 tokens on llama3-8b-h100, 256 on smollm2-cpu2)."""
+    per_token = [(n, profile.prefill_time(int(n)) / n) for n in profile.prefill_tokens if n > 0]
+    best = min(c for _, c in per_token)
+    return float(min(n for n, c in per_token if c <= BATCHING_PAYS_ABOVE * best))
 
 
 def _longest_prompt_within(profile: LatencyProfile, seconds: float) -> float:
@@ -129,6 +148,38 @@ def _longest_prompt_within(profile: LatencyProfile, seconds: float) -> float:
     return float(lo)
 
 
+class PrefillLedger:
+    """The prompts the gateway has sent to each prefill worker and not had back (first token):
+    their tokens (`tokens`, what routing.pick_prefill balances) and since when the worker has
+    been busy with them (the oldest still outstanding), for admission's prediction. The caller
+    passes the time."""
+
+    def __init__(self) -> None:
+        self.tokens: Counter[str] = Counter()
+        self._sent: dict[str, dict[object, tuple[int, float]]] = {}
+
+    def sent(self, worker_id: str, key: object, tokens: int, now: float) -> None:
+        self._sent.setdefault(worker_id, {})[key] = (tokens, now)
+        self.tokens[worker_id] += tokens
+
+    def done(self, worker_id: str, key: object) -> None:
+        tokens, _ = self._sent[worker_id].pop(key)
+        self.tokens[worker_id] -= tokens
+
+    def busy_s(self, worker_id: str, now: float) -> float:
+        sent = self._sent.get(worker_id)
+        return now - min(t for _, t in sent.values()) if sent else 0.0
+
+    def least_loaded(self, worker_ids: Iterable[str], now: float) -> tuple[int, float]:
+        """(outstanding tokens, busy seconds) of the worker with the fewest tokens outstanding;
+        (0, 0.0) when there is none."""
+        best = min(worker_ids, key=lambda w: (self.tokens[w], w), default=None)
+        return (0, 0.0) if best is None else (self.tokens[best], self.busy_s(best, now))
+
+    def empty(self) -> bool:
+        return not any(self._sent.values()) and not any(self.tokens.values())
+
+
 @dataclass(eq=False)
 class _Held:
     key: object
@@ -138,20 +189,26 @@ class _Held:
 
 @dataclass
 class ShortBatcher:
-    """Short prompts held for one batch: released when their tokens reach the cap, or when the
-    oldest has waited the wait cap. The caller passes the time (the gateway's clock, the
-    simulator's virtual one) and asks `due` when the next release may be."""
+    """Short prompts held for one batch, of at most `token_cap` tokens (one prefill forward's
+    budget; a single prompt over it is a batch of its own): released when the next prompt would
+    take it past the cap, or when the oldest has waited the wait cap (or by `flush`). The caller
+    passes the time (the gateway's clock, the simulator's virtual one) and asks `due` when the
+    next release may be."""
 
     token_cap: int
     wait_cap_s: float
     _held: list[_Held] = field(default_factory=list)
 
     def add(self, key: object, tokens: int, now: float) -> list[object] | None:
-        """Hold `key`; returns the batch to send now (it included) when the cap is reached."""
+        """Hold `key`; returns the batch to send now, if any: those held before it when it would
+        take them past the cap (it starts the next batch), or the batch it fills exactly."""
+        out = None
+        if self._held and sum(h.tokens for h in self._held) + tokens > self.token_cap:
+            out = self._release()
         self._held.append(_Held(key, tokens, now))
-        if sum(h.tokens for h in self._held) >= self.token_cap:
-            return self._release()
-        return None
+        if out is None and sum(h.tokens for h in self._held) == self.token_cap:
+            out = self._release()
+        return out
 
     def due(self) -> float | None:
         """When the oldest held prompt's wait cap ends (None: nothing held)."""

@@ -44,7 +44,7 @@ from services.decode.local_prefill import Chunk
 from services.decode.scheduler import DecodeSeq, SeqState
 from services.gateway.load_recorder import LoadRecorder
 from services.gateway.routing import WorkerView, decode_preference, pick_prefill
-from services.gateway.scheduling import DecodeCandidate, Path, SchedulingPolicy, ShortBatcher
+from services.gateway.scheduling import DecodeCandidate, Path, PrefillLedger, SchedulingPolicy, ShortBatcher
 from services.gateway.validation import validate_context
 from services.planner.load import SLO, LoadForecast
 from services.simulate.events import EventLoop
@@ -82,7 +82,7 @@ class Cluster:
         self._prefill_views = {w.worker_id: WorkerView(w.worker_id, w.worker_id, 0, block_size) for w in self.workers}
         self.switches = Switcher(self)
         self.recorder = LoadRecorder()
-        self.outstanding_prefill_tokens: Counter[str] = Counter()
+        self.prefill_ledger = PrefillLedger()  # what the gateway sent each prefill worker, not yet back
         self.outstanding_decode: Counter[str] = Counter()
         self.requests: list[SimRequest] = []
         self.by_rid: dict[str, SimRequest] = {}
@@ -120,10 +120,10 @@ class Cluster:
             return
         path = self._path(r)
         if self.policy is not None:
-            reason = self.policy.refusal(r.prompt, path, self._least_queued_prefill_tokens())
+            reason = self.policy.refusal(r.prompt, path, *self._least_loaded_prefill())
             if reason is not None:  # admission control: refused at once, counted as an SLO miss
                 self.refused += 1
-                self.recorder.rejected()
+                self.recorder.refused_by_admission(r.prompt, r.max_tokens)
                 self._fail(r, "RESOURCE_EXHAUSTED")
                 return
         worker = self._reserve_decode(r)
@@ -142,11 +142,11 @@ class Cluster:
         elif path is Path.SHORT:
             r.phase = "held"
             batch = self.batcher.add(r, r.prompt, self.loop.now)
-            if not batch and self._least_queued_prefill_tokens() == 0:
+            if not batch and self._least_loaded_prefill()[0] == 0:
                 batch = self.batcher.flush()  # a prefill worker is idle: bound late, sent now
             if batch:
                 self._dispatch(batch)
-            else:
+            if len(self.batcher):  # r (or what it follows) waits: poll at the wait cap's end
                 # A cap lowered by the last forecast may have passed already: release at once.
                 self.loop.at(max(self.loop.now, self.batcher.due()), self._poll_batcher)
         else:
@@ -157,9 +157,10 @@ class Cluster:
             return Path.ULTRA_SHORT  # aggregated: every prompt is prefilled where it decodes
         return self.policy.path(r.prompt) if self.policy is not None else Path.LONG
 
-    def _least_queued_prefill_tokens(self) -> int:
-        return min((self.outstanding_prefill_tokens[w.worker_id] for w in self.workers if w.serves(Role.PREFILL)),
-                   default=0)
+    def _least_loaded_prefill(self) -> tuple[int, float]:
+        """(tokens outstanding, seconds busy) of the serving prefill worker with the fewest tokens."""
+        return self.prefill_ledger.least_loaded((w.worker_id for w in self.workers if w.serves(Role.PREFILL)),
+                                                self.loop.now)
 
     def _reserve_decode(self, r: SimRequest) -> SimWorker | None:
         """Reserve r's whole KV on the first decode worker, in the policy's order (else the
@@ -190,11 +191,11 @@ class Cluster:
     def _dispatch(self, batch: list[SimRequest]) -> None:
         """Queue prompts, together, on the prefill worker with the fewest outstanding prompt tokens."""
         chosen = pick_prefill([self._prefill_views[w.worker_id] for w in self.workers if w.serves(Role.PREFILL)],
-                              self.outstanding_prefill_tokens)
+                              self.prefill_ledger.tokens)
         assert chosen is not None, "no prefill worker serves"  # the policy never switches the last one away
         p = self.by_id[chosen.worker_id]
         for r in batch:
-            self.outstanding_prefill_tokens[p.worker_id] += r.prompt
+            self.prefill_ledger.sent(p.worker_id, r, r.prompt, self.loop.now)
             r.prefill_worker, r.phase = p, "prefill"
             p.prefill.add(r, r.prompt)
         self._kick_prefill(p)
@@ -238,9 +239,9 @@ class Cluster:
         for r in batch:
             if r.phase != "prefill":
                 continue  # timed out meanwhile: the gateway let go of it
-            self.outstanding_prefill_tokens[w.worker_id] -= r.prompt
+            self.prefill_ledger.done(w.worker_id, r)
             self._first_token(r)
-        if self.batcher is not None and not self.outstanding_prefill_tokens[w.worker_id] and w.serves(Role.PREFILL):
+        if self.batcher is not None and not self.prefill_ledger.tokens[w.worker_id] and w.serves(Role.PREFILL):
             held = self.batcher.flush()  # w has freed: the short prompts held go to it
             if held:
                 self._dispatch(held)
@@ -340,7 +341,7 @@ class Cluster:
             return
         if r.phase == "prefill":
             r.prefill_worker.prefill.remove(r)  # still queued: it never runs (else it runs for nothing)
-            self.outstanding_prefill_tokens[r.prefill_worker.worker_id] -= r.prompt
+            self.prefill_ledger.done(r.prefill_worker.worker_id, r)
         elif r.phase == "held":
             self.batcher.remove(r)
         elif r.phase == "local":
@@ -404,7 +405,7 @@ class Cluster:
             out.append(f"{len(unended)} requests never ended, e.g. {unended[:5]}")
         if any(r.phase == "done" and r.error is None and r.done_at is None for r in self.requests):
             out.append("a request ended without a time")
-        if any(self.outstanding_prefill_tokens.values()) or any(self.outstanding_decode.values()):
+        if not self.prefill_ledger.empty() or any(self.outstanding_decode.values()):
             out.append("the gateway's outstanding counts are not back to zero")
         if self.open or self.pending_arrivals:
             out.append(f"{self.open} requests open, {self.pending_arrivals} arrivals pending")

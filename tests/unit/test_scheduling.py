@@ -8,8 +8,10 @@ from common.profile import load_profile
 from services.gateway.scheduling import (
     DecodeCandidate,
     Path,
+    PrefillLedger,
     SchedulingPolicy,
     ShortBatcher,
+    saturating_prompt,
 )
 from services.planner.load import SLO, LengthDist, LoadForecast
 
@@ -30,8 +32,12 @@ def test_thresholds_follow_the_forecast_not_constants():
     chat = policy([20, 40, 60, 100, 200, 400, 800])
     documents = policy([2000, 3000, 4000, 5000, 6000, 8000])
     assert chat.long_above == pytest.approx(231.4, abs=0.1)  # the predicted mean prompt
-    assert documents.long_above > 10 * chat.long_above
+    # Documents: the predicted mean is ~4.7k, but from 1024 tokens a prompt uses the H100 well
+    # alone (within 10% of the cheapest cost a token): never held for company.
+    assert saturating_prompt(PROFILE) == 1024 == documents.long_above
+    assert saturating_prompt(load_profile("smollm2-cpu2")) == 256
     assert chat.path(1000) is Path.LONG and documents.path(1000) is Path.SHORT
+    assert documents.path(2000) is Path.LONG
     # Ultra-short: among the shortest predicted, and only while a decode step has slack for it.
     assert 0 < chat.ultra_short_up_to <= chat.long_above and chat.path(20) is Path.ULTRA_SHORT
     assert documents.ultra_short_up_to > chat.ultra_short_up_to
@@ -74,7 +80,9 @@ def test_short_batches_leave_at_the_token_cap_or_the_wait_cap():
     batcher = ShortBatcher(token_cap=100, wait_cap_s=0.05)
     assert batcher.add("a", 40, now=0.0) is None and batcher.due() == pytest.approx(0.05)
     assert batcher.add("b", 40, now=0.01) is None
-    assert batcher.add("c", 30, now=0.02) == ["a", "b", "c"]  # 110 tokens >= the cap
+    assert batcher.add("c", 30, now=0.02) == ["a", "b"]  # with c, 110 tokens: past the cap; c waits
+    assert len(batcher) == 1 and batcher.due() == pytest.approx(0.07)
+    assert batcher.add("c2", 70, now=0.03) == ["c", "c2"]  # exactly the cap
     assert len(batcher) == 0 and batcher.due() is None
     batcher.add("d", 10, now=1.0)
     batcher.add("e", 10, now=1.03)
@@ -84,3 +92,22 @@ def test_short_batches_leave_at_the_token_cap_or_the_wait_cap():
     assert batcher.poll(1.08) == ["e"]
     batcher.add("f", 10, now=2.0)
     assert batcher.flush() == ["f"] and batcher.flush() == []  # a prefill worker freed
+
+
+def test_the_ledger_knows_each_workers_outstanding_work_and_since_when_it_is_busy():
+    ledger = PrefillLedger()
+    assert ledger.least_loaded(["p0", "p1"], now=5.0) == (0, 0.0) and ledger.empty()
+    ledger.sent("p0", "a", 4000, now=1.0)
+    ledger.sent("p0", "b", 1000, now=2.0)
+    ledger.sent("p1", "c", 6000, now=3.0)
+    assert ledger.least_loaded(["p0", "p1"], now=4.0) == (5000, 3.0)  # p0 busy since a was sent
+    ledger.done("p0", "a")
+    assert ledger.least_loaded(["p0", "p1"], now=4.0) == (1000, 2.0)
+    ledger.done("p0", "b")
+    ledger.done("p1", "c")
+    assert ledger.empty()
+    # Admission takes off what the worker has done already, never below the prompt's own prefill.
+    p = policy([100, 200, 300])
+    full = p.predicted_ttft(500, Path.LONG, queued_tokens=8000)
+    assert p.predicted_ttft(500, Path.LONG, 8000, busy_s=0.1) == pytest.approx(full - 0.1)
+    assert p.predicted_ttft(500, Path.LONG, 8000, busy_s=99.0) == pytest.approx(PROFILE.prefill_time(500))
