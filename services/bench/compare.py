@@ -14,6 +14,10 @@ its figure: the strongest baseline, not a strawman. On the real services every s
 workers is 15 runs of an hour each here, so there `--static-splits des:K` (the default) ranks
 the splits in the simulator and runs the best K for real; compare.json says which were run where.
 
+With `--sweep-from R` (simulator only) each mode's DistServe goodput is measured too: the highest
+rate at which >= 90% of requests meet both SLOs (services/bench/sweep.py's RateSearch from R;
+static at its best SWEPT_SPLITS splits of the base run), and dopd is judged on it as well.
+
 Writes DIR/compare.json (per mode: p50/p90/p99 TTFT and TPOT, attainment, goodput, completed,
 refused and failed counts; for static the split used and every split's goodput; dopd against the
 better of static and aggregated, with the goals), DIR/compare.md (the same as tables), and
@@ -37,6 +41,7 @@ from services.bench.metrics import RequestResult
 from services.simulate.sim import default_split
 
 BASELINES = ("static", "aggregated")
+SWEPT_SPLITS = 3  # static's best splits at the base rate that a goodput sweep runs
 FIGURES = ("median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p90_tpot_ms", "p99_tpot_ms",
            "slo_attainment", "goodput", "completed", "refused", "failed", "requests")
 # DOPD's goals against the better baseline (the issue's, after the DOPD paper's figures).
@@ -91,6 +96,51 @@ def verdict(dopd: dict, baseline: dict) -> dict:
            "p90_tpot_change": out["p90_tpot_change"] is not None and out["p90_tpot_change"] <= GOALS["p90_tpot_change"],
            "attainment": (out["attainment"] or 0.0) >= GOALS["attainment"]}
     return {"figures": out, "goals": GOALS, "met": met}
+
+
+def sweep_goodput(args, mode: str, split: tuple[int, int] | None, out: Path,
+                  progress: Callable[[str], None]) -> dict:
+    """DistServe's goodput of one mode (at one split) in the simulator: the highest rate with
+    >= args.sweep_target of requests meeting both SLOs."""
+    from services.bench.sweep import RateSearch
+
+    search = RateSearch(min_rate=args.sweep_from, target=args.sweep_target, max_runs=args.sweep_runs,
+                        rel_tol=0.05)
+    base_rate = args.rate
+    try:
+        while (rate := search.next_rate()) is not None:
+            progress(f"{mode} sweep at {rate:g} req/s")
+            args.rate = rate
+            run = run_des(args, mode, split, out / f"rate-{rate:g}")
+            search.record(rate, run.results["slo_attainment"])
+    finally:
+        args.rate = base_rate
+    return {"split": None if split is None else f"{split[0]}:{split[1]}", "goodput_rate": search.best(),
+            "points": search.points}
+
+
+def add_sweeps(doc: dict, runs: dict[str, list[Run]], args, progress: Callable[[str], None]) -> None:
+    """Each mode's DistServe goodput, and dopd against the better baseline's."""
+    for mode, mode_runs in runs.items():
+        candidates = sorted(mode_runs, key=lambda r: (r.results["goodput"], r.results["slo_attainment"] or 0.0),
+                            reverse=True)[:SWEPT_SPLITS if mode == "static" else 1]
+        sweeps = []
+        for r in candidates:
+            name = f"static-{r.split[0]}p{r.split[1]}d" if mode == "static" else mode
+            split = r.split if serving_mode(mode).disaggregated else None
+            sweeps.append(sweep_goodput(args, mode, split, args.out / "sweeps" / name, progress))
+        top = max(sweeps, key=lambda s: s["goodput_rate"] or 0.0)
+        doc["modes"][mode]["goodput_rate"] = top["goodput_rate"]
+        doc["modes"][mode]["sweeps"] = sweeps
+    baselines = [m for m in BASELINES if m in doc["modes"]]
+    if "dopd" in doc["modes"] and baselines:
+        base = max(baselines, key=lambda m: doc["modes"][m]["goodput_rate"] or 0.0)
+        ours, theirs = doc["modes"]["dopd"]["goodput_rate"], doc["modes"][base]["goodput_rate"]
+        ratio = ours / theirs if ours and theirs else None
+        doc["dopd_vs_best_baseline_goodput_rate"] = {
+            "baseline": base, "target_attainment": args.sweep_target, "dopd": ours, "baseline_rate": theirs,
+            "ratio": ratio, "goal": GOALS["goodput_ratio"],
+            "met": ratio is not None and ratio >= GOALS["goodput_ratio"]}
 
 
 def build_doc(runs_by_mode: dict[str, list[Run]], config: dict) -> dict:
@@ -155,6 +205,13 @@ def markdown(doc: dict) -> str:
                   f"<= {goals['p90_tpot_change'] * 100:.0f}% | {yes['p90_tpot_change']} |",
                   f"| dopd SLO attainment | {_fmt(fig['attainment'])} | >= {goals['attainment']} | "
                   f"{'yes' if met['attainment'] else 'no'} |"]
+    g = doc.get("dopd_vs_best_baseline_goodput_rate")
+    if g:
+        lines += ["", f"## Goodput as DistServe defines it: the highest rate with >= {g['target_attainment']:.0%} "
+                      "of requests meeting both SLOs", "", "| mode | goodput (req/s) |", "| --- | ---: |"]
+        lines += [f"| {m} | {_fmt(f.get('goodput_rate'))} |" for m, f in doc["modes"].items()]
+        lines += ["", f"dopd against {g['baseline']}: {_ratio(g['ratio'])} (goal >= {g['goal']}x: "
+                      f"{'met' if g['met'] else 'not met'})"]
     static = doc["modes"].get("static")
     if static and static.get("splits_tried"):
         lines += ["", "## static: every split tried", "", "| split | engine | goodput req/s | attainment |",
@@ -343,7 +400,9 @@ def compare(args, progress: Callable[[str], None] = lambda _: None) -> tuple[dic
     if rank:
         order = sorted(ranked, key=lambda r: (r.results["goodput"], r.results["slo_attainment"] or 0.0), reverse=True)
         splits = [r.split for r in order[:k]]
-    for mode in args.modes:
+    # static first: the other disaggregated modes start from its best split (unless --split), so
+    # that dopd-no-planner is exactly the best static cluster plus the policy.
+    for mode in sorted(args.modes, key=lambda m: m != "static"):
         if mode == "static":
             runs[mode] = []
             for split in splits:
@@ -351,15 +410,18 @@ def compare(args, progress: Callable[[str], None] = lambda _: None) -> tuple[dic
                 runs[mode].append(engine(args, mode, split, args.out / f"static-{split[0]}p{split[1]}d"))
             continue
         progress(mode)
-        runs[mode] = [engine(args, mode, args.split if serving_mode(mode).disaggregated else None,
-                             args.out / mode)]
+        start = args.split or (best(runs["static"]).split if runs.get("static") else None)
+        runs[mode] = [engine(args, mode, start if serving_mode(mode).disaggregated else None, args.out / mode)]
+    runs = {mode: runs[mode] for mode in args.modes}  # in the order asked for
     config = {"command": args.command_line, "engine": args.engine, "engine_label": engine_label(args),
               "profile": args.profile, "model": args.model, "workers": args.workers, "source": source_label(args),
               "rate": args.rate, "burstiness": args.burstiness, "duration_s": args.duration, "seed": args.seed,
               "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "time_scale": args.time_scale,
               "modes": list(args.modes), "static_splits": args.static_splits,
-              "dopd_split_at_start": None if args.split is None else f"{args.split[0]}:{args.split[1]}"}
+              "split_at_start": "--split" if args.split else "static's best" if runs.get("static") else "half"}
     doc = build_doc(runs, config)
+    if args.sweep_from:
+        add_sweeps(doc, runs, args, progress)
     if ranked:
         doc["static_des_ranking"] = [{"split": f"{r.split[0]}:{r.split[1]}", "goodput": r.results["goodput"],
                                       "slo_attainment": r.results["slo_attainment"]} for r in ranked]
@@ -394,6 +456,8 @@ def check_args(args) -> None:
         args.engine = "real"
     if args.engine == "des" and args.profile is None:
         raise ValueError("--engine des needs --profile")
+    if args.sweep_from and args.engine != "des":
+        raise ValueError("--sweep-from runs many rates: the simulator only (--engine des)")
     if args.static_splits is None:  # on the real services, rank in the simulator when it can
         args.static_splits = "des:2" if args.engine != "des" and args.profile and args.workers > 3 else "all"
     if args.static_splits.startswith("des:") and args.profile is None:
@@ -449,7 +513,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="a real model: the real services with it (e.g. smollm2)")
     g.add_argument("--workers", type=int, help="workers in each cluster")
     g.add_argument("--split", type=lambda s: tuple(int(x) for x in s.split(":")),
-                   help="P:D at the start for the disaggregated modes other than static (default half and half)")
+                   help="P:D at the start for the disaggregated modes other than static (default: static's "
+                        "best split when static runs, else half and half)")
     g.add_argument("--static-splits", help="static's splits: all (des default), P:D,P:D..., or des:K (sim "
                                            "default, des:2): the simulator's best K, run on the engine")
     g.add_argument("--kv-blocks", type=int, help="KV blocks per worker")
@@ -457,3 +522,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-token-budget", type=int)
     g.add_argument("--chunk-tokens", type=int, help="tokens a step where a worker prefills its own prompts")
     g.add_argument("--predictor", help="the planner's predictor")
+    g.add_argument("--sweep-from", type=float, help="des: also each mode's DistServe goodput, by a rate search "
+                                                    "from this rate")
+    g.add_argument("--sweep-target", type=float, default=0.9, help="attainment the goodput rate must keep")
+    g.add_argument("--sweep-runs", type=int, default=10, help="runs per rate search at most")

@@ -76,3 +76,22 @@ def test_compare_refuses_bad_arguments(tmp_path, capsys):
     assert dopd(["bench", "compare", "--workers", "4", "--workload", "mix", "--slo-ttft", "300", "--slo-tpot",
                  "40", "--out", str(tmp_path)]) == 2
     assert dopd(["bench", "--workload", "mix", "--slo-ttft", "300", "--slo-tpot", "40", "--out", str(tmp_path)]) == 2
+
+
+def test_compare_measures_each_modes_distserve_goodput_by_a_rate_search(tmp_path):
+    out = tmp_path / "sweep"
+    rc = dopd(["bench", "compare", "--modes", "static,dopd", "--engine", "des", "--profile", "llama3-8b-h100",
+               "--workers", "3", "--workload", "mix", "--rate", "4", "--duration", "8", "--slo-ttft", "300",
+               "--slo-tpot", "40", "--out", str(out), "--no-progress", "--sweep-from", "4", "--sweep-runs", "3"])
+    assert rc == 0
+    doc = json.loads((out / "compare.json").read_text())
+    static_sweeps = doc["modes"]["static"]["sweeps"]
+    assert len(static_sweeps) == 2  # both splits of 3 workers (SWEPT_SPLITS at most)
+    for mode in ("static", "dopd"):
+        points = [p for s in doc["modes"][mode]["sweeps"] for p in s["points"]]
+        assert [r for r, _ in doc["modes"][mode]["sweeps"][0]["points"]][:2] == [4.0, 8.0]  # doubling from 4
+        best = doc["modes"][mode]["goodput_rate"]
+        assert best == max((r for r, a in points if a >= 0.9), default=None)
+    g = doc["dopd_vs_best_baseline_goodput_rate"]
+    assert g["baseline"] == "static" and g["target_attainment"] == 0.9
+    assert "Goodput as DistServe defines it" in (out / "compare.md").read_text()
