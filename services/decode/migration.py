@@ -86,7 +86,17 @@ class Migrator:
         blocks = self.engine.scheduler.pool.blocks_for(kv_tokens_for(seq.prompt_len, seq.params.max_tokens))
         for target in targets_in_order(targets, blocks, lambda t: t.free_blocks, lambda t: t.worker_id):
             try:
-                await self._move(seq, target, result)
+                try:
+                    await self._move(seq, target, result)
+                except ServiceError as exc:
+                    # NOTE: under load a PushKV now and then dies at once with INTERNAL ("Internal
+                    # error from Core", nothing sent, the target silent): the request, resumed
+                    # here, gets one more try on the same target before it counts as stuck.
+                    if not self._transient(exc, seq, result):
+                        raise
+                    log.warning("moving %s to %s failed (%s): trying once more", seq.request_id,
+                                target.worker_id, exc)
+                    await self._move(seq, target, result)
                 target.free_blocks -= blocks
                 break
             except ServiceError as exc:
@@ -125,6 +135,11 @@ class Migrator:
             sender.put_messages(await read_kv(self.engine.runner.store, seq.block_table, ranges[i:i + READ_BATCH],
                                               self.kv_executor))
             await sender.sent()
+
+    def _transient(self, exc: ServiceError, seq: DecodeSeq, result: MoveResult) -> bool:
+        """A failure worth one more try: not a refusal, nothing moved yet, the request still here."""
+        return (not isinstance(exc, Refused | ResourceExhausted | FailedPrecondition) and not result.bytes
+                and not result.ended_here and self._alive(seq))
 
     def _alive(self, seq: DecodeSeq) -> bool:
         return self.engine.scheduler.seqs.get(seq.request_id) is seq
