@@ -98,7 +98,6 @@ class RequestCore:
         self._policy: tuple[LoadForecast, SchedulingPolicy] | None = None
         self.time_scale = time_scale
         self.short_gate = ShortGate(self._least_loaded_prefill, time.monotonic, time_scale)
-        self.paths: Tally[str] = Tally()  # requests by path taken, for the metrics and tests
 
     # -- the path ---------------------------------------------------------------------------
     def policy(self) -> SchedulingPolicy | None:
@@ -162,7 +161,6 @@ class RequestCore:
             except ResourceExhausted:
                 self.recorder.rejected()
                 raise
-            self.paths[path.value] += 1
             metrics.PATHS.labels(path.value).inc()
             self.recorder.arrived(len(req.prompt), req.params.max_tokens)
             if local:

@@ -1,0 +1,130 @@
+"""`dopd bench compare`'s report: compare.md's tables and the plots (latency CDFs per mode,
+goodput per mode, dopd's P/D split over time), from compare.json's document and the runs chosen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.bench.compare import Run
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if pct:
+        return f"{v * 100:+.1f}%"
+    if isinstance(v, float):
+        return f"{v:.4f}" if 0 < v <= 1.0 else f"{v:.1f}"
+    return str(v)
+
+
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def markdown(doc: dict) -> str:
+    c = doc["config"]
+    lines = [f"# dopd bench compare: {c['source']}, {c['workers']} workers, {c['engine_label']}", "",
+             f"Command: `{c['command']}`", "",
+             f"SLOs: TTFT {c['slo_ttft_ms']:g} ms, TPOT {c['slo_tpot_ms']:g} ms. Goodput: requests a second that "
+             "met both SLOs. Refused: RESOURCE_EXHAUSTED at once (admission control, or no decode worker with room), "
+             "counted as SLO misses.", "",
+             "| mode | split (at the start) | goodput req/s | attainment | p50 / p90 / p99 TTFT ms "
+             "| p50 / p90 / p99 TPOT ms | completed | refused | failed | switches |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for mode, f in doc["modes"].items():
+        ttft = " / ".join(_fmt(f[k]) for k in ("median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms"))
+        tpot = " / ".join(_fmt(f[k]) for k in ("median_tpot_ms", "p90_tpot_ms", "p99_tpot_ms"))
+        split = f["split"] or "none: all do both"
+        lines.append(f"| {mode} | {split} | {f['goodput']:.2f} | {_fmt(f['slo_attainment'])} | {ttft} | {tpot} | "
+                     f"{f['completed']} | {f['refused']} | {f['failed']} | {_fmt(f['switches'])} |")
+    v = doc.get("dopd_vs_best_baseline")
+    if v:
+        fig, met, goals = v["figures"], v["met"], v["goals"]
+        yes = {k: "yes" if ok else "no" for k, ok in met.items()}
+        lines += ["", f"## dopd against the better baseline ({v['baseline']})", "",
+                  "| figure | value | goal | met |", "| --- | ---: | ---: | --- |",
+                  f"| goodput ratio | {_ratio(fig['goodput_ratio'])} | >= {goals['goodput_ratio']}x | "
+                  f"{yes['goodput_ratio']} |",
+                  f"| p90 TTFT change | {_fmt(fig['p90_ttft_change'], True)} | "
+                  f"<= {goals['p90_ttft_change'] * 100:.0f}% | {yes['p90_ttft_change']} |",
+                  f"| p90 TPOT change | {_fmt(fig['p90_tpot_change'], True)} | "
+                  f"<= {goals['p90_tpot_change'] * 100:.0f}% | {yes['p90_tpot_change']} |",
+                  f"| dopd SLO attainment | {_fmt(fig['attainment'])} | >= {goals['attainment']} | "
+                  f"{'yes' if met['attainment'] else 'no'} |"]
+    g = doc.get("dopd_vs_best_baseline_goodput_rate")
+    if g:
+        lines += ["", f"## Goodput as DistServe defines it: the highest rate with >= {g['target_attainment']:.0%} "
+                      "of requests meeting both SLOs", "", "| mode | goodput (req/s) |", "| --- | ---: |"]
+        lines += [f"| {m} | {_fmt(f.get('goodput_rate'))} |" for m, f in doc["modes"].items()]
+        lines += ["", f"dopd against {g['baseline']}: {_ratio(g['ratio'])} (goal >= {g['goal']}x: "
+                      f"{'met' if g['met'] else 'not met'})"]
+    static = doc["modes"].get("static")
+    if static and static.get("splits_tried"):
+        lines += ["", "## static: every split tried", "", "| split | engine | goodput req/s | attainment |",
+                  "| --- | --- | ---: | ---: |"]
+        lines += [f"| {s['split']} | {s['engine']} | {s['goodput']:.2f} | {_fmt(s['slo_attainment'])} |"
+                  for s in static["splits_tried"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(chosen: dict[str, Run], out: Path, slo_ttft_ms: float, slo_tpot_ms: float) -> list[Path]:
+    """Latency CDFs per mode, goodput per mode, and dopd's P/D split over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, what, slo in ((axes[0], "TTFT", slo_ttft_ms), (axes[1], "TPOT", slo_tpot_ms)):
+        for mode, run in chosen.items():
+            ms = sorted((r.ttft if what == "TTFT" else r.tpot) * 1e3 for r in run.requests
+                        if r.ok and (r.ttft if what == "TTFT" else r.tpot) is not None)
+            if ms:
+                ax.plot(ms, [(i + 1) / len(run.requests) for i in range(len(ms))], label=mode)
+        ax.axvline(slo, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{what} (ms, log)")
+        ax.set_ylabel("fraction of all requests")
+        ax.set_title(f"{what} CDF (failed and refused requests never reach 1)")
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out / "latency_cdfs.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(chosen)
+    ax.bar(names, [chosen[m].results["goodput"] for m in names], color="tab:blue")
+    for i, m in enumerate(names):
+        ax.annotate(f"{(chosen[m].results['slo_attainment'] or 0) * 100:.1f}%", (i, chosen[m].results["goodput"]),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("goodput (req/s meeting both SLOs)")
+    ax.set_title("goodput per mode (label: SLO attainment)")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    paths.append(out / "goodput.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    dopd = chosen.get("dopd")
+    if dopd is not None and dopd.samples:
+        fig, ax = plt.subplots(figsize=(9, 3.5))
+        t = [s.t for s in dopd.samples]
+        ax.step(t, [s.prefill_workers for s in dopd.samples], where="post", label="prefill workers")
+        ax.step(t, [s.decode_workers for s in dopd.samples], where="post", label="decode workers")
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("workers")
+        ax2 = ax.twinx()
+        arrivals = dopd.results["timeline"]["arrivals_per_s"]
+        ax2.plot([i + 0.5 for i in range(len(arrivals))], arrivals, color="grey", alpha=0.5, label="arrivals/s")
+        ax2.set_ylabel("arrivals per second")
+        ax.legend(loc="upper left")
+        ax.set_title("dopd: the P/D split over time")
+        fig.tight_layout()
+        paths.append(out / "dopd_split.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
