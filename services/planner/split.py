@@ -124,8 +124,9 @@ def decode_need(rate: float, prompt: LengthDist, output: LengthDist, profile: La
     else:
         context, blocks = prompt.quantile(0.5), math.ceil(max(prompt.quantile(0.5), 1) / block_size)
     blocks = round(blocks, 9)  # float noise must not cost a seat: 18.999999999999996 is 19
-    fits = [b for b in range(1, max_batch_size + 1) if profile.decode_step_time(b, context) <= slo.tpot_s]
-    c_tpot = max(fits, default=0)
+    # The largest batch that fits, scanned down from the cap (the first hit is the largest; one
+    # call when the cap fits, which is the common case).
+    c_tpot = next((b for b in range(max_batch_size, 0, -1) if profile.decode_step_time(b, context) <= slo.tpot_s), 0)
     c_kv = int(kv_blocks // blocks) if blocks > 0 else max_batch_size
     c_max = min(c_tpot, c_kv, max_batch_size)
     # c_tpot never exceeds max_batch_size (scanned up to it): at that value the batch cap binds.
