@@ -110,6 +110,10 @@ class WorkerSettings(_Base):
 class GatewaySettings(_Base):
     gateway_port: int = 50051
     gateway_metrics_port: int = 9101
+    # The OpenAI-compatible HTTP API (services/gateway/openai_api.py); 0 = not served.
+    http_port: int = 8000
+    # API key the HTTP API asks for as `Authorization: Bearer KEY`; "" = none asked.
+    api_key: str = ""
     model: str = "smollm2"
     planner_address: str = "127.0.0.1:50052"
     topology_refresh_s: float = 0.5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -35,7 +36,9 @@ def _up(args) -> int:
                                   torch_threads=args.torch_threads, time_scale=args.time_scale,
                                   planner=planner,
                                   mode=args.mode, predictor=args.predictor, slo_ttft_ms=args.slo_ttft,
-                                  slo_tpot_ms=args.slo_tpot, interval_s=args.interval))
+                                  slo_tpot_ms=args.slo_tpot, interval_s=args.interval,
+                                  http_port=args.http_port,
+                                  extra_env={"DOPD_API_KEY": args.api_key} if args.api_key else {}))
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -58,6 +61,8 @@ def _up(args) -> int:
         if cluster.redis is not None:
             console.print(f"started redis-server at {cluster.redis_url}")
         print(f"gateway ready at {cluster.gateway_address}", flush=True)
+        if cluster.http_url:
+            print(f"OpenAI API at {cluster.http_url}", flush=True)
         console.print("Ctrl-C stops the cluster.")
         while not stop["now"]:
             dead = [p for p in cluster.procs if p.popen.poll() is not None]
@@ -180,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--port", type=int, default=50051, help="gateway port; other services take the next free ports")
     up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--http-port", type=int, default=8000,
+                    help="the gateway's OpenAI-compatible API (the next free port if taken; 0: off)")
+    up.add_argument("--api-key", default=os.environ.get("DOPD_API_KEY", ""),
+                    help="API key the OpenAI API asks for as 'Authorization: Bearer KEY' (default: $DOPD_API_KEY; "
+                         "none: open)")
     up.add_argument("--kv-blocks", type=int, default=2048, help="KV blocks per worker (16 tokens each)")
     up.add_argument("--torch-threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     up.add_argument("--mode", choices=list(MODES), default="dopd",

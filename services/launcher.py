@@ -38,6 +38,8 @@ class ClusterSpec:
     decode: int = 1
     host: str = "127.0.0.1"
     port: int = 50051  # the gateway; the planner and workers take the next free ports
+    # The gateway's OpenAI-compatible HTTP API: this port or, if taken, the next free one; 0: off.
+    http_port: int = 8000
     log_dir: Path = Path("runs/cluster")
     redis_url: str = field(default_factory=lambda: os.environ.get("DOPD_REDIS_URL", "redis://127.0.0.1:6379/0"))
     redis_prefix: str = ""  # default: dopd:<gateway port>: so that clusters sharing a Redis don't mix
@@ -112,10 +114,16 @@ class Cluster:
         self.procs: list[Proc] = []
         self.redis: subprocess.Popen | None = None
         self.redis_url = spec.redis_url
+        self.http_port = 0  # chosen at start
 
     @property
     def gateway_address(self) -> str:
         return f"{self.spec.host}:{self.spec.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI API's base URL ("" when it is off)."""
+        return f"http://{self.spec.host}:{self.http_port}/v1" if self.http_port else ""
 
     def _spawn(self, name: str, role: str, module: str, port: int, metrics_port: int, env: dict) -> None:
         log_path = self.spec.log_dir / f"{name}.log"
@@ -151,6 +159,7 @@ class Cluster:
         n_workers = s.prefill + s.decode
         grpc_ports = _ports(s.host, s.port + 1, 1 + n_workers)
         metrics_ports = _ports(s.host, s.port + 1000, 2 + n_workers)
+        self.http_port = _ports(s.host, s.http_port, 1)[0] if s.http_port else 0
         planner_address = f"{s.host}:{grpc_ports[0]}"
         common = {"DOPD_HOST": s.host, "DOPD_MODEL": s.model, "DOPD_PLANNER_ADDRESS": planner_address,
                   "DOPD_TIME_SCALE": str(s.time_scale)}
@@ -161,6 +170,7 @@ class Cluster:
             "DOPD_SLO_TTFT_MS": str(s.slo_ttft_ms), "DOPD_SLO_TPOT_MS": str(s.slo_tpot_ms)})
         self._spawn("gateway", "gateway", "services.gateway", s.port, metrics_ports[1], {
             **common, "DOPD_GATEWAY_PORT": str(s.port), "DOPD_GATEWAY_METRICS_PORT": str(metrics_ports[1]),
+            "DOPD_HTTP_PORT": str(self.http_port),
             "DOPD_LOAD_INTERVAL_S": str(s.interval_s * s.time_scale), "DOPD_MODE": s.mode,
             "DOPD_SLO_TTFT_MS": str(s.slo_ttft_ms), "DOPD_SLO_TPOT_MS": str(s.slo_tpot_ms)})
         roles = ["prefill"] * s.prefill + ["decode"] * s.decode

@@ -30,6 +30,7 @@ def start_cluster(model: str, log_dir: Path, redis_url: str, redis_prefix: str, 
                   decode: int = 1, kv_blocks: int = 512, env: dict | None = None,
                   worker_env: dict | None = None, **spec) -> ClusterHandle:
     """A cluster on real processes; `spec` sets other ClusterSpec fields (mode, planner, SLOs)."""
+    spec = dict({"http_port": free_port()}, **spec)
     spec = ClusterSpec(model=model, prefill=prefill, decode=decode, port=free_port(), log_dir=log_dir,
                        redis_url=redis_url, redis_prefix=redis_prefix, kv_blocks=kv_blocks,
                        extra_env=env or {}, worker_env=worker_env or {}, **spec)

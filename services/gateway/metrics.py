@@ -17,3 +17,5 @@ ADMISSION_REFUSED = Counter("dopd_admission_refused_total",
                             "Requests refused at once because their predicted TTFT was past the SLO")
 SHORT_HELD = Gauge("dopd_gateway_short_prompts_held",
                    "Short prompts held for a batch while every prefill worker is busy")
+HTTP_REQUESTS = Counter("dopd_http_requests_total", "OpenAI API requests by endpoint and HTTP status",
+                        ["endpoint", "code"])

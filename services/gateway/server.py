@@ -17,7 +17,7 @@ import grpc
 
 from common.config import GatewaySettings
 from common.convert import FINISH_TO_PB
-from common.errors import Unavailable
+from common.errors import InvalidArgument, Unavailable
 from common.modeling.loader import load_config, load_tokenizer
 from common.modes import serving_mode
 from common.pb import gateway_pb2, gateway_pb2_grpc, planner_pb2, planner_pb2_grpc
@@ -28,8 +28,9 @@ from common.rpc.server import Service, run_server
 from common.types import SamplingParams
 from services.gateway.grpc_backend import GrpcBackend
 from services.gateway.lifecycle import GenerationRequest, RequestCore
+from services.gateway.openai_api import HttpServer, create_app
 from services.gateway.scheduling import SchedulingPolicy
-from services.gateway.validation import validate_context, validate_params, validate_prompt_ids
+from services.gateway.validation import GenerateParams, validate_context, validate_params, validate_prompt_ids
 from services.planner.load import SLO, LoadForecast
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.config = None
         self.eos_ids: frozenset[int] = frozenset()
         self._tasks: list[asyncio.Task] = []
+        self.serving = False  # what /health says: started and not draining
+        self.http: HttpServer | None = None
 
     @property
     def topology(self) -> planner_pb2.Topology:
@@ -83,12 +86,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.core = build_core(self.settings, self.backend, self.tokenizer)
         self.core.recorder.start = time.time()
         self._tasks = [asyncio.create_task(self._watch_topology()), asyncio.create_task(self._report_load())]
+        if self.settings.http_port:
+            app = create_app(self, model=self.settings.model, api_key=self.settings.api_key,
+                             default_max_tokens=self.settings.default_max_tokens,
+                             timeout_s=self.settings.request_timeout_s)
+            self.http = HttpServer(app, self.settings.host, self.settings.http_port, self.settings.drain_grace_s)
+            await self.http.start()
+            log.info("OpenAI API on http://%s:%d/v1", self.settings.host, self.settings.http_port)
+        self.serving = True
         await handle.set_serving(True)
 
     async def drain(self) -> None:
+        self.serving = False  # new HTTP requests get 503, as gRPC health says NOT_SERVING
         deadline = asyncio.get_running_loop().time() + self.settings.drain_grace_s
         while self.core and self.core.running and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
+        if self.http is not None:
+            await self.http.stop()
 
     def _planner(self) -> planner_pb2_grpc.PlannerStub:
         return planner_pb2_grpc.PlannerStub(self.channels.get(self.settings.planner_address))
@@ -121,20 +135,44 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             except grpc.aio.AioRpcError as exc:
                 log.debug("load report lost (planner %s)", exc.code().name)
 
+    # -- requests, for every front end ---------------------------------------------------------
+    def text_prompt_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids if text else []
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The model's chat template over `messages` ({"role", "content"} dicts), ready for the
+        assistant's turn."""
+        try:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False))
+        except Exception as exc:  # noqa: BLE001 - a template that rejects the messages (e.g. roles)
+            raise InvalidArgument(f"the model's chat template rejected the messages: {exc}") from exc
+
+    def new_request(self, prompt: list[int], params: GenerateParams, request_id: str, timeout: float,
+                    arrived: float) -> GenerationRequest:
+        """A checked request for the core: prompt ids within the vocabulary and the context."""
+        if self.core is None:
+            raise Unavailable("gateway is still starting")
+        validate_prompt_ids(prompt, self.config.vocab_size)
+        validate_context(len(prompt), params.max_tokens, self.config.max_position_embeddings)
+        sampling = SamplingParams(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            seed=params.seed if params.seed is not None else random.getrandbits(63),
+            max_tokens=params.max_tokens, stop_token_ids=frozenset() if params.ignore_eos else self.eos_ids)
+        return GenerationRequest(request_id=request_id or uuid.uuid4().hex, worker_request_id=uuid.uuid4().hex,
+                                 prompt=prompt, params=sampling, stop=params.stop,
+                                 deadline=time.monotonic() + timeout, arrived=arrived)
+
+    def generate(self, req: GenerationRequest):
+        return self.core.generate(req)
+
     # -- Generate -----------------------------------------------------------------------------
     def _prompt_ids(self, request) -> list[int]:
         if request.WhichOneof("input") == "prompt_token_ids":
-            ids = list(request.prompt_token_ids.ids)
-        elif not request.prompt:
-            ids = []
-        elif request.chat:
-            ids = list(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": request.prompt}], add_generation_prompt=True, tokenize=True,
-                return_dict=False))
-        else:
-            ids = self.tokenizer(request.prompt).input_ids
-        validate_prompt_ids(ids, self.config.vocab_size)
-        return ids
+            return list(request.prompt_token_ids.ids)
+        if request.chat and request.prompt:
+            return self.chat_prompt_ids([{"role": "user", "content": request.prompt}])
+        return self.text_prompt_ids(request.prompt)
 
     @grpc_errors
     async def Generate(self, request, context):
@@ -142,16 +180,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self.core is None:
             raise Unavailable("gateway is still starting")
         params = validate_params(request, self.settings.default_max_tokens)
-        prompt = self._prompt_ids(request)
-        validate_context(len(prompt), params.max_tokens, self.config.max_position_embeddings)
-        sampling = SamplingParams(
-            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-            seed=params.seed if params.seed is not None else random.getrandbits(63),
-            max_tokens=params.max_tokens, stop_token_ids=frozenset() if params.ignore_eos else self.eos_ids)
-        timeout = context.time_remaining() or self.settings.request_timeout_s
-        req = GenerationRequest(request_id=request.request_id or uuid.uuid4().hex, worker_request_id=uuid.uuid4().hex,
-                                prompt=prompt, params=sampling, stop=params.stop,
-                                deadline=time.monotonic() + timeout, arrived=arrived)
+        req = self.new_request(self._prompt_ids(request), params, request.request_id,
+                               context.time_remaining() or self.settings.request_timeout_s, arrived)
         async for event in self.core.generate(req):
             if event.finish_reason is None:
                 yield gateway_pb2.GenerateResponse(request_id=event.request_id, token_ids=event.token_ids,

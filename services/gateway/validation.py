@@ -24,10 +24,18 @@ class GenerateParams:
 
 def validate_params(request, default_max_tokens: int) -> GenerateParams:
     """`request` is a dopd.v1.GenerateRequest."""
-    max_tokens = request.max_tokens if request.HasField("max_tokens") else default_max_tokens
-    temperature = request.temperature if request.HasField("temperature") else 1.0
-    top_p = request.top_p if request.HasField("top_p") else 1.0
-    top_k = request.top_k if request.HasField("top_k") else 0
+    return check_params(
+        max_tokens=request.max_tokens if request.HasField("max_tokens") else default_max_tokens,
+        temperature=request.temperature if request.HasField("temperature") else 1.0,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        top_k=request.top_k if request.HasField("top_k") else 0,
+        seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
+        ignore_eos=request.ignore_eos)
+
+
+def check_params(*, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
+                 stop: tuple[str, ...], ignore_eos: bool) -> GenerateParams:
+    """The checks every front end shares (gRPC and the OpenAI API), with the same messages."""
     if max_tokens < 1:
         raise InvalidArgument(f"max_tokens must be at least 1, got {max_tokens}")
     if not math.isfinite(temperature) or temperature < 0:
@@ -36,13 +44,11 @@ def validate_params(request, default_max_tokens: int) -> GenerateParams:
         raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise InvalidArgument(f"top_k must be >= 0 (0 turns it off), got {top_k}")
-    if len(request.stop) > MAX_STOP_STRINGS:
-        raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(request.stop)}")
-    if any(not s for s in request.stop):
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    if any(not s for s in stop):
         raise InvalidArgument("stop strings must not be empty")
-    return GenerateParams(max_tokens, temperature, top_p, top_k,
-                          request.seed if request.HasField("seed") else None, tuple(request.stop),
-                          request.ignore_eos)
+    return GenerateParams(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
 
 
 def validate_context(prompt_len: int, max_tokens: int, max_context: int) -> None:
