@@ -38,23 +38,25 @@ from services.bench.workloads import BenchRequest  # noqa: E402
 PROMPT_TOKENS = 128
 
 
-def run(target: str, requests: list[BenchRequest], duration: float) -> dict:
-    outcome = asyncio.run(run_load(requests, RunSettings(target=target, progress=False, request_timeout=30)))
+def run(target: str, requests: list[BenchRequest], duration: float, **settings) -> dict:
+    """One open-loop run; `settings` go to RunSettings (e.g. the OpenAI backend's)."""
+    outcome = asyncio.run(run_load(requests, RunSettings(target=target, progress=False, request_timeout=30,
+                                                         **settings)))
     summary = summarize(outcome.results, outcome.duration)
     summary["harness"] = harness_report(outcome, duration)
     return summary
 
 
-def added_latency(target: str, n: int) -> dict:
+def added_latency(target: str, n: int, **settings) -> dict:
     requests = [BenchRequest(t=i * 0.1, prompt_tokens=PROMPT_TOKENS, prompt=None, output_tokens=32) for i in range(n)]
-    return run(target, requests, n * 0.1)
+    return run(target, requests, n * 0.1, **settings)
 
 
-def open_loop(target: str, rate: float, duration: float, output_tokens: int, seed: int) -> dict:
+def open_loop(target: str, rate: float, duration: float, output_tokens: int, seed: int, **settings) -> dict:
     times = arrival_times(rate, duration, seed)
     requests = [BenchRequest(t=t, prompt_tokens=PROMPT_TOKENS, prompt=None, output_tokens=output_tokens)
                 for t in times]
-    s = run(target, requests, duration)
+    s = run(target, requests, duration, **settings)
     s["offered_rate"] = rate
     s["sustained"] = bool(s["failed"] == 0 and s["request_throughput"] >= 0.95 * len(requests) / duration
                           and s["harness"]["send_lateness_p99_ms"] < 100)

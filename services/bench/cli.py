@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -46,7 +47,13 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("mode", nargs="?", choices=("run", "sweep", "compare"), default="run",
                    help="run once (default), sweep rates for the highest that meets the SLOs, or compare "
                         "serving modes (each mode's cluster brought up by the command)")
-    p.add_argument("--target", help="gateway address host:port (run, sweep)")
+    p.add_argument("--target", help="the gateway's gRPC address host:port (run, sweep; with --backend openai "
+                                    "optional: it adds the cluster's status samples)")
+    p.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                   help="send requests through the gRPC API (default) or the OpenAI-compatible HTTP API")
+    p.add_argument("--base-url", help="openai: the API's base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", default=os.environ.get("DOPD_API_KEY", ""),
+                   help="openai: sent as 'Authorization: Bearer KEY' (default $DOPD_API_KEY)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--workload", choices=sorted(WORKLOADS), help="a built-in seeded workload")
     source.add_argument("--trace", type=Path, nargs="+",
@@ -108,9 +115,23 @@ async def _status(target: str):
         return await gateway_pb2_grpc.GatewayStub(channel).GetStatus(gateway_pb2.GetStatusRequest(), timeout=5.0)
 
 
+def _served_model(base_url: str, api_key: str) -> str:
+    """The first model an OpenAI API lists (GET /models)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        reply = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=10.0)
+        reply.raise_for_status()
+        return reply.json()["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        raise OSError(f"no model listed: {exc}") from exc
+
+
 def run_config(args, rate: float | None, model: str, duration: float, requests: int) -> dict:
     """results.json's `config`: what was run (`trace` lists every file, in the order given)."""
-    return {"target": args.target, "model": model, "workload": args.workload,
+    return {"target": args.target, "backend": args.backend, "base_url": args.base_url, "model": model,
+            "workload": args.workload,
             "trace": [str(t) for t in args.trace] if args.trace else None,
             "rate": rate if rate is not None else (DEFAULT_RATE if args.workload else None),
             "burstiness": args.burstiness, "duration_s": duration, "seed": args.seed,
@@ -124,8 +145,9 @@ def _run_once(args, rate: float | None, out_dir: Path, model: str) -> dict:
     from services.bench.runner import RunSettings, run_load
 
     requests, duration = build_requests(args, rate)
-    settings = RunSettings(target=args.target, request_timeout=args.request_timeout, time_scale=args.time_scale,
-                           seed=args.seed, progress=not args.no_progress)
+    settings = RunSettings(target=args.target, backend=args.backend, base_url=args.base_url or "",
+                           api_key=args.api_key, model=model, request_timeout=args.request_timeout,
+                           time_scale=args.time_scale, seed=args.seed, progress=not args.no_progress)
     config = run_config(args, rate, model, duration, len(requests))
     outcome = asyncio.run(run_load(requests, settings))
     results = build_results(requests, outcome, config, duration, args.slo_ttft, args.slo_tpot, load_ceiling())
@@ -169,7 +191,10 @@ def run_bench(args) -> int:
         from services.bench.compare import run_compare
 
         return run_compare(args)
-    if args.target is None:
+    if args.backend == "openai" and not args.base_url:
+        print("error: --backend openai needs --base-url", file=sys.stderr)
+        return 2
+    if args.target is None and args.backend == "grpc":
         print(f"error: `bench {args.mode}` needs --target", file=sys.stderr)
         return 2
     if args.mode == "run" and (args.rates or args.min_rate or args.max_rate):
@@ -179,17 +204,21 @@ def run_bench(args) -> int:
         print("error: `bench sweep` takes one of --rates and --min-rate", file=sys.stderr)
         return 2
     try:
-        status = asyncio.run(_status(args.target))
+        model = asyncio.run(_status(args.target)).model if args.target else _served_model(args.base_url,
+                                                                                         args.api_key)
     except grpc.aio.AioRpcError as exc:
         print(f"error: gateway {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"error: {args.base_url}: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.mode == "run":
-            results = _run_once(args, args.rate, args.out, status.model)
+            results = _run_once(args, args.rate, args.out, model)
             return 0 if results["completed"] or not results["requests"] else 1
         search = RateSearch(rates=args.rates, min_rate=args.min_rate, max_rate=args.max_rate,
                             target=args.attainment_target, max_runs=args.max_runs)
-        result = run_sweep(search, lambda rate: _run_once(args, rate, args.out / f"rate-{rate:g}", status.model),
+        result = run_sweep(search, lambda rate: _run_once(args, rate, args.out / f"rate-{rate:g}", model),
                            args.out)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

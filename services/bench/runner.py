@@ -12,13 +12,18 @@ is still in flight is cancelled and recorded as failed (HARNESS_DEADLINE).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 
 import grpc
+import httpx
 import numpy as np
 
+from common.convert import FINISH_FROM_PB
 from common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from common.rpc.server import CHANNEL_OPTIONS
 from services.bench.metrics import RequestResult
@@ -29,9 +34,32 @@ from services.client import generate_request
 TOKEN_ID_RANGE = (100, 10000)  # clear of the special tokens at the low end, inside any vocabulary we serve
 
 
+# What an OpenAI API status means, as the gRPC code the results name it by.
+STATUS_OF_HTTP = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED",
+                  500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+class RequestFailed(Exception):
+    """A request ended in an error; the message is the code results.json counts it under."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One message of a response stream, as either front end says it."""
+
+    tokens: int  # tokens it carries
+    finish: str | None = None  # stop | length | abort, on the last
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 @dataclass(frozen=True)
 class RunSettings:
-    target: str
+    target: str | None  # the gateway's gRPC address (requests on grpc; status samples on both)
+    backend: str = "grpc"  # grpc | openai
+    base_url: str = ""  # openai: the API's base URL, e.g. http://127.0.0.1:8000/v1
+    api_key: str = ""
+    model: str = ""  # openai: the model name requests carry
     request_timeout: float = 60.0  # profile seconds
     time_scale: float = 1.0
     seed: int = 0
@@ -70,29 +98,70 @@ class _Run:
         tag = uuid.uuid4().hex[:8]
         self.ids = [f"bench-{tag}-{i}" for i in range(len(requests))]
         # Built before the clock starts, so that sending costs the schedule as little as possible.
-        self.pbs = [generate_request(prompt_ids(settings.seed, i, r.prompt_tokens) if r.prompt_tokens is not None
-                                     else r.prompt, max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True,
-                                     request_id=self.ids[i])
-                    for i, r in enumerate(requests)]
+        prompts = [prompt_ids(settings.seed, i, r.prompt_tokens) if r.prompt_tokens is not None else r.prompt
+                   for i, r in enumerate(requests)]
+        if settings.backend == "openai":
+            self.bodies = [{"prompt": p, "max_tokens": r.output_tokens, "temperature": 0.0, "ignore_eos": True,
+                            "stream": True, "stream_options": {"include_usage": True}}
+                           for p, r in zip(prompts, requests, strict=True)]
+        else:
+            self.pbs = [generate_request(p, max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True,
+                                         request_id=self.ids[i]) for i, (p, r) in enumerate(zip(prompts, requests,
+                                                                                                strict=True))]
         self.messages = self.tokens = self.length_mismatch = 0
         self.t0 = self.last_event = 0.0
 
     def _profile(self, wall: float) -> float:
         return (wall - self.t0) / self.s.time_scale
 
-    async def _one(self, stub, i: int) -> RequestResult:
+    async def _grpc_pieces(self, stub, i: int) -> AsyncIterator[Piece]:
+        call = stub.Generate(self.pbs[i], timeout=self.s.request_timeout * self.s.time_scale)
+        try:
+            async for msg in call:
+                finish = FINISH_FROM_PB[msg.finish_reason] if msg.finish_reason else None
+                yield Piece(len(msg.token_ids), finish, msg.usage.prompt_tokens if finish else 0,
+                            msg.usage.completion_tokens if finish else 0)
+        except grpc.aio.AioRpcError as exc:
+            raise RequestFailed(exc.code().name) from exc
+        finally:
+            call.cancel()  # no-op once the stream has ended
+
+    async def _openai_pieces(self, http, i: int) -> AsyncIterator[Piece]:
+        """The OpenAI API's stream: each chunk before the last is one token event of the gateway
+        (its token count is not in the chunk: counted as one, the total comes from the usage)."""
+        body = {**self.bodies[i], "model": self.s.model}
+        try:
+            async with http.stream("POST", "/completions", json=body,
+                                   timeout=self.s.request_timeout * self.s.time_scale) as response:
+                if response.status_code != 200:
+                    raise RequestFailed(STATUS_OF_HTTP.get(response.status_code, f"HTTP_{response.status_code}"))
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    doc = json.loads(line[6:])
+                    if "error" in doc:
+                        raise RequestFailed(doc["error"].get("type") or "STREAM_ERROR")
+                    if doc.get("usage"):
+                        yield Piece(0, None, doc["usage"]["prompt_tokens"], doc["usage"]["completion_tokens"])
+                    for choice in doc.get("choices") or ():
+                        yield Piece(0 if choice["finish_reason"] else 1, choice["finish_reason"])
+        except httpx.TimeoutException as exc:
+            raise RequestFailed("DEADLINE_EXCEEDED") from exc
+        except httpx.HTTPError as exc:
+            raise RequestFailed("UNAVAILABLE") from exc
+
+    async def _one(self, pieces: AsyncIterator[Piece], i: int, sent: float) -> RequestResult:
         req, scale = self.requests[i], self.s.time_scale
-        sent = time.perf_counter()
         r = RequestResult(request_id=self.ids[i], t_sent=self._profile(sent), ttft=None,
                           prompt_tokens=req.prompt_tokens or 0, output_tokens=0)
         first = last = None
         finish = None
-        call = stub.Generate(self.pbs[i], timeout=self.s.request_timeout * scale)
+        completion_tokens = 0
         try:
-            async for msg in call:
+            async for piece in pieces:
                 now = time.perf_counter()
                 self.messages += 1
-                k = len(msg.token_ids)
+                k = piece.tokens
                 if k:
                     # A message may carry several tokens that the server produced one by one; only
                     # their arrival together is seen here, so the gap since the previous message is
@@ -105,29 +174,36 @@ class _Run:
                     last = now
                     r.output_tokens += k
                     self.tokens += k
-                if msg.finish_reason:
-                    finish = msg.finish_reason
-                    r.prompt_tokens = msg.usage.prompt_tokens or r.prompt_tokens
+                finish = piece.finish or finish
+                r.prompt_tokens = piece.prompt_tokens or r.prompt_tokens
+                completion_tokens = piece.completion_tokens or completion_tokens
             end = time.perf_counter()
+            if completion_tokens > r.output_tokens:  # the OpenAI stream's usage: the true count
+                self.tokens += completion_tokens - r.output_tokens
+                r.output_tokens = completion_tokens
             if first is None:
                 r.ok, r.error = False, "NO_TOKENS"
-            elif finish is None or finish == common_pb2.FINISH_REASON_ABORT:
+            elif finish is None or finish == "abort":
                 r.ok, r.error = False, "ABORTED" if finish else "NO_FINISH"
             else:
                 r.ttft, r.e2e = (first - sent) / scale, (end - sent) / scale
                 self.length_mismatch += r.output_tokens != req.output_tokens
-        except grpc.aio.AioRpcError as exc:
-            r.ok, r.error = False, exc.code().name
+        except RequestFailed as exc:
+            r.ok, r.error = False, str(exc)
         except asyncio.CancelledError:  # the run's deadline (we cancel only then)
             r.ok, r.error = False, "HARNESS_DEADLINE"
         except Exception as exc:  # noqa: BLE001 - a request's failure is data, not the end of the run
             r.ok, r.error = False, type(exc).__name__
         finally:
-            call.cancel()  # no-op once the stream has ended
+            await pieces.aclose()
             self.last_event = max(self.last_event, time.perf_counter())
         if not r.ok:
             r.itls, r.ttft, r.e2e = [], None, None
         return r
+
+    def _send(self, client, i: int) -> Coroutine[None, None, RequestResult]:
+        pieces = self._openai_pieces(client, i) if self.s.backend == "openai" else self._grpc_pieces(client, i)
+        return self._one(pieces, i, time.perf_counter())
 
     def _failed(self, i: int, error: str) -> RequestResult:
         req = self.requests[i]
@@ -158,14 +234,25 @@ class _Run:
         lateness: list[float] = []
         stop = asyncio.Event()
         columns = (TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        async with grpc.aio.insecure_channel(self.s.target, options=CHANNEL_OPTIONS) as channel:
-            stub = gateway_pb2_grpc.GatewayStub(channel)
+        async with contextlib.AsyncExitStack() as stack:
+            stub = None
+            if self.s.target:  # the gateway's gRPC API: Generate (grpc backend) and status samples
+                channel = await stack.enter_async_context(
+                    grpc.aio.insecure_channel(self.s.target, options=CHANNEL_OPTIONS))
+                stub = gateway_pb2_grpc.GatewayStub(channel)
+            client = stub
+            if self.s.backend == "openai":
+                headers = {"Authorization": f"Bearer {self.s.api_key}"} if self.s.api_key else {}
+                # No pool limit: an open-loop run keeps every request's stream open at once.
+                client = await stack.enter_async_context(httpx.AsyncClient(
+                    base_url=self.s.base_url, headers=headers,
+                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)))
             with Progress(*columns, console=Console(stderr=True), disable=not self.s.progress) as progress:
                 bar = progress.add_task("requests", total=len(self.requests))
                 cpu0, self.t0 = time.process_time(), time.perf_counter()
                 self.last_event = self.t0
                 deadline = self.t0 + (last_t + self.s.request_timeout) * scale + self.s.grace
-                sampler = asyncio.create_task(self._sample(stub, samples, stop))
+                sampler = asyncio.create_task(self._sample(stub, samples, stop)) if stub else None
                 for i, req in enumerate(self.requests):
                     due = self.t0 + req.t * scale
                     if (delay := due - time.perf_counter()) > 0:
@@ -175,7 +262,7 @@ class _Run:
                         break
                     lateness.append(max(0.0, now - due) / scale)
                     self.last_event = max(self.last_event, now)
-                    task = asyncio.create_task(self._one(stub, i))
+                    task = asyncio.create_task(self._send(client, i))
                     task.add_done_callback(lambda _: progress.advance(bar))
                     tasks.append(task)
                 if tasks:
@@ -186,7 +273,8 @@ class _Run:
                            for i, r in enumerate(await asyncio.gather(*tasks, return_exceptions=True))]
                 end, cpu = time.perf_counter(), time.process_time() - cpu0
                 stop.set()
-                await sampler
+                if sampler is not None:
+                    await sampler
         sent = len(results)
         # Cut by the deadline before going out: failed, not dropped.
         results += [self._failed(i, "NOT_SENT") for i in range(sent, len(self.requests))]

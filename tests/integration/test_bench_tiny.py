@@ -71,3 +71,21 @@ async def test_bench_trace_with_a_text_prompt_and_a_time_scale(tiny_cluster, tmp
     # Sent at t x 0.5 wall seconds, reported in profile time: the last request went out at ~1.0.
     assert 0.95 <= per_request[2]["t_sent"] < 1.5
     await assert_no_leaks(tiny_cluster)
+
+
+async def test_bench_through_the_openai_api(tiny_cluster, tmp_path):
+    """The same workload through the HTTP API (no gRPC target: no status samples)."""
+    out = tmp_path / "openai"
+    code = await bench(["bench", "--backend", "openai", "--base-url", tiny_cluster.cluster.http_url,
+                        "--workload", "code", "--rate", "2", "--duration", "3", "--seed", "1", "--max-context", "512",
+                        "--slo-ttft", "2000", "--slo-tpot", "200", "--out", str(out), "--request-timeout", "30",
+                        "--no-progress"])
+    assert code == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["config"]["backend"] == "openai" and r["config"]["model"] == "tiny-random"
+    assert (r["completed"], r["failed"]) == (r["requests"], 0), r["errors"]
+    assert r["harness"]["output_length_mismatch"] == 0  # the usage's count, ignore_eos honoured over HTTP
+    assert r["harness"]["tokens_received"] == r["total_output_tokens"] > 0
+    assert all(r[k] is not None and r[k] >= 0 for k in METRICS)
+    assert r["timeline"]["samples"] == []
+    await assert_no_leaks(tiny_cluster)
