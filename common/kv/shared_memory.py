@@ -33,11 +33,19 @@ def available() -> bool:
 
 @cache
 def host_id() -> str:
-    """Same value in every process of this host (and boot): the kernel's boot id."""
+    """Same value in every process that can reach this process's /proc/<pid>: the kernel's boot
+    id and the pid namespace. Two containers (or pods) on one node share the boot id but not the
+    pid namespace, and in each the worker may be pid 1: by boot id alone, a worker would map its
+    own pool thinking it was the peer's."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
     except OSError:
         return ""
+
+
+def _memfd_name(pool_id: str) -> str:
+    return f"dopd-kv-{pool_id}"
 
 
 @dataclass(frozen=True)
@@ -63,12 +71,12 @@ class SharedPoolHandle:
 def allocate_shared(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, SharedPoolHandle]:
     """A zeroed tensor in a memfd, every page resident, and the handle peers map it by."""
     numel = math.prod(shape)
-    fd = os.memfd_create("dopd-kv", os.MFD_CLOEXEC)
+    pool_id = uuid.uuid4().hex
+    fd = os.memfd_create(_memfd_name(pool_id), os.MFD_CLOEXEC)
     os.ftruncate(fd, numel * dtype.itemsize)
     tensor = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=numel, dtype=dtype).view(shape)
     tensor.zero_()  # fault every page in now, not during a transfer
-    handle = SharedPoolHandle(host_id(), os.getpid(), fd, uuid.uuid4().hex, tuple(shape),
-                              str(dtype).removeprefix("torch."))
+    handle = SharedPoolHandle(host_id(), os.getpid(), fd, pool_id, tuple(shape), str(dtype).removeprefix("torch."))
     return tensor, handle
 
 
@@ -95,6 +103,10 @@ class PeerPools:
             raise OSError(str(exc)) from None
         numel = math.prod(handle.shape)
         path = f"/proc/{handle.pid}/fd/{handle.fd}"
+        # The memfd's name carries the pool id: this is that pool, not whatever a reused pid and
+        # fd (or another namespace's pid) points at now.
+        if not os.readlink(path).startswith(f"/memfd:{_memfd_name(handle.pool_id)}"):
+            raise OSError(f"{path} is not the KV pool {handle.pool_id}")
         if os.stat(path).st_size != numel * dtype.itemsize:
             raise OSError(f"{path} is not a KV pool of shape {list(handle.shape)}")
         tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(handle.shape)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
 
 from common.kv.kv_store import PagedKVStore, slots_for
-from common.kv.shared_memory import PeerPools, SharedPoolHandle
+from common.kv.shared_memory import PeerPools, SharedPoolHandle, host_id
 from common.kv.wire import KVLayout
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, dtype=torch.float32)
@@ -40,6 +41,21 @@ def test_a_pool_on_another_host_or_of_another_shape_is_not_mapped():
     elsewhere = dataclasses.replace(source.shared_handle, host_id="another-boot", pool_id="x")
     with pytest.raises(OSError, match="another host"):
         PeerPools().open(elsewhere)
-    wrong_shape = dataclasses.replace(source.shared_handle, shape=(2, 3, 9, 4, 2, 4), pool_id="y")
+    wrong_shape = dataclasses.replace(source.shared_handle, shape=(2, 3, 9, 4, 2, 4))
     with pytest.raises(OSError, match="not a KV pool"):
         PeerPools().open(wrong_shape)
+
+
+def test_the_pid_namespace_and_the_pool_id_are_checked():
+    """Two containers on one node share the boot id; in each the worker may be pid 1. A handle
+    from another pid namespace is another host's, and a pid/fd that now holds another pool (or
+    none of ours) is refused, never mapped."""
+    assert host_id().endswith(os.readlink("/proc/self/ns/pid"))
+    source = PagedKVStore(LAYOUT, num_blocks=4, block_size=4, device=torch.device("cpu"), shared=True)
+    boot = host_id().split("/", 1)[0]
+    other_namespace = dataclasses.replace(source.shared_handle, host_id=f"{boot}/pid:[1]", pool_id="z")
+    with pytest.raises(OSError, match="another host"):
+        PeerPools().open(other_namespace)
+    another_pool = dataclasses.replace(source.shared_handle, pool_id="0" * 32)
+    with pytest.raises(OSError, match="is not the KV pool"):
+        PeerPools().open(another_pool)
