@@ -14,12 +14,14 @@ FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
 
 def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
-                                     max_tokens=p.max_tokens, stop_token_ids=sorted(p.stop_token_ids))
+                                     max_tokens=p.max_tokens, stop_token_ids=sorted(p.stop_token_ids),
+                                     index_offset=p.index_offset)
 
 
 def sampling_from_pb(m: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(temperature=m.temperature, top_p=m.top_p or 1.0, top_k=m.top_k, seed=m.seed,
-                          max_tokens=m.max_tokens, stop_token_ids=frozenset(m.stop_token_ids))
+                          max_tokens=m.max_tokens, stop_token_ids=frozenset(m.stop_token_ids),
+                          index_offset=m.index_offset)
 
 
 def forecast_to_pb(f):

@@ -32,7 +32,8 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, token_index: int)
         drop = probs.cumsum(dim=-1) - probs >= params.top_p
         logits = logits.scatter(0, order[drop], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    generator = torch.Generator().manual_seed((params.seed * _SEED_STRIDE + token_index) % (2**63))
+    index = params.index_offset + token_index  # in the whole completion, across replays
+    generator = torch.Generator().manual_seed((params.seed * _SEED_STRIDE + index) % (2**63))
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -29,6 +29,9 @@ class SamplingParams:
     seed: int = 0
     max_tokens: int = 16
     stop_token_ids: frozenset[int] = frozenset()
+    # Completion index of the first token this call samples (> 0 for a replay: common/sampling.py
+    # seeds each token by its index in the whole completion).
+    index_offset: int = 0
 
     @property
     def greedy(self) -> bool:

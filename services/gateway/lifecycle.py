@@ -23,13 +23,16 @@ Leaving `generate` by any path cancels the open decode stream, which frees the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
+import uuid
 from collections import Counter as Tally
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
-from common.errors import Refused, ResourceExhausted, ServiceError, Unavailable
+from common.errors import PeerError, Refused, ResourceExhausted, ServiceError, Unavailable
 from common.kv.block_pool import kv_tokens_for
 from common.modes import ServingMode, serving_mode
 from common.types import SamplingParams
@@ -43,6 +46,22 @@ from services.gateway.short_gate import ShortGate
 from services.planner.load import LoadForecast
 
 MAX_MOVES = 64  # a request moved more often than this is going round in circles
+# A request whose workers die under it this often gets UNAVAILABLE rather than another replay.
+MAX_REPLAYS = 3
+# A worker whose stream broke goes last in every choice for this long (the planner drops a dead
+# worker within its heartbeat TTL; this is the gateway not waiting for that).
+LOST_WORKER_S = 10.0
+
+log = logging.getLogger(__name__)
+
+
+class WorkerLost(Exception):
+    """A worker died, or its stream broke, while serving a try of a request: the request can be
+    replayed elsewhere (prompt + tokens so far), since nothing the client saw is lost."""
+
+    def __init__(self, worker_id: str, stage: str, cause: Exception) -> None:
+        super().__init__(f"{stage} worker {worker_id} lost: {cause}")
+        self.worker_id, self.stage = worker_id, stage
 
 
 @dataclass(frozen=True)
@@ -98,6 +117,7 @@ class RequestCore:
         self._policy: tuple[LoadForecast, SchedulingPolicy] | None = None
         self.time_scale = time_scale
         self.short_gate = ShortGate(self._least_loaded_prefill, time.monotonic, time_scale)
+        self._lost_until: dict[str, float] = {}  # worker id -> time.monotonic() until which it goes last
 
     # -- the path ---------------------------------------------------------------------------
     def policy(self) -> SchedulingPolicy | None:
@@ -146,7 +166,6 @@ class RequestCore:
         self.running += 1
         metrics.RUNNING.set(self.running)
         metrics.PROMPT_TOKENS.inc(len(req.prompt))
-        stream = decode_worker = None
         try:
             policy = self.policy()
             path = self._path(len(req.prompt), policy)
@@ -155,60 +174,49 @@ class RequestCore:
             except ResourceExhausted:
                 self.recorder.refused_by_admission(len(req.prompt), req.params.max_tokens)
                 raise
-            local = path is Path.ULTRA_SHORT
-            try:
-                stream, decode_worker = await self._reserve_decode(req, remaining, policy, local)
-            except ResourceExhausted:
-                self.recorder.rejected()
-                raise
-            metrics.PATHS.labels(path.value).inc()
-            self.recorder.arrived(len(req.prompt), req.params.max_tokens)
-            if local:
-                firsts = await self._first_tokens_here(stream, decode_worker)
-            else:
-                prefer = None
-                if path is Path.SHORT and self._least_loaded_prefill_work()[0] > 0:
-                    metrics.SHORT_HELD.inc()  # every prefill worker is busy: held for a batch
-                    try:
-                        prefer = await self.short_gate.hold(len(req.prompt))
-                    finally:
-                        metrics.SHORT_HELD.dec()
-                firsts = (await self._prefill(req, decode_worker, remaining, prefer),)
             detok = Detokenizer(self.tokenizer, req.stop)
-            ttft = time.perf_counter() - req.arrived
-            metrics.TTFT.observe(ttft)
-            self.recorder.first_token(ttft)
-            first_at = time.perf_counter()
-            n_tokens = len(firsts)
-            yield TokenEvent(req.request_id, firsts, detok.add(list(firsts)))
+            generated: list[int] = []  # what the client has been sent: kept across replays
+            first_at = None
             finish = None
-            moves = 0
-            while not detok.stopped:
-                event = await stream.next()
-                if event is None:
-                    raise Unavailable(f"decode worker {decode_worker.worker_id} ended the stream without finishing")
-                if isinstance(event, Tokens):
-                    if event.start_index != n_tokens:
-                        raise ServiceError(f"token stream out of order: expected token {n_tokens}, "
-                                           f"got {event.start_index}")
-                    n_tokens += len(event.token_ids)
-                    yield TokenEvent(req.request_id, event.token_ids, detok.add(list(event.token_ids)))
-                elif isinstance(event, Finished):
-                    finish = event.reason
+            replays = 0
+            while True:
+                attempt = self._replay_of(req, generated) if replays else req
+                try:
+                    async with contextlib.aclosing(self._attempt(attempt, path, policy, remaining,
+                                                                 first=not replays)) as events:
+                        async for item in events:
+                            if isinstance(item, str):
+                                finish = item
+                                break
+                            if first_at is None:
+                                first_at = time.perf_counter()
+                                ttft = first_at - req.arrived
+                                metrics.TTFT.observe(ttft)
+                                self.recorder.first_token(ttft)
+                            generated.extend(item)
+                            yield TokenEvent(req.request_id, item, detok.add(list(item)))
+                            if detok.stopped:
+                                break
                     break
-                elif isinstance(event, Moved):
-                    moves += 1
-                    if event.next_index != n_tokens or moves > MAX_MOVES:
-                        raise ServiceError(f"request moved at token {event.next_index}, after {n_tokens} "
-                                           f"tokens here ({moves} moves)")
-                    stream.cancel()
-                    self._count_decode(decode_worker, -1)
-                    decode_worker = WorkerView(event.worker_id, event.address, 0, 0)
-                    self._count_decode(decode_worker, +1)
-                    stream = await self.backend.attach_decode(event, req.worker_request_id, remaining())
+                except WorkerLost as lost:
+                    self._lost_until[lost.worker_id] = time.monotonic() + LOST_WORKER_S
+                    replays += 1
+                    if len(generated) >= req.params.max_tokens:
+                        finish = "length"
+                        break
+                    if replays > MAX_REPLAYS or req.deadline - time.monotonic() <= 0:
+                        raise Unavailable(f"request {req.request_id} lost its worker {replays} times "
+                                          f"(last: {lost})") from lost
+                    metrics.REPLAYS.labels(lost.stage).inc()
+                    log.warning("request %s: %s; replaying from token %d (attempt %d)", req.request_id, lost,
+                                len(generated), replays + 1)
+                    # A replay prefills the prompt and the tokens so far on a prefill worker (or,
+                    # with no prefill role, where it decodes): never held for a short batch.
+                    path = Path.LONG if self.mode.disaggregated else Path.ULTRA_SHORT
             if detok.stopped:
                 finish = "stop"
             done = time.perf_counter()
+            n_tokens = len(generated)
             metrics.E2E.observe(done - req.arrived)
             metrics.GENERATION_TOKENS.inc(n_tokens)
             if n_tokens > 1:
@@ -222,13 +230,94 @@ class RequestCore:
             status = "cancelled"
             raise
         finally:
+            self.running -= 1
+            metrics.RUNNING.set(self.running)
+            metrics.REQUESTS.labels(status).inc()
+
+    @staticmethod
+    def _replay_of(req: GenerationRequest, generated: list[int]) -> GenerationRequest:
+        """The request again, on from token len(generated): that many tokens fewer to make, and
+        the per-token seeds of their place in the whole completion (common/sampling.py). A new
+        id towards the workers: the old one may still be winding down somewhere."""
+        n = len(generated)
+        return replace(req, worker_request_id=uuid.uuid4().hex, prompt=req.prompt + generated,
+                       params=replace(req.params, max_tokens=req.params.max_tokens - n,
+                                      index_offset=req.params.index_offset + n))
+
+    async def _attempt(self, req: GenerationRequest, path: Path, policy: SchedulingPolicy | None, remaining,
+                       first: bool) -> AsyncIterator[tuple[int, ...] | str]:
+        """One try at serving `req`: reserve, prefill, relay. Yields token tuples (indices
+        counted from this try's first token), then the finish reason. A worker that dies or
+        breaks the stream ends the try with WorkerLost; leaving by any path cancels the decode
+        stream, which frees the try's blocks."""
+        stream = decode_worker = None
+        local = path is Path.ULTRA_SHORT
+        try:
+            try:
+                stream, decode_worker = await self._reserve_decode(req, remaining, policy, local)
+            except ResourceExhausted:
+                if first:
+                    self.recorder.rejected()
+                raise
+            if first:
+                metrics.PATHS.labels(path.value).inc()
+                self.recorder.arrived(len(req.prompt), req.params.max_tokens)
+            if local:
+                firsts = await self._first_tokens_here(stream, decode_worker)
+            else:
+                prefer = None
+                if path is Path.SHORT and self._least_loaded_prefill_work()[0] > 0:
+                    metrics.SHORT_HELD.inc()  # every prefill worker is busy: held for a batch
+                    try:
+                        prefer = await self.short_gate.hold(len(req.prompt))
+                    finally:
+                        metrics.SHORT_HELD.dec()
+                firsts = (await self._prefill(req, decode_worker, remaining, prefer),)
+            yield firsts
+            n_tokens = len(firsts)
+            moves = 0
+            while True:
+                event = await self._next_event(stream, decode_worker)
+                if isinstance(event, Tokens):
+                    if event.start_index != n_tokens:
+                        raise ServiceError(f"token stream out of order: expected token {n_tokens}, "
+                                           f"got {event.start_index}")
+                    n_tokens += len(event.token_ids)
+                    yield event.token_ids
+                elif isinstance(event, Finished):
+                    yield event.reason
+                    return
+                elif isinstance(event, Moved):
+                    moves += 1
+                    if event.next_index != n_tokens or moves > MAX_MOVES:
+                        raise ServiceError(f"request moved at token {event.next_index}, after {n_tokens} "
+                                           f"tokens here ({moves} moves)")
+                    stream.cancel()
+                    self._count_decode(decode_worker, -1)
+                    decode_worker = WorkerView(event.worker_id, event.address, 0, 0)
+                    self._count_decode(decode_worker, +1)
+                    try:
+                        stream = await self.backend.attach_decode(event, req.worker_request_id, remaining())
+                    except Refused:
+                        raise
+                    except (Unavailable, PeerError) as exc:
+                        raise WorkerLost(event.worker_id, "decode", exc) from exc
+        finally:
             if stream is not None:
                 stream.cancel()  # no-op when finished; frees the blocks otherwise
             if decode_worker is not None:
                 self._count_decode(decode_worker, -1)
-            self.running -= 1
-            metrics.RUNNING.set(self.running)
-            metrics.REQUESTS.labels(status).inc()
+
+    @staticmethod
+    async def _next_event(stream: DecodeStream, worker: WorkerView) -> DecodeEvent:
+        """The stream's next event; a stream that breaks or ends unfinished lost its worker."""
+        try:
+            event = await stream.next()
+        except (Unavailable, PeerError) as exc:
+            raise WorkerLost(worker.worker_id, "decode", exc) from exc
+        if event is None:
+            raise WorkerLost(worker.worker_id, "decode", Unavailable("the stream ended without finishing"))
+        return event
 
     def _count_decode(self, worker: WorkerView, delta: int) -> None:
         self.outstanding_decode[worker.worker_id] += delta
@@ -257,7 +346,9 @@ class RequestCore:
         while True:
             candidates = [w for w in self.backend.workers("prefill") if w.worker_id not in tried]
             preferred = [w for w in candidates if w.worker_id == prefer]
-            worker = preferred[0] if preferred else pick_prefill(candidates, self.prefill_ledger.tokens)
+            # Workers whose streams broke lately only when no other is left.
+            trusted = [w for w in candidates if not self._recently_lost(w.worker_id)] or candidates
+            worker = preferred[0] if preferred else pick_prefill(trusted, self.prefill_ledger.tokens)
             if worker is None:
                 await self._wait_for_workers(since, remaining, "no prefill worker is serving")
                 tried.clear()
@@ -269,6 +360,10 @@ class RequestCore:
                                                   decode_worker.address, remaining())
             except Refused:
                 continue
+            except (Unavailable, PeerError) as exc:
+                # The prefill worker died, or the push to the decode worker broke: the KV may be
+                # half there, so the whole try starts again (a fresh reservation).
+                raise WorkerLost(worker.worker_id, "prefill", exc) from exc
             finally:
                 self.prefill_ledger.done(worker.worker_id, req.worker_request_id)
                 if not self.prefill_ledger.tokens[worker.worker_id] and len(self.short_gate):
@@ -281,12 +376,25 @@ class RequestCore:
         workers = self.backend.workers("decode")
         needed = kv_tokens_for(len(req.prompt), req.params.max_tokens)
         if policy is None:
-            return decode_preference(workers, self.outstanding_decode, needed)
-        by_id = {w.worker_id: w for w in workers}
-        fit = policy.decode_workers([DecodeCandidate(w.worker_id, w.kv_free_blocks, w.block_size,
-                                                     self.outstanding_decode[w.worker_id]) for w in workers], needed)
-        order = [by_id[c.worker_id] for c in fit]
-        return order + [w for w in decode_preference(workers, self.outstanding_decode, needed) if w not in order]
+            order = decode_preference(workers, self.outstanding_decode, needed)
+        else:
+            by_id = {w.worker_id: w for w in workers}
+            fit = policy.decode_workers([DecodeCandidate(w.worker_id, w.kv_free_blocks, w.block_size,
+                                                         self.outstanding_decode[w.worker_id]) for w in workers],
+                                        needed)
+            order = [by_id[c.worker_id] for c in fit]
+            order += [w for w in decode_preference(workers, self.outstanding_decode, needed) if w not in order]
+        # Workers whose streams broke lately go last (stable: the order is kept otherwise).
+        return sorted(order, key=lambda w: self._recently_lost(w.worker_id))
+
+    def _recently_lost(self, worker_id: str) -> bool:
+        until = self._lost_until.get(worker_id)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._lost_until[worker_id]
+        return False
 
     async def _reserve_decode(self, req: GenerationRequest, remaining, policy: SchedulingPolicy | None = None,
                               local: bool = False) -> tuple[DecodeStream, WorkerView]:

@@ -19,3 +19,5 @@ SHORT_HELD = Gauge("dopd_gateway_short_prompts_held",
                    "Short prompts held for a batch while every prefill worker is busy")
 HTTP_REQUESTS = Counter("dopd_http_requests_total", "OpenAI API requests by endpoint and HTTP status",
                         ["endpoint", "code"])
+REPLAYS = Counter("dopd_gateway_replays_total", "Requests replayed elsewhere (prompt + tokens so far prefilled again) "
+                  "after the worker serving them died or broke its stream, by the stage that failed", ["stage"])
