@@ -114,6 +114,10 @@ class GatewaySettings(_Base):
     http_port: int = 8000
     # API key the HTTP API asks for as `Authorization: Bearer KEY`; "" = none asked.
     api_key: str = ""
+    # Requests that find every decode worker out of KV wait for room in a queue of this many
+    # (first come first served, each until its deadline or its TTFT SLO under admission
+    # control); past it, RESOURCE_EXHAUSTED at once. 0: refuse at once.
+    decode_queue_limit: int = Field(1024, ge=0)
     model: str = "smollm2"
     planner_address: str = "127.0.0.1:50052"
     topology_refresh_s: float = 0.5

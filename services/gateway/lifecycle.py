@@ -37,6 +37,7 @@ from common.kv.block_pool import kv_tokens_for
 from common.modes import ServingMode, serving_mode
 from common.types import SamplingParams
 from services.gateway import metrics
+from services.gateway.decode_queue import DecodeQueue
 from services.gateway.detokenizer import Detokenizer
 from services.gateway.events import DecodeEvent, Finished, Moved, TokenEvent, Tokens
 from services.gateway.load_recorder import LoadRecorder
@@ -102,7 +103,7 @@ class RequestCore:
     def __init__(self, backend: Backend, tokenizer, recorder: LoadRecorder | None = None,
                  no_worker_wait_s: float = 5.0, mode: ServingMode | None = None,
                  policy_for: Callable[[LoadForecast], SchedulingPolicy] | None = None,
-                 time_scale: float = 1.0) -> None:
+                 time_scale: float = 1.0, decode_queue_limit: int = 1024) -> None:
         self.backend = backend
         self.no_worker_wait_s = no_worker_wait_s
         self.tokenizer = tokenizer
@@ -118,6 +119,7 @@ class RequestCore:
         self.time_scale = time_scale
         self.short_gate = ShortGate(self._least_loaded_prefill, time.monotonic, time_scale)
         self._lost_until: dict[str, float] = {}  # worker id -> time.monotonic() until which it goes last
+        self.decode_queue = DecodeQueue(decode_queue_limit)
 
     # -- the path ---------------------------------------------------------------------------
     def policy(self) -> SchedulingPolicy | None:
@@ -254,7 +256,8 @@ class RequestCore:
         local = path is Path.ULTRA_SHORT
         try:
             try:
-                stream, decode_worker = await self._reserve_decode(req, remaining, policy, local)
+                stream, decode_worker = await self._reserve_decode(req, remaining, policy, local,
+                                                                   self._decode_wait_budget(req, path, policy))
             except ResourceExhausted:
                 if first:
                     self.recorder.rejected()
@@ -307,6 +310,17 @@ class RequestCore:
                 stream.cancel()  # no-op when finished; frees the blocks otherwise
             if decode_worker is not None:
                 self._count_decode(decode_worker, -1)
+                self.decode_queue.freed()
+
+    def _decode_wait_budget(self, req: GenerationRequest, path: Path, policy: SchedulingPolicy | None) -> float:
+        """Wall seconds a request may wait in the decode queue: until its deadline, and, under
+        admission control, no longer than its predicted TTFT leaves before the SLO."""
+        budget = req.deadline - time.monotonic()
+        if policy is not None:
+            slack = policy.ttft_slack(len(req.prompt), path, *self._least_loaded_prefill_work())
+            if slack is not None:
+                budget = min(budget, slack * self.time_scale)
+        return budget
 
     @staticmethod
     async def _next_event(stream: DecodeStream, worker: WorkerView) -> DecodeEvent:
@@ -397,25 +411,54 @@ class RequestCore:
         return False
 
     async def _reserve_decode(self, req: GenerationRequest, remaining, policy: SchedulingPolicy | None = None,
-                              local: bool = False) -> tuple[DecodeStream, WorkerView]:
+                              local: bool = False, wait_budget_s: float = 0.0) -> tuple[DecodeStream, WorkerView]:
         """Open Decode on the first decode worker that reserves the request's KV blocks (`local`:
         and prefills the prompt there). When every worker refused because roles are changing
-        (not for want of KV), wait for a new topology."""
+        (not for want of KV), wait for a new topology. When they are out of KV, wait in the
+        decode queue (first come first served, bounded) for at most `wait_budget_s`; a request
+        that arrives while others wait there joins behind them."""
+        if len(self.decode_queue):
+            return await self._queue_for_decode(req, remaining, policy, local, wait_budget_s,
+                                                "requests that came first are waiting for KV")
         since = time.monotonic()
         while True:
-            workers = self._decode_order(req, policy)
-            refusals, full = [], False
-            for worker in workers:
-                try:
-                    stream = await self.backend.open_decode(worker, req.worker_request_id, len(req.prompt),
-                                                            req.params, remaining(), req.prompt if local else None)
-                except (ResourceExhausted, Unavailable) as exc:
-                    refusals.append(f"{worker.worker_id}: {exc}")
-                    full = full or isinstance(exc, ResourceExhausted)
-                    continue
-                self._count_decode(worker, +1)
-                return stream, worker
+            got, full, refusals = await self._try_reserve(req, remaining, policy, local)
+            if got is not None:
+                return got
             if full:
-                raise ResourceExhausted("no decode worker can hold this request: " + "; ".join(refusals))
+                return await self._queue_for_decode(req, remaining, policy, local, wait_budget_s,
+                                                    "no decode worker can hold this request: " + "; ".join(refusals))
             await self._wait_for_workers(since, remaining, "no decode worker is serving" + (
                 ": " + "; ".join(refusals) if refusals else ""))
+
+    async def _try_reserve(self, req: GenerationRequest, remaining, policy: SchedulingPolicy | None,
+                           local: bool) -> tuple[tuple[DecodeStream, WorkerView] | None, bool, list[str]]:
+        """One pass over the decode workers, best first: (the reservation, or None; whether any
+        refused for want of KV; each refusal)."""
+        refusals, full = [], False
+        for worker in self._decode_order(req, policy):
+            try:
+                stream = await self.backend.open_decode(worker, req.worker_request_id, len(req.prompt),
+                                                        req.params, remaining(), req.prompt if local else None)
+            except (ResourceExhausted, Unavailable) as exc:
+                refusals.append(f"{worker.worker_id}: {exc}")
+                full = full or isinstance(exc, ResourceExhausted)
+                continue
+            self._count_decode(worker, +1)
+            return (stream, worker), full, refusals
+        return None, full, refusals
+
+    async def _queue_for_decode(self, req: GenerationRequest, remaining, policy: SchedulingPolicy | None,
+                                local: bool, budget_s: float, why: str) -> tuple[DecodeStream, WorkerView]:
+        async def attempt():
+            got, _, _ = await self._try_reserve(req, remaining, policy, local)
+            return got
+
+        budget_s = min(budget_s, remaining() - 0.05)
+        if budget_s <= 0:
+            raise ResourceExhausted(why)
+        metrics.DECODE_QUEUE.inc()
+        try:
+            return await self.decode_queue.wait_for(attempt, budget_s, why)
+        finally:
+            metrics.DECODE_QUEUE.dec()

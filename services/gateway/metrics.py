@@ -21,3 +21,5 @@ HTTP_REQUESTS = Counter("dopd_http_requests_total", "OpenAI API requests by endp
                         ["endpoint", "code"])
 REPLAYS = Counter("dopd_gateway_replays_total", "Requests replayed elsewhere (prompt + tokens so far prefilled again) "
                   "after the worker serving them died or broke its stream, by the stage that failed", ["stage"])
+DECODE_QUEUE = Gauge("dopd_gateway_decode_queue", "Requests waiting for decode KV (every decode worker full), "
+                     "first come first served")

@@ -122,6 +122,13 @@ class SchedulingPolicy:
                 f"{self.slo.ttft_s * 1e3:.0f} ms SLO ({queued_tokens} prompt tokens queued ahead on the least "
                 f"loaded prefill worker)")
 
+    def ttft_slack(self, prompt_tokens: int, path: Path, queued_tokens: int, busy_s: float = 0.0) -> float | None:
+        """Seconds the predicted TTFT leaves before the SLO: how long the request may still wait
+        (for decode KV) under admission control; None without admission control."""
+        if not self.admission:
+            return None
+        return max(0.0, self.slo.ttft_s - self.predicted_ttft(prompt_tokens, path, queued_tokens, busy_s))
+
     def _prefill_s(self, tokens: int) -> float:
         return self.profile.prefill_time(tokens) if tokens > 0 else 0.0
 

@@ -53,7 +53,8 @@ def build_core(settings: GatewaySettings, backend: GrpcBackend, tokenizer) -> Re
                                              admission=mode.admission)
 
     core = RequestCore(backend, tokenizer, no_worker_wait_s=settings.no_worker_wait_s, mode=mode,
-                       policy_for=policy_for, time_scale=settings.time_scale)
+                       policy_for=policy_for, time_scale=settings.time_scale,
+                       decode_queue_limit=settings.decode_queue_limit)
     return core
 
 
