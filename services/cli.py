@@ -20,7 +20,7 @@ def _up(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from services.launcher import Cluster, ClusterSpec
+    from services.launcher import Cluster, ClusterSpec, exit_description
 
     console = Console(stderr=True, width=160)
     log_dir = Path(args.log_dir or f"runs/up-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -38,6 +38,7 @@ def _up(args) -> int:
                                   mode=args.mode, predictor=args.predictor, slo_ttft_ms=args.slo_ttft,
                                   slo_tpot_ms=args.slo_tpot, interval_s=args.interval,
                                   http_port=args.http_port,
+                                  redis_prefix=os.environ.get("DOPD_REDIS_PREFIX", ""),
                                   extra_env={"DOPD_API_KEY": args.api_key} if args.api_key else {}))
     stop = {"now": False}
 
@@ -48,9 +49,11 @@ def _up(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     cluster.start()
     try:
+        # A process that dies before the cluster was ever ready is a configuration error: say so and
+        # stop. From then on the cluster runs as compose's `restart: unless-stopped`.
         with console.status(f"starting {args.prefill} prefill + {args.decode} decode workers on {model} "
                             f"(logs in {log_dir})"):
-            cluster.wait_ready(args.ready_timeout)
+            cluster.wait_ready(args.ready_timeout, cancelled=lambda: stop["now"])
         table = Table(title=f"DOPD cluster: {model}")
         for col in ("service", "role", "gRPC", "metrics", "pid", "log"):
             table.add_column(col)
@@ -59,24 +62,33 @@ def _up(args) -> int:
                           str(p.log_path))
         console.print(table)
         if cluster.redis is not None:
-            console.print(f"started redis-server at {cluster.redis_url}")
+            console.print(f"started redis-server at {cluster.redis_url} (pid {cluster.redis.pid})")
         print(f"gateway ready at {cluster.gateway_address}", flush=True)
         if cluster.http_url:
             print(f"OpenAI API at {cluster.http_url}", flush=True)
-        console.print("Ctrl-C stops the cluster.")
+        console.print("Ctrl-C stops the cluster; a process that dies is restarted.")
         while not stop["now"]:
-            dead = [p for p in cluster.procs if p.popen.poll() is not None]
-            if dead:
-                console.print(f"[red]{dead[0].name} exited ({dead[0].popen.returncode}); see {dead[0].log_path}")
-                return 1
-            time.sleep(0.5)
+            for event in cluster.supervise():
+                log = cluster.spec.log_dir / "redis.log" if event.restart.name == "redis" else \
+                    cluster.proc(event.restart.name).log_path
+                style = "green" if event.kind == "restarted" else "red"
+                console.print(event.describe() + ("" if event.kind == "restarted" else f"; see {log}"),
+                              style=style, markup=False, highlight=False, soft_wrap=True)
+            time.sleep(0.2)
+        return 0
+    except InterruptedError:
         return 0
     except (RuntimeError, TimeoutError) as exc:
         console.print(f"[red]{exc}")
         return 1
     finally:
         codes = cluster.stop()
-        console.print("stopped: " + ", ".join(f"{name}={code}" for name, code in codes.items()))
+        console.print("stopped: " + ", ".join(f"{name}={exit_description(code)}" for name, code in codes.items()),
+                      markup=False, highlight=False)
+        restarts = cluster.supervisor.restarts()
+        if restarts:
+            console.print("restarts: " + ", ".join(f"{name}={n}" for name, n in restarts.items()),
+                          markup=False, highlight=False)
 
 
 def _generate(args) -> int:

@@ -1,5 +1,6 @@
 """Starts and stops a local cluster (planner, gateway, workers, and redis-server if none answers)
-as child processes. Used by `dopd up`, the tests and the benchmarks.
+as child processes, and restarts those that die (`supervise`, what `dopd up` runs). Used by
+`dopd up`, the tests and the benchmarks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import redis
 
 from common.modes import serving_mode
+from services.supervisor import Restart, RestartPolicy, Supervisor
 
 
 @dataclass
@@ -58,6 +60,37 @@ class ClusterSpec:
     worker_env: dict[str, dict[str, str]] = field(default_factory=dict)  # by worker name, e.g. "decode-1"
 
 
+@dataclass(frozen=True)
+class SupervisionEvent:
+    """What `Cluster.supervise` did: `exited` (a restart is scheduled), `restarted` (done: `pid`),
+    or `restart_failed` (the command could not be started: `error`; the next try is scheduled)."""
+
+    kind: str
+    restart: Restart
+    pid: int | None = None
+    error: str = ""
+
+    def describe(self) -> str:
+        r = self.restart
+        if self.kind == "restarted":
+            return f"{r.name} restarted (pid {self.pid}): restart {r.restarts}, attempt {r.attempt} of its streak"
+        if self.kind == "restart_failed":
+            return (f"{r.name} could not be started ({self.error}); attempt {r.attempt} in {r.backoff_s:g} s")
+        return (f"{r.name} exited ({exit_description(r.exit_code)}) after {r.uptime_s:.1f} s up; "
+                f"restart {r.restarts} (attempt {r.attempt}) in {r.backoff_s:g} s")
+
+
+def exit_description(code: int | None) -> str:
+    if code is None:
+        return "?"
+    if code < 0:
+        try:
+            return f"{code}, {signal.Signals(-code).name}"
+        except ValueError:
+            return str(code)
+    return str(code)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -96,9 +129,9 @@ def start_redis(host: str, log_dir: Path, port: int | None = None) -> tuple[subp
     if exe is None:
         raise RuntimeError("no Redis answers and redis-server is not installed (apt-get install redis-server)")
     port = port or free_port(host)
-    log = open(log_dir / "redis.log", "a")
-    popen = subprocess.Popen([exe, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"],
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_dir / "redis.log", "a") as log:
+        popen = subprocess.Popen([exe, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"],
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"redis://{host}:{port}/0"
     for _ in range(50):
         if redis_answers(url):
@@ -109,12 +142,13 @@ def start_redis(host: str, log_dir: Path, port: int | None = None) -> tuple[subp
 
 
 class Cluster:
-    def __init__(self, spec: ClusterSpec) -> None:
+    def __init__(self, spec: ClusterSpec, restart_policy: RestartPolicy | None = None) -> None:
         self.spec = spec
         self.procs: list[Proc] = []
-        self.redis: subprocess.Popen | None = None
+        self.redis: subprocess.Popen | None = None  # only a redis-server this cluster started itself
         self.redis_url = spec.redis_url
         self.http_port = 0  # chosen at start
+        self.supervisor = Supervisor(restart_policy or RestartPolicy())
 
     @property
     def gateway_address(self) -> str:
@@ -129,10 +163,12 @@ class Cluster:
         log_path = self.spec.log_dir / f"{name}.log"
         full_env = {**os.environ, **self.spec.extra_env, **env, "PYTHONUNBUFFERED": "1"}
         argv = [sys.executable, "-m", module]
-        popen = subprocess.Popen(argv, env=full_env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        with open(log_path, "w") as log:
+            popen = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         h = self.spec.host
         self.procs.append(Proc(name, role, f"{h}:{port}", f"{h}:{metrics_port}", log_path, popen, argv, full_env))
+        self.supervisor.started(name, time.monotonic())
 
     def proc(self, name: str) -> Proc:
         return next(p for p in self.procs if p.name == name)
@@ -148,14 +184,69 @@ class Cluster:
         p = self.proc(name)
         if p.popen.poll() is None:
             raise RuntimeError(f"{name} is still running")
-        p.popen = subprocess.Popen(p.argv, env=p.env, stdout=open(p.log_path, "a"), stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        with open(p.log_path, "a") as log:
+            p.popen = subprocess.Popen(p.argv, env=p.env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        self.supervisor.started(name, time.monotonic())
+
+    def _supervised(self) -> list[tuple[str, subprocess.Popen]]:
+        """Every child to keep running: the services, and the redis-server if this cluster started it."""
+        out = [(p.name, p.popen) for p in self.procs]
+        if self.redis is not None:
+            out.append(("redis", self.redis))
+        return out
+
+    def _respawn(self, name: str) -> int:
+        """Start `name` again as it was first started (same command, environment, ports); its pid."""
+        if name == "redis" and self.redis is not None:
+            if self.redis.poll() is None:
+                raise RuntimeError("redis is still running")
+            with open(self.spec.log_dir / "redis.log", "a") as log:
+                self.redis = subprocess.Popen(self.redis.args, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True)
+            self.supervisor.started(name, time.monotonic())
+            return self.redis.pid
+        self.restart(name)
+        return self.proc(name).popen.pid
+
+    def supervise(self, now: float | None = None) -> list[SupervisionEvent]:
+        """One round of `restart: unless-stopped`: note the children that died since the last
+        round, and start again those whose backoff (services/supervisor.py) has passed. Call it
+        every fraction of a second; `now` is time.monotonic() unless given (tests)."""
+        now = time.monotonic() if now is None else now
+        sup = self.supervisor
+        events: list[SupervisionEvent] = []
+        if sup.stopped:
+            return events
+        for name, popen in self._supervised():
+            if not sup.knows(name):
+                sup.started(name, now)
+            if popen.poll() is None:
+                if sup.pending(name) is not None:
+                    sup.started(name, now)  # started again by someone else (Cluster.restart)
+                continue
+            if sup.pending(name) is None:
+                decision = sup.exited(name, popen.returncode, now)
+                if decision is not None:
+                    events.append(SupervisionEvent("exited", decision))
+        for decision in sup.due(now):
+            try:
+                pid = self._respawn(decision.name)
+            except OSError as exc:
+                again = sup.failed_to_start(decision.name, now)
+                if again is not None:
+                    events.append(SupervisionEvent("restart_failed", again, error=str(exc)))
+                continue
+            sup.started(decision.name, now)  # on this round's clock (restart() noted the wall clock's)
+            events.append(SupervisionEvent("restarted", decision, pid=pid))
+        return events
 
     def start(self) -> None:
         s = self.spec
         s.log_dir.mkdir(parents=True, exist_ok=True)
         if not redis_answers(self.redis_url):
             self.redis, self.redis_url = start_redis(s.host, s.log_dir)
+            self.supervisor.started("redis", time.monotonic())
         n_workers = s.prefill + s.decode
         grpc_ports = _ports(s.host, s.port + 1, 1 + n_workers)
         metrics_ports = _ports(s.host, s.port + 1000, 2 + n_workers)
@@ -188,14 +279,17 @@ class Cluster:
                 "DOPD_WORKER_METRICS_PORT": str(metrics_ports[2 + i]), "DOPD_KV_BLOCKS": str(s.kv_blocks),
                 "DOPD_TORCH_THREADS": str(threads), **s.worker_env.get(name, {})})
 
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        """Until every service is healthy and the gateway sees every worker; raises on a dead child."""
+    def wait_ready(self, timeout: float = 300.0, cancelled=None) -> None:
+        """Until every service is healthy and the gateway sees every worker; raises on a dead child,
+        and InterruptedError as soon as `cancelled()` (if given) is true."""
         import asyncio
 
         from services.client import cluster_ready
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if cancelled is not None and cancelled():
+                raise InterruptedError("stopped while starting")
             for p in self.procs:
                 if p.popen.poll() is not None:
                     tail = p.log_path.read_text()[-3000:]
@@ -207,7 +301,9 @@ class Cluster:
         raise TimeoutError(f"cluster not ready after {timeout:.0f}s; logs in {self.spec.log_dir}")
 
     def stop(self, grace: float = 15.0) -> dict[str, int | None]:
-        """SIGTERM everything (graceful drain), then SIGKILL what is left. Returns exit codes."""
+        """SIGTERM everything (graceful drain), then SIGKILL what is left. Returns exit codes.
+        Nothing is restarted after this."""
+        self.supervisor.stop()
         for p in self.procs:
             if p.popen.poll() is None:
                 p.popen.send_signal(signal.SIGTERM)
@@ -218,7 +314,7 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.popen.kill()
                 p.popen.wait()
-        if self.redis is not None:
+        if self.redis is not None and self.redis.poll() is None:
             self.redis.terminate()
             self.redis.wait()
         return {p.name: p.popen.returncode for p in self.procs}

@@ -240,15 +240,30 @@ def run_services(args, mode: str, split: tuple[int, int] | None, out: Path) -> R
         rc = dopd(["bench", "--target", cluster.gateway_address, *source_argv(args), "--slo-ttft", str(args.slo_ttft),
                    "--slo-tpot", str(args.slo_tpot), "--time-scale", str(args.time_scale), "--out", str(out),
                    "--no-progress"])
+        switches = role_switches(cluster.proc("planner").metrics_address) if rc == 0 else None
     finally:
         cluster.stop()
     if rc != 0:
         raise RuntimeError(f"{mode}: dopd bench failed ({rc}); logs in {spec.log_dir}")
     results = json.loads((out / "results.json").read_text())
+    results["switches"] = switches
     with open(out / "requests.jsonl") as f:
         requests = [RequestResult(**json.loads(line)) for line in f]
     return Run(mode, (p, d) if m.disaggregated else None, results, requests, [],
                args.engine if args.model is None else "real")
+
+
+def role_switches(metrics_address: str) -> int | None:
+    """The role switches the planner made (its dopd_planner_role_switches_total, every label);
+    None when its metrics cannot be read."""
+    import urllib.request
+
+    try:
+        body = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
+    except OSError:
+        return None
+    return int(sum(float(line.split()[-1]) for line in body.splitlines()
+                   if line.startswith("dopd_planner_role_switches_total{")))
 
 
 # -- the comparison -------------------------------------------------------------------------------
