@@ -29,7 +29,7 @@ from common.kv.kv_store import PagedKVStore
 from common.modeling.loader import LoadedModel, load_model
 from common.modeling.runner import ModelRunner, kv_layout
 
-BLOCK_SIZE = 16  # the workers' default (WorkerSettings.block_size)
+BLOCK_SIZE = 16  # the workers' default without flash-attn (common/kv/block_pool.py)
 
 
 @dataclass

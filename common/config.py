@@ -81,8 +81,9 @@ class WorkerSettings(_Base):
     torch_threads: int = 0  # 0 = torch's default
     planner_address: str = "127.0.0.1:50052"
     heartbeat_s: float = 1.0
-    # Paged KV pool.
-    block_size: int = 16
+    # Paged KV pool. Tokens per block; 0 = auto: 256 where decode runs flash-attn (its paged kernel
+    # reads blocks in place, and takes multiples of 256 only), else 16 (common/kv/block_pool.py).
+    block_size: int = Field(0, ge=0)
     kv_blocks: int = 2048
     # Decode: most requests in one running batch.
     max_batch_size: int = 64

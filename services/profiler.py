@@ -36,7 +36,7 @@ def _blocks_for(tokens: int, block_size: int) -> int:
 
 def measure_profile(model_name: str, prefill_tokens: list[int], decode_batches: list[int],
                     decode_contexts: list[int], repeats: int, device: str = "auto", threads: int = 0,
-                    *, name: str | None = None, dtype: str = "float32", block_size: int = 16, seed: int = 0,
+                    *, name: str | None = None, dtype: str = "float32", block_size: int = 0, seed: int = 0,
                     progress: Callable[[str], None] | None = None) -> dict:
     """Measure prefill and decode step times of `model_name` on this machine; return a profile dict.
 
@@ -45,6 +45,7 @@ def measure_profile(model_name: str, prefill_tokens: list[int], decode_batches: 
     """
     import torch
 
+    from common.kv.block_pool import choose_block_size
     from common.kv.kv_store import PagedKVStore
     from common.kv.wire import dtype_from_name
     from common.modeling.loader import load_model
@@ -63,6 +64,7 @@ def measure_profile(model_name: str, prefill_tokens: list[int], decode_batches: 
 
     say(f"loading {model_name}")
     loaded = load_model(model_name, device, dtype_from_name(dtype))
+    block_size = choose_block_size(block_size, loaded.attention == "flash_attention_2")  # 0: as a worker's
     config = loaded.config
     layout = kv_layout(loaded)
     max_context = int(config.max_position_embeddings)

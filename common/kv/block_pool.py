@@ -8,6 +8,28 @@ corrupted KV.
 
 from __future__ import annotations
 
+DEFAULT_BLOCK_SIZE = 16
+# flash-attn's paged decode kernel (`flash_attn_with_kvcache(block_table=...)`) takes pages of a
+# multiple of this many tokens only ("Paged KV cache block size must be divisible by 256").
+FLASH_PAGE_MULTIPLE = 256
+
+
+def flash_pages(block_size: int) -> bool:
+    """Whether flash-attn's paged kernel can read blocks of this size in place."""
+    return block_size % FLASH_PAGE_MULTIPLE == 0
+
+
+def choose_block_size(requested: int, flash_attention: bool) -> int:
+    """Tokens per KV block. `requested` when set; 0 means auto: FLASH_PAGE_MULTIPLE where decode runs
+    flash-attn (CUDA, flash-attn importable, fp16/bf16), so that its kernel reads the pool in place,
+    else DEFAULT_BLOCK_SIZE. An explicit size that flash-attn cannot page is kept: decode then
+    gathers through the block tables and runs SDPA (the runner logs a warning)."""
+    if requested < 0:
+        raise ValueError(f"block_size must be positive, or 0 for auto; got {requested}")
+    if requested:
+        return requested
+    return FLASH_PAGE_MULTIPLE if flash_attention else DEFAULT_BLOCK_SIZE
+
 
 def kv_tokens_for(prompt_len: int, max_tokens: int) -> int:
     """KV a request needs at most: its prompt and every completion token but the last (whose

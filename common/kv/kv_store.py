@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from common.kv import shared_memory
+from common.kv import device_copy, shared_memory
 from common.kv.shared_memory import SharedPoolHandle
 from common.kv.wire import KVLayout
 
@@ -76,7 +76,9 @@ class PagedKVStore:
         """Write a wire chunk ([layers, 2, tokens, heads, head_dim]) for the tokens at `slots`."""
         num_layers = kv.shape[0]
         shape = (num_layers, -1, self.layout.num_kv_heads, self.layout.head_dim)
-        kv = kv.to(self.k.device)
+        # A GPU pool: through a pinned buffer, non_blocking on the current stream (the receiver runs
+        # this under device_copy.on_side_stream, on its kv-io thread); a CPU pool: no copy.
+        kv, slots = device_copy.to_device(kv, self.k.device), device_copy.to_device(slots, self.k.device)
         self.k[layer_start:layer_start + num_layers].view(shape)[:, slots] = kv[:, 0]
         self.v[layer_start:layer_start + num_layers].view(shape)[:, slots] = kv[:, 1]
 
@@ -84,7 +86,7 @@ class PagedKVStore:
         """A copy of layers [layer_start, layer_end) at `slots`, as a wire chunk's tensor
         ([layers, 2, tokens, heads, head_dim]) on this pool's device. One gather per layer and
         side, straight into the result (no intermediate copies: migration reads a lot)."""
-        slots = slots.to(self.k.device)
+        slots = device_copy.to_device(slots, self.k.device)
         out = torch.empty(layer_end - layer_start, 2, len(slots), self.layout.num_kv_heads, self.layout.head_dim,
                           dtype=self.layout.dtype, device=self.k.device)
         for i, layer in enumerate(range(layer_start, layer_end)):
@@ -97,9 +99,9 @@ class PagedKVStore:
         same layout) into ours at `slots`; returns the bytes copied. One gather and one scatter per
         layer and side, no intermediate beyond the gathered rows."""
         rows = (-1, self.layout.num_kv_heads, self.layout.head_dim)
-        slots = slots.to(self.kv.device)  # a GPU pool takes a CPU peer's rows through the host
+        slots = device_copy.to_device(slots, self.kv.device)  # a GPU pool takes a CPU peer's rows through the host
         for side in range(2):
             for layer in range(self.layout.num_layers):
                 theirs = peer_kv[side, layer].view(rows).index_select(0, peer_slots)
-                self.kv[side, layer].view(rows).index_copy_(0, slots, theirs.to(self.kv.device))
+                self.kv[side, layer].view(rows).index_copy_(0, slots, device_copy.to_device(theirs, self.kv.device))
         return self.layout.bytes_for(len(slots))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from common.kv.block_pool import choose_block_size
 from common.kv.kv_store import PagedKVStore
 from common.kv.wire import KVLayout
 from common.modeling.base import DecodeInputs, LayerKVHook, PromptChunk, mixed_one_after_the_other
@@ -94,4 +95,5 @@ def _fold(checksum: float, length: int) -> int:
 
 @register_runner("fake")
 def build_fake_runner(spec: RunnerSpec) -> BuiltRunner:
-    return BuiltRunner(FakeRunner(spec.kv_blocks, spec.block_size, spec.shared_kv), FAKE_VOCAB, "fake (no model)")
+    return BuiltRunner(FakeRunner(spec.kv_blocks, choose_block_size(spec.block_size, False), spec.shared_kv),
+                       FAKE_VOCAB, "fake (no model)")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.util
 import logging
 import os
@@ -36,10 +37,24 @@ def cache_dir() -> Path:
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@functools.cache
+def flash_attn_importable() -> bool:
+    """flash-attn is installed and its kernels load (a wheel built for another torch or CUDA is
+    installed but fails to import: then SDPA, with a warning, not a crash at the first forward)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: F401
+    except (ImportError, OSError) as exc:
+        log.warning("flash-attn is installed but does not import (%s): attention runs on torch SDPA", exc)
+        return False
+    return True
+
+
 def select_attention(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """`flash_attention_2` on CUDA when flash-attn imports and the dtype is one its kernels take
     (fp16, bf16), else torch SDPA. Decided at run time."""
-    if device.type == "cuda" and dtype in HALF_DTYPES and importlib.util.find_spec("flash_attn") is not None:
+    if device.type == "cuda" and dtype in HALF_DTYPES and flash_attn_importable():
         return "flash_attention_2"
     return "sdpa"
 

@@ -24,7 +24,7 @@ class RunnerSpec:
     device: str = "auto"
     dtype: str = "float32"
     kv_blocks: int = 2048
-    block_size: int = 16
+    block_size: int = 0  # 0 = auto: the runner picks it for its device and kernel (choose_block_size)
     time_scale: float = 1.0  # sim only
     shared_kv: bool = False  # a CPU pool that peers on this host may map (common/kv/shared_memory.py)
 

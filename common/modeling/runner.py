@@ -6,10 +6,12 @@ about requests comes in as plain lists, so the engines own all scheduling state.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
+from common.kv.block_pool import FLASH_PAGE_MULTIPLE, choose_block_size, flash_pages
 from common.kv.kv_store import PagedKVStore
 from common.kv.wire import KVLayout, dtype_from_name
 from common.modeling import paged_attention
@@ -22,14 +24,14 @@ from common.types import SamplingParams
 
 __all__ = ["FLASH_PAGE_MULTIPLE", "LayerKVHook", "ModelRunner", "Runner", "kv_layout"]
 
+log = logging.getLogger(__name__)
+
 
 def kv_layout(loaded: LoadedModel) -> KVLayout:
     config = loaded.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return KVLayout(config.num_hidden_layers, config.num_key_value_heads, head_dim, loaded.dtype)
 
-
-FLASH_PAGE_MULTIPLE = 256
 
 
 class ModelRunner:
@@ -40,9 +42,14 @@ class ModelRunner:
         self.store = store
         self.device = loaded.device
         self.use_flash = loaded.attention == "flash_attention_2"
-        # flash-attn's paged kernel takes blocks of a multiple of 256 tokens only; with smaller
-        # blocks, decode on CUDA gathers through the block tables and runs SDPA like the CPU does.
-        self.use_flash_decode = self.use_flash and store.block_size % FLASH_PAGE_MULTIPLE == 0
+        # flash-attn's paged kernel takes blocks of a multiple of 256 tokens only (the auto block
+        # size on flash-attn); with other blocks, decode gathers through the block tables and
+        # runs SDPA like the CPU does.
+        self.use_flash_decode = self.use_flash and flash_pages(store.block_size)
+        if self.use_flash and not self.use_flash_decode:
+            log.warning("KV blocks of %d tokens: flash-attn's paged kernel takes multiples of %d only, so decode "
+                        "gathers the context and runs SDPA (unset DOPD_BLOCK_SIZE, or set a multiple of %d, to "
+                        "read blocks in place)", store.block_size, FLASH_PAGE_MULTIPLE, FLASH_PAGE_MULTIPLE)
         self.model.set_attn_implementation(paged_attention.register())
 
     @torch.inference_mode()
@@ -126,9 +133,11 @@ def build_hf_runner(spec: RunnerSpec) -> BuiltRunner:
         task = progress.add_task(f"loading {spec.model}", total=3)
         loaded = load_model(spec.model, spec.device, dtype_from_name(spec.dtype))
         progress.update(task, advance=1, description="allocating the KV pool")
-        runner = ModelRunner(loaded, PagedKVStore(kv_layout(loaded), spec.kv_blocks, spec.block_size, loaded.device,
-                                              shared=spec.shared_kv))
+        block_size = choose_block_size(spec.block_size, loaded.attention == "flash_attention_2")
+        runner = ModelRunner(loaded, PagedKVStore(kv_layout(loaded), spec.kv_blocks, block_size, loaded.device,
+                                                  shared=spec.shared_kv))
         progress.update(task, advance=1, description="warming up")
         runner.prefill([[1, 2, 3]], None)
         progress.update(task, advance=1, description=f"{spec.model} ready")
-    return BuiltRunner(runner, loaded.config.vocab_size, loaded.attention)
+    decode = "flash_attn_with_kvcache on the blocks" if runner.use_flash_decode else "sdpa"
+    return BuiltRunner(runner, loaded.config.vocab_size, f"{loaded.attention}, decode {decode}")

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from common.kv.block_pool import choose_block_size
 from common.kv.kv_store import slots_for
 from common.kv.wire import KVLayout, dtype_from_name
 from common.modeling.base import DecodeInputs, LayerKVHook, PromptChunk
@@ -106,5 +107,7 @@ def _sleep_until(deadline: float) -> None:
 @register_runner("sim")
 def build_sim_runner(spec: RunnerSpec) -> BuiltRunner:
     profile = load_profile(spec.model_arg)
-    return BuiltRunner(SimRunner(profile, spec.kv_blocks, spec.block_size, spec.time_scale), PSEUDO_TOKEN_HIGH,
+    # A simulated GPU keeps the default block size (as `dopd simulate` does): its pool holds no bytes.
+    block_size = choose_block_size(spec.block_size, False)
+    return BuiltRunner(SimRunner(profile, spec.kv_blocks, block_size, spec.time_scale), PSEUDO_TOKEN_HIGH,
                        f"sim ({profile.name}, time scale {spec.time_scale:g})")

@@ -2,8 +2,11 @@
 
 Reads run on a thread of their own (never the event loop's, never the model's): on a GPU the
 device-to-host copy blocks its thread, and the model thread is busy with decode steps, which go
-on while a migration pre-copies. Positions whose KV is already written never change, so reading
-them while the model writes later positions is safe.
+on while a migration pre-copies. On a GPU the gathers and the copies into pinned host memory run
+on a side stream (common/kv/device_copy.py), not behind the decode steps on the compute stream.
+Positions whose KV is already written never change (and their writes are done: the steps that
+wrote them have returned their tokens), so reading them while the model writes later positions
+is safe.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Executor
 
-from common.kv import wire
+from common.kv import device_copy, wire
 from common.kv.wire import KVChunk, KVLayout
 from common.modeling.base import KVStore
 from common.pb import worker_pb2
@@ -37,9 +40,14 @@ def chunk_ranges(layout: KVLayout, token_start: int, token_end: int, max_bytes: 
 
 def read_messages(store: KVStore, block_table: list[int], ranges: list[ChunkRange]) -> list[worker_pb2.KVPush]:
     """Blocking: the KV of a request at these `chunk_ranges` pieces, as PushKV chunk messages."""
+    return device_copy.on_side_stream(device_copy.pool_device(store), _read, store, block_table, ranges,
+                                      purpose="out")
+
+
+def _read(store: KVStore, block_table: list[int], ranges: list[ChunkRange]) -> list[worker_pb2.KVPush]:
     out = []
     for layer_start, layer_end, t0, t1 in ranges:
-        kv = store.read_chunk(layer_start, layer_end, store.slots(block_table, t0, t1))
+        kv = device_copy.to_host(store.read_chunk(layer_start, layer_end, store.slots(block_table, t0, t1)))
         out.append(wire.chunk_message(KVChunk(layer_start, layer_end, t0, t1, kv)))
     return out
 

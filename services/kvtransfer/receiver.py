@@ -23,7 +23,7 @@ import torch
 
 from common.convert import sampling_from_pb
 from common.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
-from common.kv import wire
+from common.kv import device_copy, wire
 from common.kv.block_pool import kv_tokens_for
 from common.kv.kv_store import slots_for
 from common.kv.shared_memory import PeerPools, SharedPoolHandle
@@ -52,9 +52,11 @@ class _Source:
 
 
 async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeEngine, layout: KVLayout,
-                     vocab_size: int, may_adopt: bool, shared: SharedReads | None = None) -> int:
+                     vocab_size: int, may_adopt: bool, shared: SharedReads | None = None,
+                     io_executor: Executor | None = None) -> int:
     """Consume one PushKV stream; return the bytes received. Raises a domain error on a bad or
-    broken transfer, after failing the request it was for."""
+    broken transfer, after failing the request it was for. Chunks into a GPU pool are written on
+    `io_executor` (None: asyncio's default), never on the loop's thread."""
     first = await anext(aiter(messages), None)
     if first is None or first.WhichOneof("part") != "begin":
         raise InvalidArgument("a KV push must start with a begin message")
@@ -79,7 +81,7 @@ async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeE
             part = message.WhichOneof("part")
             if part == "chunk":
                 chunk = wire.parse_chunk(message.chunk, layout, num_tokens)
-                engine.write_kv(seq, chunk)
+                await _write_chunk(engine, seq, chunk, io_executor)
                 written[chunk.layer_start:chunk.layer_end, chunk.token_start:chunk.token_end] = True
                 received += chunk.kv.nbytes
                 metrics.KV_TRANSFER_BYTES.labels("received", "grpc").inc(chunk.kv.nbytes)
@@ -125,17 +127,32 @@ def _map_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None, 
     return _Source(kv, list(pb.block_table), handle.shape[3])
 
 
+async def _write_chunk(engine: DecodeEngine, seq: DecodeSeq, chunk: wire.KVChunk, executor: Executor | None) -> None:
+    device = device_copy.pool_device(engine.receiving_store(seq))
+    if not device_copy.is_cuda(device):
+        engine.write_kv(seq, chunk)  # a CPU pool: inline, one memory copy of at most a chunk
+        return
+    # A GPU pool: pinned staging and a non_blocking copy on the side stream, on a worker thread.
+    await _settled(asyncio.get_running_loop().run_in_executor(
+        executor, device_copy.on_side_stream, device, engine.write_kv, seq, chunk))
+
+
 async def _copy_from_source(source: _Source, shared: SharedReads, engine: DecodeEngine, seq: DecodeSeq,
                             start: int, end: int, num_tokens: int) -> int:
     if not 0 <= start < end <= min(num_tokens, len(source.block_table) * source.block_size):
         raise wire.WireError(f"KV ready for positions [{start}, {end}) outside the transfer's "
                              f"[0, {min(num_tokens, len(source.block_table) * source.block_size)})")
     store = engine.receiving_store(seq)
-    copy = asyncio.get_running_loop().run_in_executor(
-        shared.executor, store.copy_from_peer, source.kv, slots_for(source.block_table, start, end, source.block_size),
-        store.slots(seq.block_table, start, end))
-    # Only this coroutine ends a reservation that is still receiving its KV, and only once no copy
-    # into its blocks runs: a push cancelled mid-copy waits for the copy before it frees them.
+    return await _settled(asyncio.get_running_loop().run_in_executor(
+        shared.executor, device_copy.on_side_stream, device_copy.pool_device(store), store.copy_from_peer,
+        source.kv, slots_for(source.block_table, start, end, source.block_size),
+        store.slots(seq.block_table, start, end)))
+
+
+async def _settled(copy: asyncio.Future):
+    """The result of a copy into the pool running on another thread. Only the receiving coroutine
+    ends a reservation that is still receiving its KV, and only once no copy into its blocks runs:
+    a push cancelled mid-copy waits for the copy before it frees them."""
     cancelled = False
     while True:
         try:

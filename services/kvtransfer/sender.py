@@ -4,7 +4,8 @@ Two producers feed it:
 - prefill: the forward thread hands each layer's K/V over as soon as the layer is computed
   (`put_layer`, thread-safe); the event loop turns layers into wire chunks. By the time the last
   layer is done the others are already on their way, so the hand-off costs little more than the
-  last layer's bytes.
+  last layer's bytes. On a GPU each layer starts for the host in `put_layer`, into a pinned buffer
+  on a side stream (common/kv/device_copy.py); the loop waits for that copy off its own thread.
 - migration: KV read back out of the pool arrives as ready wire messages (`put_messages`), built
   off the event loop by `services/kvtransfer/reader.py`.
 """
@@ -20,7 +21,7 @@ import grpc
 import torch
 
 from common.errors import DeadlineExceeded, Unavailable
-from common.kv import wire
+from common.kv import device_copy, wire
 from common.kv.wire import ChunkBuilder, KVLayout
 from common.pb import worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
@@ -75,7 +76,12 @@ class KVSender:
 
     def put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """From the forward thread: k, v are this request's [kv_heads, tokens, head_dim] of `layer`."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, (layer, k, v))
+        if k.is_cuda:
+            # Behind the layer's compute, on a side stream: the forward thread never waits for it.
+            item = device_copy.start_to_host(torch.stack([k.transpose(0, 1), v.transpose(0, 1)]))
+        else:
+            item = (k, v)  # host tensors: stacked on the loop, no copy here
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (layer, item))
 
     def put_messages(self, messages: list[worker_pb2.KVPush]) -> None:
         """From the loop thread: wire chunks already built."""
@@ -121,18 +127,20 @@ class KVSender:
     async def _messages(self):
         yield self._begin
         while True:
-            layer, *rest = await self._queue.get()
+            layer, item = await self._queue.get()
             try:
                 if layer is _END:
                     for chunk in self._builder.flush():
                         yield self._counted(wire.chunk_message(chunk))
-                    yield rest[0]
+                    yield item
                     return
                 if layer is None:
-                    yield self._counted(rest[0])
+                    yield self._counted(item)
                     continue
-                k, v = rest
-                kv = torch.stack([k, v]).transpose(1, 2)  # [2, tokens, heads, head_dim]
+                if isinstance(item, device_copy.HostCopy):
+                    kv = await item.ready()  # [2, tokens, heads, head_dim], pinned
+                else:
+                    kv = torch.stack(item).transpose(1, 2)  # [2, tokens, heads, head_dim]
                 for chunk in self._builder.add_layer(layer, kv):
                     yield self._counted(wire.chunk_message(chunk))
             finally:

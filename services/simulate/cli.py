@@ -34,10 +34,10 @@ def _split(text: str) -> tuple[int, int]:
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     """Add `simulate` to a `dopd` subparsers object; it runs `run_simulate`."""
-    from common.config import PlannerSettings, WorkerSettings
+    from common.config import PlannerSettings
     from services.bench.workloads import WORKLOADS
     from services.planner.predictors import predictor_names
-    from services.simulate.sim import DEFAULT_CHUNK_TOKENS, MODES, setting
+    from services.simulate.sim import DEFAULT_CHUNK_TOKENS, MODES, SimConfig, setting
 
     p = subparsers.add_parser("simulate", help="simulate a whole cluster in virtual time (no services started)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,7 +64,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     for name, what in (("kv_blocks", "KV blocks per worker"), ("block_size", "tokens per KV block"),
                        ("max_batch_size", "decode batch at most"),
                        ("prefill_token_budget", "prompt tokens per prefill forward")):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=setting(WorkerSettings, name),
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(SimConfig, name),
                        help=f"{what} (default %(default)s, as the workers')")
     p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
                    help="tokens a step on a worker that prefills its own prompts (aggregated; DOPD's "

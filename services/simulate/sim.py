@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from common.config import PlannerSettings, WorkerSettings
+from common.kv.block_pool import DEFAULT_BLOCK_SIZE
 from common.modes import MODES as SERVING_MODES
 from common.modes import serving_mode
 from common.profile import LatencyProfile
@@ -55,7 +56,8 @@ class SimConfig:
     split: tuple[int, int] | None = None  # prefill, decode at the start; default half and half
     link_gbps: float = 400.0
     kv_blocks: int = setting(WorkerSettings, "kv_blocks")
-    block_size: int = setting(WorkerSettings, "block_size")
+    # A worker's 0 means auto (by device and kernel); the simulator keeps the default 16.
+    block_size: int = setting(WorkerSettings, "block_size") or DEFAULT_BLOCK_SIZE
     max_batch_size: int = setting(WorkerSettings, "max_batch_size")
     prefill_token_budget: int = setting(WorkerSettings, "prefill_token_budget")
     request_timeout_s: float = 60.0  # as `dopd bench --request-timeout`

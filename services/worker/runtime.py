@@ -59,7 +59,8 @@ class WorkerRuntime:
         self.channels = ChannelPool()
         # The model is not re-entrant: one thread runs every forward pass of this worker.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        # KV copies out of the pool (migration) run here: never on the loop, never behind a step.
+        # KV copies out of the pool (migration), and on a GPU into it (PushKV), run here: never on
+        # the loop, never behind a step.
         self.kv_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
         self.runner_layout = None
         self.vocab_size = 0
@@ -94,8 +95,8 @@ class WorkerRuntime:
         self.decode.start()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         await handle.set_serving(True)
-        log.info("%s serving as %s on %s (%s, attention %s, %d KV blocks)", self.worker_id, self.role,
-                 self.address, self.settings.model, self.attention, self.pool.num_blocks)
+        log.info("%s serving as %s on %s (%s, attention %s, %d KV blocks of %d tokens)", self.worker_id, self.role,
+                 self.address, self.settings.model, self.attention, self.pool.num_blocks, self.pool.block_size)
 
     def _load(self) -> None:
         s = self.settings
@@ -107,7 +108,9 @@ class WorkerRuntime:
         runner = built.runner
         self.vocab_size, self.attention = built.vocab_size, built.attention
         self.runner_layout = runner.store.layout
-        self.pool = BlockPool(s.kv_blocks, s.block_size)
+        # The runner resolved the block size (DOPD_BLOCK_SIZE=0: by device and kernel); the gateway
+        # and the planner learn it from this worker's reports.
+        self.pool = BlockPool(s.kv_blocks, runner.store.block_size)
         metrics.KV_BLOCKS_TOTAL.set(s.kv_blocks)
         metrics.KV_BLOCKS_USED.set(0)
         open_sender = grpc_sender_factory(self.channels, self.runner_layout, s.kv_chunk_min_bytes,
@@ -143,7 +146,7 @@ class WorkerRuntime:
             address=self.address, metrics_address=self.metrics_address, model=self.settings.model,
             kv_blocks_total=self.pool.num_blocks if self.pool else 0,
             kv_blocks_used=self.pool.num_used if self.pool else 0, running_requests=running,
-            waiting_requests=waiting, block_size=self.settings.block_size, serving=self.ready,
+            waiting_requests=waiting, block_size=self.pool.block_size if self.pool else 0, serving=self.ready,
             prefill_waiting=prefill_waiting, prefill_waiting_tokens=prefill_tokens, decode_running=decode_running,
             decode_waiting=decode_waiting, switching=self.state.switching)
 

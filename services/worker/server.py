@@ -111,7 +111,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise Refused("worker is still loading its model")
         may_adopt = self.rt.state.refusal(Role.DECODE) is None
         received = await receive_kv(request_iterator, self.rt.decode, self.rt.runner_layout, self.rt.vocab_size,
-                                    may_adopt, self.rt.shared_reads)
+                                    may_adopt, self.rt.shared_reads, self.rt.kv_executor)
         return worker_pb2.PushKVResponse(bytes_received=received)
 
     @grpc_errors
