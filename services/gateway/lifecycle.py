@@ -454,7 +454,8 @@ class RequestCore:
             got, _, _ = await self._try_reserve(req, remaining, policy, local)
             return got
 
-        budget_s = min(budget_s, remaining() - 0.05)
+        # Give up a little before the deadline, so that the client hears why, not just DEADLINE_EXCEEDED.
+        budget_s = min(budget_s, remaining() - 0.25)
         if budget_s <= 0:
             raise ResourceExhausted(why)
         metrics.DECODE_QUEUE.inc()

@@ -121,9 +121,11 @@ async def test_out_of_blocks(tiny_cluster):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "out of KV blocks" in err.value.details()
     async with tiny_cluster.channel() as ch:
+        # The gateway waits in its decode queue for KV to free up, until just before the deadline.
         with pytest.raises(grpc.aio.AioRpcError) as gw_err:
-            await generate(ch, list(range(3, 1003)), max_tokens=1000)
+            await generate(ch, list(range(3, 1003)), max_tokens=1000, timeout=3)
         assert gw_err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "no decode KV freed up within" in gw_err.value.details()
         assert "no decode worker can hold" in gw_err.value.details()
     for _, call in held:
         call.cancel()
