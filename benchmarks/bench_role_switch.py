@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 from benchmarks.report import Figure, Report, at_most, console  # noqa: E402
 from common.convert import ROLE_TO_PB  # noqa: E402
 from common.pb import gateway_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
+from common.rpc.auth import internal_channel
 from common.types import Role  # noqa: E402
 from services.client import generate_request, worker_stats  # noqa: E402
 from services.launcher import Cluster, ClusterSpec, free_port  # noqa: E402
@@ -62,7 +63,7 @@ async def stream(gateway: str, prompt: list[int], max_tokens: int, times: list[f
 
 
 async def set_role(address: str, role: Role) -> worker_pb2.SetRoleResponse:
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with internal_channel(address) as ch:
         return await worker_pb2_grpc.WorkerStub(ch).SetRole(worker_pb2.SetRoleRequest(role=ROLE_TO_PB[role]),
                                                             timeout=300)
 

@@ -22,6 +22,9 @@ class _Base(BaseSettings):
     drain_grace_s: float = 10.0
     # Deadline of every internal RPC that has no caller deadline to inherit.
     rpc_timeout_s: float = 10.0
+    # The internal plane's credential (common/rpc/auth.py): every Worker and Planner RPC must
+    # carry it; "" leaves them open (logged). `dopd up` makes one per cluster.
+    cluster_token: str = ""
 
     @property
     def public_host(self) -> str:

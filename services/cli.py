@@ -118,8 +118,10 @@ def _generate(args) -> int:
 def _role(args) -> int:
     import grpc
 
+    from common.rpc.auth import load_token_file
     from services.client import set_worker_role
 
+    load_token_file(args.target)  # SetRole is internal: the cluster token `dopd up` left here
     try:
         reply = asyncio.run(set_worker_role(args.target, args.worker, args.role, timeout=args.timeout))
     except (grpc.aio.AioRpcError, LookupError) as exc:
@@ -142,8 +144,10 @@ def _status(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from common.rpc.auth import load_token_file
     from services.client import cluster_status
 
+    load_token_file(args.target)  # the workers' and the planner's figures are internal RPCs
     try:
         status = asyncio.run(cluster_status(args.target))
     except grpc.aio.AioRpcError as exc:

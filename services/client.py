@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.convert import FINISH_FROM_PB, ROLE_FROM_PB, ROLE_TO_PB
 from common.pb import gateway_pb2, gateway_pb2_grpc, planner_pb2, planner_pb2_grpc, worker_pb2, worker_pb2_grpc
-from common.rpc.server import CHANNEL_OPTIONS
+from common.rpc.auth import internal_channel
 from common.types import Role
 
 
@@ -60,7 +60,7 @@ async def health(address: str, timeout: float = 2.0) -> str:
 
 
 async def worker_stats(address: str, timeout: float = 2.0):
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    async with internal_channel(address) as channel:
         return await worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest(), timeout=timeout)
 
 
@@ -112,7 +112,7 @@ def _role_names(doc: dict) -> dict:
 async def planner_plan(address: str, timeout: float = 5.0) -> dict | None:
     """The planner's GetPlan as a dict (roles as names), or None when it does not answer."""
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with internal_channel(address) as channel:
             plan = await planner_pb2_grpc.PlannerStub(channel).GetPlan(planner_pb2.GetPlanRequest(), timeout=timeout)
     except grpc.aio.AioRpcError:
         return None
@@ -130,7 +130,7 @@ async def set_worker_role(target: str, worker: str, role: str, timeout: float = 
     if not match:
         known = ", ".join(sorted(w.worker_id for w in status.topology.workers)) or "none"
         raise LookupError(f"no worker {worker!r} in the topology (workers: {known})")
-    async with grpc.aio.insecure_channel(match[0].address, options=CHANNEL_OPTIONS) as channel:
+    async with internal_channel(match[0].address) as channel:
         reply = await worker_pb2_grpc.WorkerStub(channel).SetRole(
             worker_pb2.SetRoleRequest(role=ROLE_TO_PB[Role(role)]), timeout=timeout)
     return _role_names(_pb_dict(reply))

@@ -6,6 +6,7 @@ as child processes, and restarts those that die (`supervise`, what `dopd up` run
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 import redis
 
 from common.modes import serving_mode
+from common.rpc import auth
 from services.supervisor import Restart, RestartPolicy, Supervisor
 
 
@@ -148,6 +150,7 @@ class Cluster:
         self.redis: subprocess.Popen | None = None  # only a redis-server this cluster started itself
         self.redis_url = spec.redis_url
         self.http_port = 0  # chosen at start
+        self.token_file: Path | None = None  # where the dopd commands find the cluster token
         self.supervisor = Supervisor(restart_policy or RestartPolicy())
 
     @property
@@ -252,8 +255,14 @@ class Cluster:
         metrics_ports = _ports(s.host, s.port + 1000, 2 + n_workers)
         self.http_port = _ports(s.host, s.http_port, 1)[0] if s.http_port else 0
         planner_address = f"{s.host}:{grpc_ports[0]}"
+        # The internal plane's credential (common/rpc/auth.py): this process's, or a new one,
+        # which this process then uses too (its own calls to the workers and the planner); the
+        # dopd commands in other processes find it in a file only this user can read.
+        if not auth.cluster_token():
+            os.environ[auth.ENV] = secrets.token_urlsafe(32)
+        self.token_file = auth.write_token_file(self.gateway_address, auth.cluster_token())
         common = {"DOPD_HOST": s.host, "DOPD_MODEL": s.model, "DOPD_PLANNER_ADDRESS": planner_address,
-                  "DOPD_TIME_SCALE": str(s.time_scale)}
+                  "DOPD_TIME_SCALE": str(s.time_scale), auth.ENV: auth.cluster_token()}
         self._spawn("planner", "planner", "services.planner", grpc_ports[0], metrics_ports[0], {
             **common, "DOPD_PLANNER_PORT": str(grpc_ports[0]), "DOPD_PLANNER_METRICS_PORT": str(metrics_ports[0]),
             "DOPD_REDIS_URL": self.redis_url, "DOPD_REDIS_PREFIX": s.redis_prefix or f"dopd:{s.port}:",
@@ -317,4 +326,6 @@ class Cluster:
         if self.redis is not None and self.redis.poll() is None:
             self.redis.terminate()
             self.redis.wait()
+        if self.token_file is not None:
+            self.token_file.unlink(missing_ok=True)
         return {p.name: p.popen.returncode for p in self.procs}

@@ -3,6 +3,8 @@ and real clusters started through the same launcher as `dopd up`."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
 
 import pytest
@@ -12,6 +14,9 @@ from services.launcher import redis_answers, start_redis
 from tests.helpers import ClusterHandle, start_cluster
 
 TEST_REDIS_DB = 15  # tests never touch database 0
+
+# The cluster token files that the launcher leaves for the dopd commands go here, not in $HOME.
+os.environ.setdefault("DOPD_STATE_DIR", tempfile.mkdtemp(prefix="dopd-test-state-"))
 
 
 @pytest.fixture(scope="session")

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import grpc
 
-from common.rpc.server import CHANNEL_OPTIONS
+from common.rpc.auth import internal_channel
 
 
 class ChannelPool:
+    """Channels to workers and the planner: every call on them carries the cluster token."""
+
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._channels[address] = internal_channel(address)
         return channel
 
     async def close(self) -> None:

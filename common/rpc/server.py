@@ -70,8 +70,12 @@ class ServerHandle:
 
 async def run_server(*, host: str, port: int, metrics_port: int, services: list[Service],
                      start: Callable[[ServerHandle], Awaitable[None]] | None = None,
-                     drain: Callable[[], Awaitable[None]] | None = None, grace: float = 10.0) -> None:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+                     drain: Callable[[], Awaitable[None]] | None = None, grace: float = 10.0,
+                     cluster_token: str = "") -> None:
+    from common.rpc.auth import server_interceptors
+
+    server = grpc.aio.server(options=SERVER_OPTIONS,
+                             interceptors=server_interceptors(cluster_token, ", ".join(s.name for s in services)))
     for service in services:
         service.add_to_server(service.servicer, server)
     health_servicer = health.aio.HealthServicer()

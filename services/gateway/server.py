@@ -210,6 +210,7 @@ async def main() -> None:
                          metrics_port=settings.gateway_metrics_port,
                          services=[Service("dopd.v1.Gateway", servicer,
                                            gateway_pb2_grpc.add_GatewayServicer_to_server)],
-                         start=servicer.start, drain=servicer.drain, grace=settings.drain_grace_s)
+                         start=servicer.start, drain=servicer.drain, grace=settings.drain_grace_s,
+                         cluster_token=settings.cluster_token)
     finally:
         await servicer.channels.close()

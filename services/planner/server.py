@@ -149,7 +149,7 @@ async def main() -> None:
                          metrics_port=settings.planner_metrics_port,
                          services=[Service("dopd.v1.Planner", servicer,
                                            planner_pb2_grpc.add_PlannerServicer_to_server)],
-                         start=start, grace=settings.drain_grace_s)
+                         start=start, grace=settings.drain_grace_s, cluster_token=settings.cluster_token)
     finally:
         if loop_task is not None:
             loop_task.cancel()

@@ -151,6 +151,7 @@ async def main() -> None:
         await run_server(
             host=settings.host, port=settings.worker_port, metrics_port=settings.worker_metrics_port,
             services=[Service("dopd.v1.Worker", servicer, worker_pb2_grpc.add_WorkerServicer_to_server)],
-            start=runtime.start, drain=runtime.drain, grace=settings.drain_grace_s)
+            start=runtime.start, drain=runtime.drain, grace=settings.drain_grace_s,
+            cluster_token=settings.cluster_token)
     finally:
         await runtime.close()

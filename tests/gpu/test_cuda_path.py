@@ -27,6 +27,7 @@ from common.kv.block_pool import DEFAULT_BLOCK_SIZE, FLASH_PAGE_MULTIPLE
 from common.modeling.loader import flash_attn_importable, load_model
 from common.modeling.registry import RunnerSpec, build_runner
 from common.pb import worker_pb2, worker_pb2_grpc
+from common.rpc.auth import internal_channel
 from common.types import SamplingParams
 from services.launcher import free_port
 from services.worker.runtime import WorkerRuntime
@@ -158,7 +159,7 @@ async def test_kv_push_lands_equal_on_cuda(dtype):
         max_tokens = 12
         params = SamplingParams(max_tokens=max_tokens, stop_token_ids=frozenset({EOS}))
         outs = []
-        async with grpc.aio.insecure_channel(decode.address) as channel:
+        async with internal_channel(decode.address) as channel:
             stub = worker_pb2_grpc.WorkerStub(channel)
             for prompt in prompts:
                 request_id = uuid.uuid4().hex

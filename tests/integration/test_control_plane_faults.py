@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from common.pb import planner_pb2, planner_pb2_grpc
+from common.rpc.auth import internal_channel
 from services.client import generate
 from services.launcher import free_port, redis_answers, start_redis
 from tests.helpers import assert_no_leaks, start_cluster
@@ -48,7 +49,7 @@ def stream_ids(url: str) -> list[str]:
 
 async def plan(handle) -> planner_pb2.PlanStatus:
     address = handle.cluster.proc("planner").address
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with internal_channel(address) as ch:
         return await planner_pb2_grpc.PlannerStub(ch).GetPlan(planner_pb2.GetPlanRequest(), timeout=5)
 
 

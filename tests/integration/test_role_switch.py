@@ -17,6 +17,7 @@ import pytest
 
 from common.convert import ROLE_TO_PB
 from common.pb import worker_pb2, worker_pb2_grpc
+from common.rpc.auth import internal_channel
 from common.types import Role
 from services.client import generate, worker_stats
 from tests.helpers import assert_no_leaks, start_cluster
@@ -57,7 +58,7 @@ async def serve_all(handle, requests) -> list[list[int]]:
 
 
 async def set_role(address: str, role: Role) -> worker_pb2.SetRoleResponse:
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with internal_channel(address) as ch:
         return await worker_pb2_grpc.WorkerStub(ch).SetRole(worker_pb2.SetRoleRequest(role=ROLE_TO_PB[role]),
                                                             timeout=60)
 

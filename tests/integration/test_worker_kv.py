@@ -16,6 +16,7 @@ from common.kv import wire
 from common.kv.wire import KVChunk, KVLayout
 from common.modeling.loader import tiny_random_config
 from common.pb import worker_pb2, worker_pb2_grpc
+from common.rpc.auth import internal_channel
 from common.rpc.errors import is_refusal
 from common.types import SamplingParams
 from services.client import generate
@@ -26,7 +27,7 @@ LAYOUT = KVLayout(CFG.num_hidden_layers, CFG.num_key_value_heads, CFG.head_dim, 
 
 
 def decode_stub(cluster):
-    return worker_pb2_grpc.WorkerStub(grpc.aio.insecure_channel(cluster.workers["decode-0"]))
+    return worker_pb2_grpc.WorkerStub(internal_channel(cluster.workers["decode-0"]))
 
 
 async def reserve(stub, prompt_len: int, max_tokens: int = 8):

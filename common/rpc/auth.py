@@ -1,0 +1,182 @@
+"""The internal plane's credential: a cluster token that every internal RPC carries in its
+metadata, and that every server checks (in constant time) before any handler runs.
+
+Internal: every method of dopd.v1.Worker and dopd.v1.Planner (Prefill, Decode, PushKV, SetRole,
+the topology, load reports, heartbeats...). Public: dopd.v1.Gateway (its clients use API keys
+instead, on the HTTP API), grpc.health.v1 (probes) and reflection.
+
+Where the token comes from:
+- a service: `DOPD_CLUSTER_TOKEN` (`dopd up` makes one per cluster and passes it on; compose and
+  Kubernetes take it from a secret). With none set, the service runs with its internal plane
+  open and says so in its log;
+- a caller in another process on the same machine (`dopd status`, `dopd role`): the file that
+  `dopd up` wrote for its gateway address, readable by its user only (`load_token_file`).
+
+Callers send it by wrapping their channel (`TokenChannel`): every stub made on it adds the token
+to each call's metadata, whatever the call's kind. A call without it, or with a wrong one, gets
+UNAUTHENTICATED before any handler runs, so it changes nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+TOKEN_KEY = "dopd-cluster-token"
+ENV = "DOPD_CLUSTER_TOKEN"
+PUBLIC_SERVICES = frozenset({
+    "dopd.v1.Gateway", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+})
+
+
+def cluster_token() -> str:
+    """This process's cluster token ("" when none)."""
+    return os.environ.get(ENV, "")
+
+
+# -- the server side ----------------------------------------------------------------------------
+
+class ClusterTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses internal calls that do not carry the cluster token."""
+
+    def __init__(self, token: str, public: frozenset[str] = PUBLIC_SERVICES) -> None:
+        if not token:
+            raise ValueError("an empty cluster token would let anyone in")
+        self._token = token.encode()
+        self._public = public
+
+    def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
+        service = details.method.split("/")[1] if details.method.count("/") >= 2 else ""
+        if service in self._public:
+            return True
+        sent = next((v for k, v in (details.invocation_metadata or ()) if k == TOKEN_KEY), None)
+        if sent is None:
+            return False
+        sent = sent.encode() if isinstance(sent, str) else sent
+        return hmac.compare_digest(sent, self._token)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or self._allowed(handler_call_details):
+            return handler
+        return _refusing(handler, handler_call_details.method)
+
+
+def _refusing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED and does nothing."""
+    message = (f"{method} is an internal RPC: it needs this cluster's token in the '{TOKEN_KEY}' metadata "
+               f"(set {ENV}, or run the dopd command on the machine where `dopd up` runs)")
+
+    async def refuse(_request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    serde = {"request_deserializer": handler.request_deserializer,
+             "response_serializer": handler.response_serializer}
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse, **serde)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse, **serde)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse, **serde)
+    return grpc.unary_unary_rpc_method_handler(refuse, **serde)
+
+
+def server_interceptors(token: str, what: str) -> list[grpc.aio.ServerInterceptor]:
+    if not token:
+        log.warning("%s: no %s set: its internal RPCs are open to anyone who can reach its port", what, ENV)
+        return []
+    return [ClusterTokenInterceptor(token)]
+
+
+# -- the caller side ----------------------------------------------------------------------------
+
+class _WithToken:
+    """A multicallable that adds the token to the call's metadata."""
+
+    def __init__(self, inner, token: str) -> None:
+        self._inner, self._token = inner, token
+
+    def __call__(self, *args, metadata=None, **kwargs):
+        return self._inner(*args, metadata=(*(metadata or ()), (TOKEN_KEY, self._token)), **kwargs)
+
+
+class TokenChannel:
+    """A grpc.aio channel whose calls carry the cluster token; stubs take it as a channel."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+        self._channel, self._token = channel, token
+
+    def unary_unary(self, *args, **kwargs):
+        return _WithToken(self._channel.unary_unary(*args, **kwargs), self._token)
+
+    def unary_stream(self, *args, **kwargs):
+        return _WithToken(self._channel.unary_stream(*args, **kwargs), self._token)
+
+    def stream_unary(self, *args, **kwargs):
+        return _WithToken(self._channel.stream_unary(*args, **kwargs), self._token)
+
+    def stream_stream(self, *args, **kwargs):
+        return _WithToken(self._channel.stream_stream(*args, **kwargs), self._token)
+
+    def __getattr__(self, name):  # close, channel_ready, get_state...
+        return getattr(self._channel, name)
+
+    async def __aenter__(self) -> TokenChannel:
+        await self._channel.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._channel.__aexit__(*exc)
+
+
+def internal_channel(address: str, token: str | None = None, options=None) -> grpc.aio.Channel | TokenChannel:
+    """A channel to a worker or the planner, carrying the token (this process's by default)."""
+    from common.rpc.server import CHANNEL_OPTIONS
+
+    channel = grpc.aio.insecure_channel(address, options=options or CHANNEL_OPTIONS)
+    token = cluster_token() if token is None else token
+    return TokenChannel(channel, token) if token else channel
+
+
+# -- the token file that `dopd up` leaves for the dopd commands -----------------------------------
+
+def token_dir() -> Path:
+    return Path(os.environ.get("DOPD_STATE_DIR") or Path.home() / ".local" / "state" / "dopd") / "clusters"
+
+
+def token_file(gateway_address: str) -> Path:
+    return token_dir() / (gateway_address.replace(":", "_").replace("/", "_") + ".token")
+
+
+def write_token_file(gateway_address: str, token: str) -> Path:
+    """The token, readable by this user alone (the directory too)."""
+    directory = token_dir()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)
+    path = token_file(gateway_address)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    os.chmod(path, 0o600)
+    return path
+
+
+def load_token_file(gateway_address: str) -> bool:
+    """Use the token that `dopd up` wrote for this gateway, unless this process has one already.
+    True when a token is in use afterwards."""
+    if cluster_token():
+        return True
+    try:
+        token = token_file(gateway_address).read_text().strip()
+    except OSError:
+        return False
+    if token:
+        os.environ[ENV] = token
+    return bool(token)
