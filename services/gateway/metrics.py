@@ -23,3 +23,16 @@ REPLAYS = Counter("dopd_gateway_replays_total", "Requests replayed elsewhere (pr
                   "after the worker serving them died or broke its stream, by the stage that failed", ["stage"])
 DECODE_QUEUE = Gauge("dopd_gateway_decode_queue", "Requests waiting for decode KV (every decode worker full), "
                      "first come first served")
+# SLO attainment and goodput (requests a second that met both SLOs), judged as `dopd bench` judges a
+# request (services/bench/metrics.py): every request that ended counts once; failed and refused
+# ones miss; cancelled ones (the client went away) are not counted.
+SLO_REQUESTS = Counter("dopd_slo_requests_total", "Requests that ended, by whether they met both the TTFT and the "
+                       "TPOT SLO (failed and refused ones miss; cancelled ones are not counted)", ["result"])
+SLO_SECONDS = Gauge("dopd_gateway_slo_seconds", "The SLOs requests are judged by, in wall seconds (the sim "
+                    "engine's time scale applied)", ["slo"])
+# Every label value exists from the start, at 0: a series that first appears at 1 hides its first
+# event from rate() and increase().
+for _result in ("met", "missed"):
+    SLO_REQUESTS.labels(_result)
+for _status in ("ok", "error", "cancelled"):
+    REQUESTS.labels(_status)

@@ -26,6 +26,7 @@ from common.rpc.channels import ChannelPool
 from common.rpc.errors import grpc_errors
 from common.rpc.server import Service, run_server
 from common.types import SamplingParams
+from services.gateway import metrics
 from services.gateway.grpc_backend import GrpcBackend
 from services.gateway.lifecycle import GenerationRequest, RequestCore
 from services.gateway.openai_api import HttpServer, create_app
@@ -54,7 +55,9 @@ def build_core(settings: GatewaySettings, backend: GrpcBackend, tokenizer) -> Re
 
     core = RequestCore(backend, tokenizer, no_worker_wait_s=settings.no_worker_wait_s, mode=mode,
                        policy_for=policy_for, time_scale=settings.time_scale,
-                       decode_queue_limit=settings.decode_queue_limit)
+                       decode_queue_limit=settings.decode_queue_limit, slo=slo)
+    metrics.SLO_SECONDS.labels("ttft").set(slo.ttft_s * settings.time_scale)
+    metrics.SLO_SECONDS.labels("tpot").set(slo.tpot_s * settings.time_scale)
     return core
 
 

@@ -11,3 +11,8 @@ TARGET_WORKERS = Gauge("dopd_planner_target_workers", "Workers the split wants p
 DECISION_SECONDS = Histogram("dopd_planner_decision_seconds", "One decision: prediction (model fit) and split",
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
 HISTORY_INTERVALS = Gauge("dopd_planner_history_intervals", "Intervals of load history held")
+
+# Every label set these take exists from the start, at 0: a series that first appears at 1 would
+# hide its first switch from rate() and increase().
+for _from, _to in (("prefill", "decode"), ("decode", "prefill")):
+    ROLE_SWITCHES.labels(_from, _to)

@@ -3,7 +3,10 @@
 from prometheus_client import Counter, Gauge, Histogram
 
 KV_BLOCKS_USED = Gauge("dopd_kv_blocks_used", "KV blocks lent to requests")
-KV_BLOCKS_TOTAL = Gauge("dopd_kv_blocks_total", "KV blocks in this worker's pool")
+KV_BLOCKS_CAPACITY = Gauge("dopd_kv_blocks_capacity", "KV blocks in this worker's pool")
+# Always 1: the worker's id as a label, to name series by worker in queries (every other worker
+# metric is keyed by the scrape target only): `... * on (instance) group_left (worker_id) dopd_worker_info`.
+WORKER_INFO = Gauge("dopd_worker_info", "Always 1; labels: this worker's id and model", ["worker_id", "model"])
 # transport: grpc (bytes in PushKV chunks) or shm (copied by the receiver out of the sender's pool)
 KV_TRANSFER_BYTES = Counter("dopd_kv_transfer_bytes_total", "KV bytes moved between workers",
                             ["direction", "transport"])
@@ -26,3 +29,10 @@ KV_MIGRATION_SECONDS = Histogram("dopd_kv_migration_seconds", "Time to move one 
 KV_MIGRATED_BYTES = Counter("dopd_kv_migrated_bytes_total", "KV bytes moved out by live migration")
 LOCAL_PREFILL_TOKENS = Counter("dopd_local_prefill_tokens_total",
                                "Prompt tokens prefilled on the decode worker itself, in chunks (no KV moved)")
+
+# Every label set these take exists from the start, at 0: a series that first appears at 1 would
+# hide its first event from rate() and increase().
+for _direction, _transport in (("sent", "grpc"), ("received", "grpc"), ("received", "shm")):
+    KV_TRANSFER_BYTES.labels(_direction, _transport)
+for _from, _to in (("prefill", "decode"), ("decode", "prefill")):
+    ROLE_SWITCH_SECONDS.labels(_from, _to)

@@ -111,7 +111,8 @@ class WorkerRuntime:
         # The runner resolved the block size (DOPD_BLOCK_SIZE=0: by device and kernel); the gateway
         # and the planner learn it from this worker's reports.
         self.pool = BlockPool(s.kv_blocks, runner.store.block_size)
-        metrics.KV_BLOCKS_TOTAL.set(s.kv_blocks)
+        metrics.KV_BLOCKS_CAPACITY.set(s.kv_blocks)
+        metrics.WORKER_INFO.labels(self.worker_id, s.model).set(1)
         metrics.KV_BLOCKS_USED.set(0)
         open_sender = grpc_sender_factory(self.channels, self.runner_layout, s.kv_chunk_min_bytes,
                                           s.kv_chunk_max_bytes)

@@ -35,10 +35,10 @@ async def test_metrics_endpoints(tiny_cluster):
     required = {
         "gateway": ["dopd_requests_total{status=\"ok\"}", "dopd_time_to_first_token_seconds_bucket",
                     "dopd_time_per_output_token_seconds_bucket"],
-        "prefill": ["dopd_kv_blocks_used", "dopd_kv_blocks_total",
+        "prefill": ["dopd_kv_blocks_used", "dopd_kv_blocks_capacity",
                     "dopd_kv_transfer_bytes_total{direction=\"sent\",transport=\"grpc\"}",
                     "dopd_worker_role{role=\"prefill\"} 1.0"],
-        "decode": ["dopd_kv_blocks_used", "dopd_kv_blocks_total",
+        "decode": ["dopd_kv_blocks_used", "dopd_kv_blocks_capacity",
                    "dopd_kv_transfer_bytes_total{direction=\"received\",transport=\"grpc\"}",
                    "dopd_worker_role{role=\"decode\"} 1.0"],
         "planner": ["dopd_planner_live_workers"],
