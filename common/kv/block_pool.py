@@ -72,9 +72,11 @@ class BlockPool:
         return blocks
 
     def free(self, blocks: list[int]) -> None:
+        """Give `blocks` back, all or none: a block not lent (or named twice) changes nothing."""
+        bad = next((b for b in blocks if b not in self._used), None)
+        if bad is not None or len(set(blocks)) != len(blocks):
+            raise ValueError(f"block {bad if bad is not None else 'listed twice'} freed but not in use")
         for block in reversed(blocks):  # the next request gets them in the same order
-            if block not in self._used:
-                raise ValueError(f"block {block} freed but not in use")
             self._used.remove(block)
             self._free.append(block)
 

@@ -82,8 +82,8 @@ def create_app(front: Front, *, model: str, api_key: str, default_max_tokens: in
     async def _body(request: Request, schema):
         try:
             raw = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the body is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+            raise ApiError(400, f"the body is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from exc
         if not isinstance(raw, dict):
             raise ApiError(400, "the body must be a JSON object")
         try:

@@ -166,7 +166,10 @@ class PrefillLedger:
         self._sent: dict[str, dict[object, tuple[int, float]]] = {}
 
     def sent(self, worker_id: str, key: object, tokens: int, now: float) -> None:
-        self._sent.setdefault(worker_id, {})[key] = (tokens, now)
+        outstanding = self._sent.setdefault(worker_id, {})
+        if key in outstanding:
+            raise ValueError(f"{key!r} is already outstanding on {worker_id}")
+        outstanding[key] = (tokens, now)
         self.tokens[worker_id] += tokens
 
     def done(self, worker_id: str, key: object) -> None:

@@ -141,7 +141,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     # -- requests, for every front end ---------------------------------------------------------
     def text_prompt_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text).input_ids if text else []
+        try:
+            return self.tokenizer(text).input_ids if text else []
+        except Exception as exc:  # noqa: BLE001 - text the tokenizer cannot take (e.g. a lone surrogate)
+            raise InvalidArgument(f"the prompt cannot be tokenized: {type(exc).__name__}: {exc}") from exc
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         """The model's chat template over `messages` ({"role", "content"} dicts), ready for the

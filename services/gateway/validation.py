@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 from common.errors import InvalidArgument
 from common.prompts import validate_prompt_ids  # noqa: F401 - part of the gateway's checks
 
 MAX_STOP_STRINGS = 16
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
+
+
+def _as_float32(x: float) -> float:
+    """x as the 32-bit float the workers receive (inf past its range, 0 below it)."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.inf
 
 
 @dataclass(frozen=True)
@@ -38,12 +49,15 @@ def check_params(*, max_tokens: int, temperature: float, top_p: float, top_k: in
     """The checks every front end shares (gRPC and the OpenAI API), with the same messages."""
     if max_tokens < 1:
         raise InvalidArgument(f"max_tokens must be at least 1, got {max_tokens}")
-    if not math.isfinite(temperature) or temperature < 0:
+    # The workers get them as 32-bit floats: what would overflow or round to 0 there is refused here.
+    if not math.isfinite(_as_float32(temperature)) or temperature < 0:
         raise InvalidArgument(f"temperature must be a finite number >= 0, got {temperature}")
-    if not (0.0 < top_p <= 1.0):  # also false for NaN
+    if not (0.0 < _as_float32(top_p) and top_p <= 1.0):  # also false for NaN
         raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise InvalidArgument(f"top_k must be >= 0 (0 turns it off), got {top_k}")
+    if not 0 <= top_k <= INT32_MAX:
+        raise InvalidArgument(f"top_k must be >= 0 (0 turns it off) and at most {INT32_MAX}, got {top_k}")
+    if seed is not None and not 0 <= seed <= UINT64_MAX:
+        raise InvalidArgument(f"seed must be in [0, 2**64), got {seed}")
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
     if any(not s for s in stop):

@@ -107,6 +107,10 @@ async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeE
         error = InvalidArgument(str(exc)) if isinstance(exc, wire.WireError) else exc
         _fail_if_waiting(engine, seq, error)
         raise error from None
+    except Exception as exc:  # noqa: BLE001 - anything else still fails the reservation: never a leak
+        error = ServiceError(f"KV push for request {begin.request_id!r} failed: {type(exc).__name__}: {exc}")
+        _fail_if_waiting(engine, seq, error)
+        raise error from exc
 
 
 def _map_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None, store) -> _Source:
@@ -124,6 +128,10 @@ def _map_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None, 
         kv = shared.pools.open(handle)
     except OSError as exc:
         raise FailedPrecondition(f"cannot map the sender's KV pool: {exc}") from None
+    # The pool as mapped (perhaps earlier, under the same id), not as this begin claims it.
+    if tuple(kv.shape) != tuple(handle.shape) or any(not 0 <= b < kv.shape[2] - 1 for b in pb.block_table):
+        raise InvalidArgument(f"a shared KV source claims a pool of shape {list(handle.shape)}, "
+                              f"but the pool mapped is {list(kv.shape)}")
     return _Source(kv, list(pb.block_table), handle.shape[3])
 
 
