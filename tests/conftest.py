@@ -9,11 +9,18 @@ import uuid
 
 import pytest
 import redis
+from hypothesis import settings
 
 from services.launcher import redis_answers, start_redis
 from tests.helpers import ClusterHandle, start_cluster
 
 TEST_REDIS_DB = 15  # tests never touch database 0
+
+# Property and fuzz tests draw the same examples on every run (a red CI is then reproducible);
+# HYPOTHESIS_PROFILE=explore draws new ones each run.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 # The cluster token files that the launcher leaves for the dopd commands go here, not in $HOME.
 os.environ.setdefault("DOPD_STATE_DIR", tempfile.mkdtemp(prefix="dopd-test-state-"))

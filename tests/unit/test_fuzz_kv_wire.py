@@ -366,6 +366,9 @@ def test_receive_kv_completes_the_reservation_or_fails_it_with_a_domain_error(
     messages = [first, *body, *end_for(data, migrated if is_adopt else None, adopt_len)]
     if data.draw(st.integers(0, 9), label="begin not first") == 0:
         messages = messages[1:] + messages[:1]
+        if messages[0].WhichOneof("part") == "begin":  # a perturbation's begin leads now: the push is its
+            lead = messages[0].begin
+            rid, num_tokens, is_adopt = lead.request_id, lead.num_tokens, lead.HasField("adopt")
     stop = frozenset([EOS]) if eos else frozenset()
     run(_receive_one(messages, prompt_len, SamplingParams(max_tokens=max_tokens, stop_token_ids=stop),
                      may_adopt, rid, num_tokens, is_adopt))
