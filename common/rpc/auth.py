@@ -20,7 +20,6 @@ UNAUTHENTICATED before any handler runs, so it changes nothing.
 from __future__ import annotations
 
 import hmac
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -90,11 +89,11 @@ def _refusing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHand
 
 
 def server_interceptors(token: str, what: str) -> list[grpc.aio.ServerInterceptor]:
-    """The token check (when there is a token), then the check that requests parse."""
+    """The token check, when there is a token."""
     if not token:
         log.warning("%s: no %s set: its internal RPCs are open to anyone who can reach its port", what, ENV)
-        return [UndecodableIsInvalid()]
-    return [ClusterTokenInterceptor(token), UndecodableIsInvalid()]
+        return []
+    return [ClusterTokenInterceptor(token)]
 
 
 # -- the caller side ----------------------------------------------------------------------------
@@ -183,53 +182,3 @@ def load_token_file(gateway_address: str) -> bool:
         os.environ[ENV] = token
     return bool(token)
 
-
-# -- requests that are not what they claim to be --------------------------------------------------
-
-class _Undecodable:
-    __slots__ = ("error",)
-
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-
-class UndecodableIsInvalid(grpc.aio.ServerInterceptor):
-    """A request whose bytes do not parse as its message (a string that is not UTF-8, a corrupt
-    wire format) gets INVALID_ARGUMENT, as any other bad request, instead of the UNKNOWN that
-    grpc's own deserialisation answers before any servicer (or common/rpc/errors.py) sees it.
-    Unary requests only: a stream's messages are checked by the code that reads them."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
-            return handler
-        parse, method = handler.request_deserializer, handler_call_details.method
-
-        def safe_parse(raw: bytes):
-            try:
-                return parse(raw)
-            except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and kin
-                return _Undecodable(f"{method}: the request does not parse: {exc}")
-
-        serde = {"request_deserializer": safe_parse, "response_serializer": handler.response_serializer}
-        if handler.response_streaming:
-            behavior = handler.unary_stream
-            if inspect.isasyncgenfunction(behavior):
-                async def stream(request, context):
-                    if isinstance(request, _Undecodable):
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
-                    async for item in behavior(request, context):
-                        yield item
-            else:
-                async def stream(request, context):
-                    if isinstance(request, _Undecodable):
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
-                    return await behavior(request, context)
-            return grpc.unary_stream_rpc_method_handler(stream, **serde)
-        behavior = handler.unary_unary
-
-        async def unary(request, context):
-            if isinstance(request, _Undecodable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
-            return await behavior(request, context)
-        return grpc.unary_unary_rpc_method_handler(unary, **serde)

@@ -121,3 +121,60 @@ def grpc_errors(method):
         except Exception as exc:  # noqa: BLE001 - this is the mapping point
             await context.abort(*_status_of(exc))
     return unary_wrapper
+
+
+# -- requests that do not parse ---------------------------------------------------------------------
+
+class _Undecodable:
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+class UndecodableIsInvalid(grpc.aio.ServerInterceptor):
+    """A request whose bytes do not parse as its message (a string that is not UTF-8, a corrupt
+    wire format) gets INVALID_ARGUMENT, as any other bad request, instead of the UNKNOWN that
+    grpc's own deserialisation answers before any servicer (or `grpc_errors`) sees it. Unary
+    requests only: a stream's messages are checked by the code that reads them."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, handler_call_details.method
+
+        def safe_parse(raw: bytes):
+            try:
+                return parse(raw)
+            except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and kin
+                return _Undecodable(f"{method}: the request does not parse: {exc}")
+
+        async def refuse(request: _Undecodable, context):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+
+        serde = {"request_deserializer": safe_parse, "response_serializer": handler.response_serializer}
+        if not handler.response_streaming:
+            behavior = handler.unary_unary
+
+            async def unary(request, context):
+                if isinstance(request, _Undecodable):
+                    return await refuse(request, context)
+                return await behavior(request, context)
+            return grpc.unary_unary_rpc_method_handler(unary, **serde)
+        behavior = handler.unary_stream
+        if inspect.iscoroutinefunction(behavior):  # it writes its responses itself (health's Watch)
+            async def written(request, context):
+                if isinstance(request, _Undecodable):
+                    return await refuse(request, context)
+                return await behavior(request, context)
+            return grpc.unary_stream_rpc_method_handler(written, **serde)
+
+        # grpc.aio tells an async generator handler from a sync one by its function: the check has
+        # to be one too, relaying each response (one generator hop a message).
+        async def streamed(request, context):
+            if isinstance(request, _Undecodable):
+                await refuse(request, context)
+            async for response in behavior(request, context):
+                yield response
+        return grpc.unary_stream_rpc_method_handler(streamed, **serde)

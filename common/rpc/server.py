@@ -73,9 +73,10 @@ async def run_server(*, host: str, port: int, metrics_port: int, services: list[
                      drain: Callable[[], Awaitable[None]] | None = None, grace: float = 10.0,
                      cluster_token: str = "") -> None:
     from common.rpc.auth import server_interceptors
+    from common.rpc.errors import UndecodableIsInvalid
 
-    server = grpc.aio.server(options=SERVER_OPTIONS,
-                             interceptors=server_interceptors(cluster_token, ", ".join(s.name for s in services)))
+    interceptors = [*server_interceptors(cluster_token, ", ".join(s.name for s in services)), UndecodableIsInvalid()]
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     for service in services:
         service.add_to_server(service.servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -258,12 +258,15 @@ def role_switches(metrics_address: str) -> int | None:
     None when its metrics cannot be read."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         body = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
     except OSError:
         return None
-    return int(sum(float(line.split()[-1]) for line in body.splitlines()
-                   if line.startswith("dopd_planner_role_switches_total{")))
+    return int(sum(sample.value for family in text_string_to_metric_families(body)
+                   if family.name == "dopd_planner_role_switches" for sample in family.samples
+                   if sample.name == "dopd_planner_role_switches_total"))
 
 
 # -- the comparison -------------------------------------------------------------------------------
