@@ -99,6 +99,15 @@ class WorkerSettings(_Base):
     # tokens a step at most, decodes and prompt chunks together (vLLM's max_num_batched_tokens
     # for its API server on GPUs under 70 GiB).
     step_token_budget: int = 2048
+    # Bounds on the queues a worker holds, so that its memory stays bounded whatever the load;
+    # past one, a new request is refused at once with RESOURCE_EXHAUSTED (the gateway tries another
+    # worker, and tells the client only when every worker refused). Prompts waiting for a prefill
+    # forward on a prefill worker:
+    prefill_queue_limit: int = Field(512, ge=1)
+    # Requests reserved on a decode worker and not yet in its running batch (waiting for their KV,
+    # including KV streams being received and prompts prefilled here, or for a seat in the batch).
+    # Every one also holds its KV blocks, so kv_blocks bounds them too; this bound is for short ones.
+    decode_waiting_limit: int = Field(1024, ge=1)
     # How long a decode worker holds a reservation whose KV has not arrived.
     kv_timeout_s: float = 30.0
     # KV is sent in chunks of at least/at most this many bytes (layers are coalesced up to

@@ -69,8 +69,11 @@ class LocalPrompt:
 
 class DecodeEngine:
     def __init__(self, runner: Runner, scheduler: DecodeScheduler, executor: Executor,
-                 kv_timeout_s: float, step_token_budget: int = 2048) -> None:
+                 kv_timeout_s: float, step_token_budget: int = 2048, waiting_limit: int = 1024) -> None:
         self.runner = runner
+        # Requests reserved and not yet running (their KV on its way or being prefilled here, or
+        # waiting for a seat in the batch); past it, the gateway's reservations are refused.
+        self.waiting_limit = waiting_limit
         self.scheduler = scheduler
         self.local: LocalPrefill[LocalPrompt] = LocalPrefill(step_token_budget)
         self._local: dict[str, LocalPrompt] = {}  # request id -> its prompt, until its KV is complete
@@ -95,6 +98,11 @@ class DecodeEngine:
 
     # -- requests ---------------------------------------------------------------------------
     def reserve(self, request_id: str, prompt_len: int, params: SamplingParams) -> asyncio.Queue:
+        # NOTE: a migration's adopt() is not bounded here: the requests it moves are running
+        # already, and refusing them would only keep them where the planner is taking them from.
+        if self.scheduler.num_waiting >= self.waiting_limit:
+            raise ResourceExhausted(f"decode worker overloaded: {self.scheduler.num_waiting} requests already wait "
+                                    f"for their KV or a seat in the batch (at most {self.waiting_limit})")
         self._reserve(request_id, prompt_len, params)
         self._kv_timers[request_id] = asyncio.get_running_loop().call_later(
             self.kv_timeout_s, self._kv_timed_out, request_id)

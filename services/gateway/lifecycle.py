@@ -366,8 +366,10 @@ class RequestCore:
                        prefer: str | None = None) -> int:
         """Prefill on the least loaded prefill worker (`prefer`red first: the worker a short batch
         was sent to); one that refuses at once (draining, switching, not a prefill worker any
-        more) has pushed no KV, so the next one is tried."""
+        more, its queue full) has pushed no KV, so the next one is tried. When every one has a
+        full queue, the request is refused (RESOURCE_EXHAUSTED): waiting would only grow them."""
         tried: set[str] = set()
+        full: list[str] = []  # the refusals of workers whose queues are full
         since = time.monotonic()
         while True:
             candidates = [w for w in self.backend.workers("prefill") if w.worker_id not in tried]
@@ -376,8 +378,11 @@ class RequestCore:
             trusted = [w for w in candidates if not self._recently_lost(w.worker_id)] or candidates
             worker = preferred[0] if preferred else pick_prefill(trusted, self.prefill_ledger.tokens)
             if worker is None:
+                if tried and len(full) == len(tried):
+                    raise ResourceExhausted("every prefill worker is overloaded: " + "; ".join(full))
                 await self._wait_for_workers(since, remaining, "no prefill worker is serving")
                 tried.clear()
+                full.clear()
                 continue
             tried.add(worker.worker_id)
             self.prefill_ledger.sent(worker.worker_id, req.worker_request_id, len(req.prompt), time.monotonic())
@@ -385,6 +390,9 @@ class RequestCore:
                 return await self.backend.prefill(worker, req.worker_request_id, req.prompt, req.params,
                                                   decode_worker.address, remaining())
             except Refused:
+                continue
+            except ResourceExhausted as exc:
+                full.append(f"{worker.worker_id}: {exc}")
                 continue
             except (Unavailable, PeerError) as exc:
                 # The prefill worker died, or the push to the decode worker broke: the KV may be

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from common.errors import ServiceError, Unavailable
+from common.errors import ResourceExhausted, ServiceError, Unavailable
 from common.modeling.base import Runner
 from common.types import SamplingParams
 from services.kvtransfer.sender import OpenSender, PrefillSender
@@ -43,8 +43,10 @@ class PrefillResult:
 
 
 class PrefillEngine:
-    def __init__(self, runner: Runner, executor: Executor, open_sender: OpenSender, token_budget: int) -> None:
+    def __init__(self, runner: Runner, executor: Executor, open_sender: OpenSender, token_budget: int,
+                 queue_limit: int = 512) -> None:
         self.runner = runner
+        self.queue_limit = queue_limit  # prompts waiting for a batch; past it, refused at once
         self.executor = executor
         self.open_sender = open_sender
         self.scheduler: PrefillScheduler[PrefillJob] = PrefillScheduler(token_budget)
@@ -73,6 +75,9 @@ class PrefillEngine:
         # NOTE: the KV stream opens now, while the prompt still waits for its batch: the decode
         # worker then knows its KV is coming (it stops its no-KV timer), and sees at once, as a
         # broken stream, if this worker dies before the KV is complete.
+        if self.scheduler.num_waiting >= self.queue_limit:
+            raise ResourceExhausted(f"prefill worker overloaded: {self.scheduler.num_waiting} prompts already wait "
+                                    f"for a prefill batch (its queue holds {self.queue_limit})")
         loop = asyncio.get_running_loop()
         sender = self.open_sender(decode_address, request_id, len(prompt), timeout)
         job = PrefillJob(request_id, prompt, params, decode_address, loop.create_future(), sender)

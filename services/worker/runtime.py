@@ -116,9 +116,10 @@ class WorkerRuntime:
         metrics.KV_BLOCKS_USED.set(0)
         open_sender = grpc_sender_factory(self.channels, self.runner_layout, s.kv_chunk_min_bytes,
                                           s.kv_chunk_max_bytes)
-        self.prefill = PrefillEngine(runner, self.executor, open_sender, s.prefill_token_budget)
+        self.prefill = PrefillEngine(runner, self.executor, open_sender, s.prefill_token_budget,
+                                     s.prefill_queue_limit)
         self.decode = DecodeEngine(runner, DecodeScheduler(self.pool, s.max_batch_size), self.executor,
-                                   s.kv_timeout_s, s.step_token_budget)
+                                   s.kv_timeout_s, s.step_token_budget, s.decode_waiting_limit)
         shared_pool = getattr(runner.store, "shared_handle", None)  # None: sim or GPU pool, or grpc
         self.shared_reads = SharedReads(PeerPools(), self.kv_executor) if s.kv_transport != "grpc" else None
         self.migrator = Migrator(self.decode, self.worker_id, self.channels, self.kv_executor,

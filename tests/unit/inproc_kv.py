@@ -212,13 +212,13 @@ def fake_runner(kv_blocks: int, block_size: int) -> FakeRunner:
 @contextlib.asynccontextmanager
 async def running_decode(kv_blocks: int = 64, block_size: int = 4, max_batch_size: int = 8,
                          kv_timeout_s: float = 5.0, gated: bool = False, start: bool = True,
-                         step_token_budget: int = 2048):
+                         step_token_budget: int = 2048, waiting_limit: int = 1024):
     """A DecodeEngine over its own fake runner, pool and one-thread model executor."""
     runner = fake_runner(kv_blocks, block_size)
     model = GatedRunner(runner) if gated else runner
     executor = ThreadPoolExecutor(max_workers=1)
     engine = DecodeEngine(model, DecodeScheduler(BlockPool(kv_blocks, block_size), max_batch_size), executor,
-                          kv_timeout_s, step_token_budget)
+                          kv_timeout_s, step_token_budget, waiting_limit)
     if start:
         engine.start()
     try:

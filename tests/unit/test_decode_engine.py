@@ -99,6 +99,27 @@ async def test_out_of_blocks_and_duplicate_id_are_refused():
         assert_decode_empty(engine)
 
 
+async def test_past_the_waiting_limit_a_reservation_is_refused_and_running_ones_do_not_count():
+    async with running_decode(kv_blocks=256, block_size=4, waiting_limit=2) as engine:
+        long = SamplingParams(max_tokens=200)  # still running when it is released
+        engine.reserve("a", len(PROMPT), long)
+        engine.reserve("b", len(PROMPT), long)
+        with pytest.raises(ResourceExhausted, match="2 requests already wait"):
+            engine.reserve("c", len(PROMPT), long)
+        assert set(engine.scheduler.seqs) == {"a", "b"}  # the refused one took nothing
+        await push_prompt(engine, "a", PROMPT, long)  # "a" joins the batch
+        while engine.scheduler.num_running == 0:
+            await asyncio.sleep(0.001)
+        engine.reserve("c", len(PROMPT), long)  # one waits now: room for one more
+        for name in "abc":
+            engine.release(name)
+        for _ in range(1000):  # a release during a step lands when the step ends
+            if not engine.scheduler.seqs:
+                break
+            await asyncio.sleep(0.001)
+        assert_decode_empty(engine)
+
+
 async def test_kv_that_never_arrives_fails_the_stream_and_frees_the_blocks():
     """No KV push within kv_timeout_s: the stream gets DeadlineExceeded, the blocks go back."""
     async with running_decode(kv_timeout_s=0.2) as engine:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from common.errors import Unavailable
+from common.errors import ResourceExhausted, Unavailable
 from common.modeling.fake_runner import FakeRunner, kv_value
 from common.types import SamplingParams
 from services.decode.engine import DecodeEngine, ErrorEvent
@@ -34,11 +34,11 @@ PARAMS = SamplingParams(max_tokens=4)
 
 
 @contextlib.asynccontextmanager
-async def running_prefill(open_sender, token_budget: int = 16, gated: bool = False):
+async def running_prefill(open_sender, token_budget: int = 16, gated: bool = False, queue_limit: int = 512):
     runner = fake_runner(kv_blocks=4, block_size=4)  # prefill keeps no KV; the pool is unused
     model = GatedRunner(runner) if gated else runner
     executor = ThreadPoolExecutor(max_workers=1)
-    engine = PrefillEngine(model, executor, open_sender, token_budget)
+    engine = PrefillEngine(model, executor, open_sender, token_budget, queue_limit)
     engine.start()
     try:
         yield engine
@@ -131,6 +131,34 @@ async def test_a_caller_cancelled_while_queued_never_runs_and_its_sender_is_canc
             assert runner.inner.prefills == 1, "the cancelled prompt was prefilled"
             decode.release("a")
             decode.release("b")
+            await assert_prefill_idle(engine)
+        assert_decode_empty(decode)
+
+
+async def test_past_its_queue_limit_a_prompt_is_refused_at_once_and_the_queued_ones_are_served():
+    prompts = {name: prompt(6, i) for i, name in enumerate("abcd")}
+    async with running_decode(start=False) as decode:
+        transport = InProcTransport({DECODE: decode})
+        # A budget of one prompt a batch: "a" runs (held in its forward), "b" and "c" fill the queue.
+        async with running_prefill(transport.open_sender, token_budget=6, gated=True, queue_limit=2) as engine:
+            runner = engine.runner
+            for name, p in prompts.items():
+                decode.reserve(name, len(p), PARAMS)
+            runner.close()
+            tasks = {"a": asyncio.create_task(engine.prefill("a", prompts["a"], PARAMS, DECODE, timeout=5))}
+            await runner.wait_entered()
+            for name in "bc":
+                tasks[name] = asyncio.create_task(engine.prefill(name, prompts[name], PARAMS, DECODE, timeout=5))
+            while engine.num_waiting < 2:
+                await asyncio.sleep(0)
+            with pytest.raises(ResourceExhausted, match="2 prompts already wait"):
+                await engine.prefill("d", prompts["d"], PARAMS, DECODE, timeout=5)
+            assert "d" not in transport.senders  # refused before any KV stream opened
+            runner.open()
+            for name, task in tasks.items():
+                assert (await task).first_token_id == reference_first_token(prompts[name])
+            for name in prompts:
+                decode.release(name)
             await assert_prefill_idle(engine)
         assert_decode_empty(decode)
 
