@@ -71,6 +71,13 @@ from services.planner.predictors import make_predictor, predictor_names  # noqa:
 
 WARMUP = 10
 ORDER = ["constant", "ewma", "holt-winters", "arima"]
+# (row label, predictor options) of each row; main() adds "arima refit K" rows for --arima-refit.
+LINEUP: list[tuple[str, str, dict]] = [(n, n, {}) for n in ORDER]
+
+
+def lineup() -> list[tuple[str, object]]:
+    """(label, a fresh predictor) for each row, in order."""
+    return [(label, make_predictor(name, **options)) for label, name, options in LINEUP if name in predictor_names()]
 
 
 def bin_requests(requests: Sequence[BenchRequest], duration: float, width: float) -> list[IntervalLoad]:
@@ -184,9 +191,9 @@ def accuracy_table(title: str, loads: list[IntervalLoad], oracle: Oracle | None,
     for col in cols:
         table.add_column(col, justify="right", no_wrap=col == "predictor")
     reference = [oracle] if oracle is not None else []
-    for predictor in reference + [make_predictor(n) for n in ORDER if n in predictor_names()]:
+    for label, predictor in [(o.name, o) for o in reference] + lineup():
         r = walk_forward(loads, predictor, split)
-        row = [predictor.name, f"{r['mae']:.2f}"] + [f"{r[k]:.1%}" for k in ("rate", "p50", "p50med", "p90", "out50")]
+        row = [label, f"{r['mae']:.2f}"] + [f"{r[k]:.1%}" for k in ("rate", "p50", "p50med", "p90", "out50")]
         if predictor is oracle:
             row += ["-"] * (len(cols) - len(row))
         else:
@@ -206,8 +213,7 @@ def timing_table(loads: list[IntervalLoad], calls: int) -> Table:
     for col in ("predictor", "50 pts p50", "50 pts p99", "50 pts CPU p50", "300 pts p50", "300 pts p99",
                 "300 pts CPU p50"):
         table.add_column(col, justify="right")
-    for name in [n for n in ORDER if n in predictor_names()]:
-        predictor = make_predictor(name)
+    for name, predictor in lineup():
         predictor.predict(loads[:20])  # imports statsmodels outside the timed calls
         row = [name]
         for length in (50, 300):
@@ -270,7 +276,10 @@ def main() -> int:
     parser.add_argument("--intervals", default="1,5", help="interval widths in seconds")
     parser.add_argument("--max-context", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arima-refit", default="", help="comma-separated K: add rows of ARIMA fitted at one "
+                        "forecast in K (refit_every=K; the forecasts between filter under the held parameters)")
     args = parser.parse_args()
+    LINEUP.extend((f"arima refit {k}", "arima", {"refit_every": int(k)}) for k in args.arima_refit.split(",") if k)
     widths = [1.0] if args.quick else [float(w) for w in args.intervals.split(",")]
     console = Console(width=180)
     calls = 30 if args.quick else 100

@@ -230,3 +230,44 @@ def test_quantiles_never_decrease_on_a_shifting_workload(name):
     p = make_predictor(name)
     for end in (1, 2, 3, 12, 31, 60):
         assert_sane(p.predict(history[:end]))
+
+
+def test_arima_with_refit_every_k_fits_once_in_k_forecasts(monkeypatch):
+    from services.planner.predictors import statistical
+
+    rng = np.random.default_rng(5)
+    loads = [load(i, tuple(int(x) for x in rng.lognormal(4, 0.8, n) + 1)) for i, n in enumerate(rng.poisson(12, 60))]
+    histories = [loads[: 40 + i] for i in range(9)]
+    _forecast.cache_clear()
+    full = [ArimaPredictor().predict(h) for h in histories]  # a fit at every forecast
+    fits = []
+    real = statistical._fit_arima_params
+    monkeypatch.setattr(statistical, "_fit_arima_params", lambda *a: fits.append(a) or real(*a))
+    held = ArimaPredictor(refit_every=4)
+    got = [held.predict(h) for h in histories]
+    assert len(fits) == 3 * 3  # rate, prompt and output, refitted at forecasts 0, 4 and 8
+    for i in (0, 4, 8):  # right after a refit: the same answer as fitting every time
+        assert got[i] == full[i]
+    between = [i for i in range(9) if i % 4]
+    # In between, the held parameters filter the newer windows: close to a fresh fit, not the same.
+    assert any(got[i] != full[i] for i in between)
+    for i in between:
+        assert got[i].rate == pytest.approx(full[i].rate, rel=0.25)
+        assert_sane(got[i])
+    with pytest.raises(ValueError, match="refit_every"):
+        ArimaPredictor(refit_every=0)
+
+
+
+def test_a_surprising_last_point_refits_at_once():
+    # A level shift in the rate at the last interval: the parameters held from before it would
+    # smooth it away; the predictor refits at once and answers as a fresh fit does.
+    rng = np.random.default_rng(8)
+    rates = list(rng.poisson(10, 45))
+    loads = [load(i, (100,) * int(r)) for i, r in enumerate(rates)]
+    held = ArimaPredictor(refit_every=10)
+    held.predict(loads)  # fits, and holds the parameters
+    shifted = loads + [load(45, (100,) * 60)]
+    _forecast.cache_clear()
+    assert held.predict(shifted) == ArimaPredictor().predict(shifted)
+    assert held._held["rate"].uses == 1  # refitted on the shifted history

@@ -13,7 +13,10 @@ length series (base.py says why). What each fits:
     holt-winters  statsmodels Holt, damped additive trend, no season, least-squares fit on the last
                   120 points of three series: the rate, log median prompt, log median output length.
     arima         statsmodels ARIMA(0,1,1) (option `order`), MLE on the last 50 points (DOPD's window)
-                  of the same three series.
+                  of the same three series; the parameters are refitted at one forecast in 5
+                  (`refit_every`), or at once when the last point lies more than 3 standard
+                  deviations off the held model's forecast (`surprise`), and filter the newer
+                  windows in between (statistical.py says why).
 
 NOTE(speed): the goal is one planner decision in 100 ms, fit included (DOPD's ARIMA takes
 ~0.8 s). One ARIMA or Holt fit on 50 points costs ~10-20 ms of one core here; fitting all 15
