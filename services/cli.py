@@ -259,7 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--target", default=DEFAULT_TARGET)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
+
+    certs = sub.add_parser("certs", help="make a development CA and the cluster's certificate for mutual TLS "
+                                         "on the internal plane (common/rpc/tls.py)")
+    certs.add_argument("dir", type=Path, help="where to write ca.pem, ca-key.pem, cert.pem, key.pem")
+    certs.add_argument("--name", action="append", default=[],
+                       help="another host name or IP address the certificate names (repeatable)")
+    certs.add_argument("--days", type=int, default=365)
+    certs.set_defaults(func=_certs)
     return parser
+
+
+def _certs(args) -> int:
+    from common.rpc.tls import ENV_CA, ENV_CERT, ENV_KEY, make_certs
+
+    files = make_certs(args.dir, tuple(args.name), args.days)
+    print(f"wrote {', '.join(str(p) for p in files.values())}\nfor every process of the cluster (dopd up passes its "
+          f"environment on):\n  export {ENV_CERT}={files['cert'].resolve()} {ENV_KEY}={files['key'].resolve()} "
+          f"{ENV_CA}={files['ca'].resolve()}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,9 +50,11 @@ async def generate(channel: grpc.aio.Channel, prompt: str | list[int], timeout: 
     return out
 
 
-async def health(address: str, timeout: float = 2.0) -> str:
+async def health(address: str, timeout: float = 2.0, internal: bool = False) -> str:
+    """grpc.health.v1 of the service at `address`; `internal`: a worker or the planner, reached as
+    the internal plane is (over mutual TLS when it is on)."""
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with (internal_channel(address) if internal else grpc.aio.insecure_channel(address)) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
             return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.aio.AioRpcError as exc:
@@ -74,11 +76,12 @@ async def cluster_status(target: str, timeout: float = 5.0) -> dict:
          "running": status.running_requests, "kv_used": None, "kv_total": None},
         {"name": "planner", "role": "planner", "address": status.planner_address,
          "metrics": status.topology.planner_metrics_address or None,
-         "health": await health(status.planner_address), "running": None, "kv_used": None, "kv_total": None},
+         "health": await health(status.planner_address, internal=True), "running": None, "kv_used": None,
+         "kv_total": None},
     ]
     for w in status.topology.workers:
         entry = {"name": w.worker_id, "role": ROLE_FROM_PB.get(w.role, "?"), "address": w.address,
-                 "metrics": w.metrics_address, "health": await health(w.address)}
+                 "metrics": w.metrics_address, "health": await health(w.address, internal=True)}
         try:
             live = await worker_stats(w.address)
             entry.update(running=live.running_requests, waiting=live.waiting_requests,
@@ -137,9 +140,10 @@ async def set_worker_role(target: str, worker: str, role: str, timeout: float = 
 
 
 async def cluster_ready(target: str, addresses: list[str], n_workers: int) -> bool:
-    """True when every address is SERVING and the gateway's topology lists n_workers workers."""
+    """True when every address is SERVING and the gateway's topology lists n_workers workers (every
+    address but the gateway's `target` is of the internal plane)."""
     for address in [target, *addresses]:
-        if await health(address, timeout=1.0) != "SERVING":
+        if await health(address, timeout=1.0, internal=address != target) != "SERVING":
             return False
     try:
         async with grpc.aio.insecure_channel(target) as channel:

@@ -138,10 +138,17 @@ class TokenChannel:
 
 
 def internal_channel(address: str, token: str | None = None, options=None) -> grpc.aio.Channel | TokenChannel:
-    """A channel to a worker or the planner, carrying the token (this process's by default)."""
+    """A channel to a worker or the planner, carrying the token (this process's by default), over
+    mutual TLS when this process has TLS files (common/rpc/tls.py)."""
     from common.rpc.server import CHANNEL_OPTIONS
+    from common.rpc.tls import channel_credentials, channel_options, tls_files
 
-    channel = grpc.aio.insecure_channel(address, options=options or CHANNEL_OPTIONS)
+    options = list(options or CHANNEL_OPTIONS)
+    files = tls_files()
+    if files is None:
+        channel = grpc.aio.insecure_channel(address, options=options)
+    else:
+        channel = grpc.aio.secure_channel(address, channel_credentials(files), options=options + channel_options(files))
     token = cluster_token() if token is None else token
     return TokenChannel(channel, token) if token else channel
 

@@ -71,10 +71,14 @@ class ServerHandle:
 async def run_server(*, host: str, port: int, metrics_port: int, services: list[Service],
                      start: Callable[[ServerHandle], Awaitable[None]] | None = None,
                      drain: Callable[[], Awaitable[None]] | None = None, grace: float = 10.0,
-                     cluster_token: str = "") -> None:
+                     cluster_token: str = "", internal: bool = True) -> None:
+    """`internal`: a server of the internal plane (a worker, the planner), which listens with
+    mutual TLS when the process has TLS files (common/rpc/tls.py); the gateway's public port does not."""
     from common.rpc.auth import server_interceptors
     from common.rpc.errors import UndecodableIsInvalid
+    from common.rpc.tls import server_credentials, tls_files
 
+    tls = tls_files() if internal else None
     interceptors = [*server_interceptors(cluster_token, ", ".join(s.name for s in services)), UndecodableIsInvalid()]
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     for service in services:
@@ -83,13 +87,16 @@ async def run_server(*, host: str, port: int, metrics_port: int, services: list[
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [s.name for s in services]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
+    bound = (server.add_secure_port(f"{host}:{port}", server_credentials(tls)) if tls is not None
+             else server.add_insecure_port(f"{host}:{port}"))
+    if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     metrics_server, _ = prometheus_client.start_http_server(metrics_port, addr=host)
     handle = ServerHandle(server, health_servicer, names)
     await handle.set_serving(False)
     await server.start()
-    log.info("listening on %s:%d, metrics on %s:%d", host, port, host, metrics_port)
+    log.info("listening on %s:%d%s, metrics on %s:%d", host, port, " (mutual TLS)" if tls is not None else "",
+             host, metrics_port)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

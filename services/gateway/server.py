@@ -217,6 +217,6 @@ async def main() -> None:
                          services=[Service("dopd.v1.Gateway", servicer,
                                            gateway_pb2_grpc.add_GatewayServicer_to_server)],
                          start=servicer.start, drain=servicer.drain, grace=settings.drain_grace_s,
-                         cluster_token=settings.cluster_token)
+                         cluster_token=settings.cluster_token, internal=False)
     finally:
         await servicer.channels.close()
