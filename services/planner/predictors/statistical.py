@@ -190,9 +190,11 @@ class ArimaPredictor(_Fitted):
     kept forecasting the old prompt lengths: prompt p50 MAPE 344% vs 108% on phase-shift.
 
     Refitting at one forecast in 5 (with a refit at any surprise) forecast as well as refitting
-    every time on the benchmark's workloads and on the Azure traces, at about half the cost a
-    forecast (docs/results/bench_predictors.txt, bench_predictors_azure.txt), and took the hour
-    of the Azure conversation trace in virtual time from 141 s to ~87 s (des_azure_hour)."""
+    every time on the benchmark's workloads and on the Azure traces (the "arima refit 1" rows of
+    docs/results/bench_predictors.txt and bench_predictors_azure.txt: every error within a point
+    or two, but for the output median of the 141-s Azure run, 74.7% vs 70.3%) at about half the
+    cost a forecast, and took the hour of the Azure conversation trace in virtual time from 141.0 s
+    to 91.5 s (docs/results/des_azure_hour/speed_2026-12-01.txt)."""
 
     order: tuple[int, int, int] = (0, 1, 1)
     maxiter: int = 25
