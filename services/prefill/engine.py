@@ -148,7 +148,15 @@ class PrefillEngine:
         completion = asyncio.gather(*(self._complete(job, sender, token, started, forward_done)
                                       for job, sender, token in zip(batch, senders, first_tokens, strict=True)))
         self._completions.add(completion)
-        completion.add_done_callback(self._completions.discard)
+        completion.add_done_callback(self._completion_done)
+
+    def _completion_done(self, completion: asyncio.Future) -> None:
+        self._completions.discard(completion)
+        # Every job's caller has had its answer in _complete; what the gather ended with (a
+        # push cancelled because its caller went away, say) is only read here, so that asyncio
+        # does not log it as "never retrieved".
+        if not completion.cancelled():
+            completion.exception()
 
     async def _complete(self, job: PrefillJob, sender: PrefillSender, token: int, started: float,
                         forward_done: float) -> None:
