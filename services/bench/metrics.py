@@ -39,6 +39,7 @@ class RequestResult:
     output_tokens: int = 0
     ok: bool = True
     error: str | None = None
+    error_after: float | None = None  # a failed request: seconds from its send to its error
 
     @property
     def tpot(self) -> float | None:

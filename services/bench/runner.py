@@ -199,6 +199,7 @@ class _Run:
             self.last_event = max(self.last_event, time.perf_counter())
         if not r.ok:
             r.itls, r.ttft, r.e2e = [], None, None
+            r.error_after = (time.perf_counter() - sent) / scale
         return r
 
     def _send(self, client, i: int) -> Coroutine[None, None, RequestResult]:
