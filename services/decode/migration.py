@@ -132,6 +132,11 @@ class Migrator:
             return
         ranges = chunk_ranges(self.engine.runner.store.layout, start, end, self.chunk_max_bytes)
         for i in range(0, len(ranges), READ_BATCH):
+            if not self._alive(seq):
+                # It ended here while the last batch went out (its blocks are freed, its block
+                # table empty): stop reading; the caller sees it ended (chaos runs hit this as an
+                # IndexError from an empty block table).
+                return
             sender.put_messages(await read_kv(self.engine.runner.store, seq.block_table, ranges[i:i + READ_BATCH],
                                               self.kv_executor))
             await sender.sent()
