@@ -16,14 +16,11 @@ import pytest
 
 from services.client import generate
 from tests.helpers import assert_no_leaks, start_cluster
+from tests.integration.test_worker_loss import SLOW_PREFILL
 
-ONE_SECOND_PREFILL = {
-    "name": "test-one-second-prefill",
-    "model": {"num_layers": 4, "num_kv_heads": 2, "head_dim": 32, "dtype": "bfloat16", "vocab_size": 32000,
-              "max_context": 4096},
-    "prefill": {"tokens": [1, 4096], "seconds": [1.0, 1.0]},
-    "decode": {"batch": [1, 64], "context": [1, 4096], "seconds": [[0.01, 0.01], [0.01, 0.01]]},
-}
+# test_worker_loss's model, with every prefill taking 1 s.
+ONE_SECOND_PREFILL = {**SLOW_PREFILL, "name": "test-one-second-prefill",
+                      "prefill": {"tokens": [1, 4096], "seconds": [1.0, 1.0]}}
 BURST = 6
 QUEUE_LIMIT = 2
 
