@@ -38,7 +38,7 @@ from common.profile import load_profile  # noqa: E402
 from services.bench.metrics import meets_slo, summarize  # noqa: E402
 from services.bench.runner import RunSettings, run_load  # noqa: E402
 from services.bench.workloads import generate  # noqa: E402
-from services.launcher import Cluster, ClusterSpec, free_port  # noqa: E402
+from services.launcher import Cluster, ClusterSpec, free_port, rss_table  # noqa: E402
 from services.simulate.hardware import default_link_gbps  # noqa: E402
 from services.simulate.sim import SimConfig, simulate  # noqa: E402
 
@@ -125,14 +125,9 @@ def describe(args, name: str, rate: float, duration: float, requests, outcome, c
 
 def memory_table(before: dict, after: dict) -> dict:
     print("  resident memory (MiB) before -> after the overload:")
-    growth = {}
-    for name in sorted(before):
-        (pid0, a), (pid1, b) = before[name], after.get(name, (None, None))
-        if a and b and pid0 == pid1:
-            growth[name] = b / a - 1
-        note = "" if pid0 == pid1 else "  (restarted)"
-        print(f"    {name:10s} {a / 1024:8.1f} -> {b / 1024 if b else float('nan'):8.1f}"
-              + (f"  {growth[name]:+.1%}" if name in growth else "") + note)
+    lines, growth = rss_table(before, after)
+    for line in lines:
+        print("    " + line)
     if growth:
         worst = max(growth, key=growth.get)
         print(f"    largest growth: {worst} {growth[worst]:+.1%}")

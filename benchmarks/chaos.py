@@ -55,7 +55,7 @@ from common.types import Role  # noqa: E402
 from services.bench.runner import prompt_ids  # noqa: E402
 from services.bench.workloads import generate as workload  # noqa: E402
 from services.client import generate_request, set_worker_role, worker_stats  # noqa: E402
-from services.launcher import Cluster, ClusterSpec, free_port  # noqa: E402
+from services.launcher import Cluster, ClusterSpec, free_port, rss_table  # noqa: E402
 from services.supervisor import RestartPolicy  # noqa: E402
 
 PROFILE = "llama3-8b-h100"
@@ -281,15 +281,9 @@ def report(args, run: Run, mem_start, mem_end, held, restarted: set[str]) -> dic
     print("\nKV blocks / requests still held after the run (blocks, running, waiting): "
           + (", ".join(f"{n}: {v}" for n, v in held.items()) if held else "none"))
     print("\nresident memory (MiB), after warm-up -> end:")
-    growth = {}
-    for name in sorted(mem_start):
-        (pid0, a), (pid1, b) = mem_start[name], mem_end.get(name, (None, None))
-        again = pid0 != pid1
-        note = " (restarted: a new process)" if again else ""
-        if a and b and not again:
-            growth[name] = b / a - 1
-        print(f"  {name:10s} {a / 1024 if a else float('nan'):8.1f} -> {b / 1024 if b else float('nan'):8.1f}"
-              + (f"  {growth[name]:+.1%}" if name in growth else "") + note)
+    lines, growth = rss_table(mem_start, mem_end)
+    for line in lines:
+        print("  " + line)
     total0 = sum(mem_start[n][1] for n in growth)
     total1 = sum(mem_end[n][1] for n in growth)
     worst = max(growth.items(), key=lambda kv: kv[1]) if growth else ("-", 0.0)

@@ -141,6 +141,22 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def rss_table(before: dict[str, tuple[int, int | None]], after: dict[str, tuple[int, int | None]]
+              ) -> tuple[list[str], dict[str, float]]:
+    """Two `Cluster.memory()` snapshots side by side, for a benchmark's report: a line per process
+    (MiB before -> after, and the growth), and the growth of each process that is the same one in
+    both (a restarted process is a new one: its growth says nothing)."""
+    lines, growth = [], {}
+    for name in sorted(before):
+        (pid0, a), (pid1, b) = before[name], after.get(name, (None, None))
+        if a and b and pid0 == pid1:
+            growth[name] = b / a - 1
+        mib = [f"{x / 1024:8.1f}" if x else "     nan" for x in (a, b)]
+        lines.append(f"{name:10s} {mib[0]} -> {mib[1]}" + (f"  {growth[name]:+.1%}" if name in growth else "")
+                     + ("" if pid0 == pid1 else "  (restarted: a new process)"))
+    return lines, growth
+
+
 def redis_answers(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping())

@@ -10,9 +10,12 @@ Falling back: a series shorter than `min_points`, or a fit that raises or gives 
 value, is answered by the EWMA of that series (`fallback_alpha`); a constant series by its value
 (statsmodels cannot fit it). A fitted forecast is clipped: the rate to [0, 2 x the window's
 highest], the median length to [half the lowest, twice the highest median in the window].
-statsmodels' warnings (ConvergenceWarning, ValueWarning...) are silenced inside the fit. Fitted
-forecasts are memoised on (model, options, the series' values, horizon): a pure cache, so a
-restarted planner predicts the same.
+statsmodels' warnings (ConvergenceWarning, ValueWarning...) are silenced inside the fit. A fit at
+every forecast (Holt; ARIMA with refit_every=1) is memoised on (model, options, the series'
+values, horizon): a pure cache, so a restarted planner predicts the same. ARIMA by default holds
+its parameters between refits (ArimaPredictor): a restarted planner refits at its first forecast,
+so it answers as the old one did right after a refit, not always as the old one would have
+between two refits.
 """
 
 from __future__ import annotations
@@ -201,9 +204,8 @@ class ArimaPredictor(_Fitted):
     refit_every: int = 5
     surprise: float = 3.0
     kind: ClassVar[str] = "arima"
-    # series -> its held parameters (_Held). A cache that
-    # changes answers only within `refit_every` forecasts of a fit: a fresh predictor (a restarted
-    # planner) fits at its first forecast, so it answers as the old one did right after a refit.
+    # series -> its held parameters (_Held): state that changes answers only within `refit_every`
+    # forecasts of a fit (a fresh predictor fits at its first forecast).
     _held: dict[str, _Held] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
