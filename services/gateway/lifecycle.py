@@ -386,9 +386,12 @@ class RequestCore:
                 continue
             tried.add(worker.worker_id)
             self.prefill_ledger.sent(worker.worker_id, req.worker_request_id, len(req.prompt), time.monotonic())
+            finished_at = None  # set when the worker did prefill it (admission's busy-since)
             try:
-                return await self.backend.prefill(worker, req.worker_request_id, req.prompt, req.params,
-                                                  decode_worker.address, remaining())
+                first = await self.backend.prefill(worker, req.worker_request_id, req.prompt, req.params,
+                                                   decode_worker.address, remaining())
+                finished_at = time.monotonic()
+                return first
             except Refused:
                 continue
             except ResourceExhausted as exc:
@@ -399,7 +402,7 @@ class RequestCore:
                 # half there, so the whole try starts again (a fresh reservation).
                 raise WorkerLost(worker.worker_id, "prefill", exc) from exc
             finally:
-                self.prefill_ledger.done(worker.worker_id, req.worker_request_id)
+                self.prefill_ledger.done(worker.worker_id, req.worker_request_id, finished_at)
                 if not self.prefill_ledger.tokens[worker.worker_id] and len(self.short_gate):
                     self.short_gate.worker_freed()  # late binding: the short prompts held go now
 

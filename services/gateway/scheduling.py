@@ -158,12 +158,17 @@ def _longest_prompt_within(profile: LatencyProfile, seconds: float) -> float:
 class PrefillLedger:
     """The prompts the gateway has sent to each prefill worker and not had back (first token):
     their tokens (`tokens`, what routing.pick_prefill balances) and since when the worker has
-    been busy with them (the oldest still outstanding), for admission's prediction. The caller
-    passes the time."""
+    been busy with them, for admission's prediction. The caller passes the time.
+
+    Busy since: the later of the oldest outstanding prompt's sending and the worker's last
+    finished prompt. Before its last finish the worker was (at least partly) busy with prompts
+    that are gone from the ledger, so counting from the oldest sending alone would credit it
+    with progress on a queue that never shrank (under sustained load, seconds of it)."""
 
     def __init__(self) -> None:
         self.tokens: Counter[str] = Counter()
         self._sent: dict[str, dict[object, tuple[int, float]]] = {}
+        self._last_finished: dict[str, float] = {}
 
     def sent(self, worker_id: str, key: object, tokens: int, now: float) -> None:
         outstanding = self._sent.setdefault(worker_id, {})
@@ -172,13 +177,20 @@ class PrefillLedger:
         outstanding[key] = (tokens, now)
         self.tokens[worker_id] += tokens
 
-    def done(self, worker_id: str, key: object) -> None:
+    def done(self, worker_id: str, key: object, finished_at: float | None = None) -> None:
+        """`key` is no longer outstanding: the worker finished it at `finished_at`, or (None) it
+        was withdrawn (its client went away, the call failed) and says nothing of the worker."""
         tokens, _ = self._sent[worker_id].pop(key)
         self.tokens[worker_id] -= tokens
+        if finished_at is not None:
+            self._last_finished[worker_id] = max(finished_at, self._last_finished.get(worker_id, finished_at))
 
     def busy_s(self, worker_id: str, now: float) -> float:
         sent = self._sent.get(worker_id)
-        return now - min(t for _, t in sent.values()) if sent else 0.0
+        if not sent:
+            return 0.0
+        since = max(min(t for _, t in sent.values()), self._last_finished.get(worker_id, float("-inf")))
+        return max(0.0, now - since)
 
     def least_loaded(self, worker_ids: Iterable[str], now: float) -> tuple[int, float]:
         """(outstanding tokens, busy seconds) of the worker with the fewest tokens outstanding;

@@ -239,7 +239,7 @@ class Cluster:
         for r in batch:
             if r.phase != "prefill":
                 continue  # timed out meanwhile: the gateway let go of it
-            self.prefill_ledger.done(w.worker_id, r)
+            self.prefill_ledger.done(w.worker_id, r, self.loop.now)
             self._first_token(r)
         if self.batcher is not None and not self.prefill_ledger.tokens[w.worker_id] and w.serves(Role.PREFILL):
             held = self.batcher.flush()  # w has freed: the short prompts held go to it

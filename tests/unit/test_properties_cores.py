@@ -694,12 +694,13 @@ WORKERS = st.sampled_from(["p0", "p1", "p2"])
 
 @GIVEN_SETTINGS
 @given(ops=op_lists(st.tuples(st.just("sent"), WORKERS, st.integers(0, 500), st.floats(0.0, 1.0)),
-                    st.tuples(st.just("done"), st.integers(0, 40)),
+                    st.tuples(st.just("done"), st.integers(0, 40), st.booleans()),
                     st.tuples(st.just("unknown_done"), WORKERS)))
 def test_prefill_ledger_counts_what_is_outstanding(ops):
     ledger = PrefillLedger()
     now = 0.0
     outstanding: list[tuple[str, object, int, float]] = []
+    last_finished: dict[str, float] = {}
     for op in ops:
         if op[0] == "sent":
             now += op[3]
@@ -710,7 +711,9 @@ def test_prefill_ledger_counts_what_is_outstanding(ops):
             if not outstanding:
                 continue
             worker, key, _, _ = outstanding.pop(op[1] % len(outstanding))
-            ledger.done(worker, key)
+            ledger.done(worker, key, now if op[2] else None)  # finished there, or withdrawn
+            if op[2]:
+                last_finished[worker] = now
         else:
             before = (dict(ledger.tokens), ledger.empty())
             with pytest.raises(KeyError):
@@ -719,7 +722,8 @@ def test_prefill_ledger_counts_what_is_outstanding(ops):
         for worker in ("p0", "p1", "p2"):
             mine = [o for o in outstanding if o[0] == worker]
             assert ledger.tokens[worker] == sum(o[2] for o in mine)
-            assert ledger.busy_s(worker, now) == (now - min(o[3] for o in mine) if mine else 0.0)
+            since = max([min(o[3] for o in mine)] + [last_finished.get(worker, 0.0)]) if mine else now
+            assert ledger.busy_s(worker, now) == now - since
         assert ledger.empty() == (not outstanding)
         workers = ["p0", "p1", "p2"]
         best = min(workers, key=lambda w: (ledger.tokens[w], w))

@@ -101,9 +101,16 @@ def test_the_ledger_knows_each_workers_outstanding_work_and_since_when_it_is_bus
     ledger.sent("p0", "b", 1000, now=2.0)
     ledger.sent("p1", "c", 6000, now=3.0)
     assert ledger.least_loaded(["p0", "p1"], now=4.0) == (5000, 3.0)  # p0 busy since a was sent
-    ledger.done("p0", "a")
-    assert ledger.least_loaded(["p0", "p1"], now=4.0) == (1000, 2.0)
-    ledger.done("p0", "b")
+    ledger.done("p0", "a", finished_at=3.5)
+    # b was sent at 2.0, but until 3.5 p0 was busy with a: it has worked on b for 0.5 s at most.
+    assert ledger.least_loaded(["p0", "p1"], now=4.0) == (1000, 0.5)
+    ledger.sent("p0", "d", 10, now=4.5)
+    ledger.done("p0", "d")  # withdrawn (its client went away): says nothing of p0's progress
+    assert ledger.busy_s("p0", now=5.0) == 1.5
+    ledger.done("p0", "b", finished_at=5.0)
+    ledger.sent("p0", "e", 100, now=6.0)
+    assert ledger.busy_s("p0", now=6.5) == 0.5  # idle after b: busy since e was sent
+    ledger.done("p0", "e")
     ledger.done("p1", "c")
     assert ledger.empty()
     # Admission takes off what the worker has done already, never below the prompt's own prefill.
