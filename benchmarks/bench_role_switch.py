@@ -141,8 +141,9 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=220)
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--settle", type=float, default=0.5, help="seconds decoding before the switch")
-    parser.add_argument("--transport", default="auto", choices=["auto", "grpc", "shm"],
-                        help="DOPD_KV_TRANSPORT of every worker (auto: shared memory on one host)")
+    parser.add_argument("--transport", default="auto", choices=["auto", "grpc", "shm", "nixl"],
+                        help="DOPD_KV_TRANSPORT of every worker (auto: NIXL where installed, else shared memory "
+                             "on one host)")
     parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
 

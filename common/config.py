@@ -114,10 +114,14 @@ class WorkerSettings(_Base):
     # the minimum, and a layer larger than the maximum is split by tokens).
     kv_chunk_min_bytes: int = 256 * 1024
     kv_chunk_max_bytes: int = 1024 * 1024
-    # How a migrating request's KV moves to a decode worker on the same host: shm (the receiver
-    # copies it straight out of the sender's pool, common/kv/shared_memory.py), grpc (the bytes
-    # in PushKV chunks), auto (shm where both ends can, gRPC otherwise; CPU pools only).
-    kv_transport: str = Field("auto", pattern="^(auto|grpc|shm)$")
+    # How KV moves between workers (services/kvtransfer): nixl (the receiver reads it out of the
+    # sender's pool with NIXL reads, common/kv/nixl_transport.py: prefill hand-offs, layer by
+    # layer, and migrations; needs the `nixl` extra), shm (a migration's receiver copies it out
+    # of the sender's pool mapped on the same host, common/kv/shared_memory.py; CPU pools only),
+    # grpc (the bytes in PushKV chunks), auto (nixl, then shm, where both ends can). A sender
+    # falls back to gRPC bytes where the receiver cannot read its pool; every worker takes them,
+    # and reads peers only by what it names here.
+    kv_transport: str = Field("auto", pattern="^(auto|grpc|shm|nixl)$")
 
 
 class GatewaySettings(_Base):

@@ -134,6 +134,7 @@ def _role(args) -> int:
           f"{reply['migrated_requests']} request(s) moved, {reply['migrated_bytes'] / 1e6:.2f} MB"
           + (f" ({reply['migrated_bytes_shared'] / 1e6:.2f} MB through shared memory)"
              if reply["migrated_bytes_shared"] else "")
+          + (f" ({reply['migrated_bytes_nixl'] / 1e6:.2f} MB read with NIXL)" if reply["migrated_bytes_nixl"] else "")
           + (f", {reply['drained_requests']} finished here: {reply['note']}" if reply["fell_back_to_drain"] else "")
           + ")")
     return 0

@@ -98,7 +98,8 @@ async def cluster_status(target: str, timeout: float = 5.0) -> dict:
 
 def _pb_dict(message) -> dict:
     doc = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    for key in ("migrated_bytes", "migrated_bytes_shared", "intervals_recorded"):  # int64 comes out of JSON as a string
+    # int64 comes out of JSON as a string
+    for key in ("migrated_bytes", "migrated_bytes_shared", "migrated_bytes_nixl", "intervals_recorded"):
         if key in doc:
             doc[key] = int(doc[key])
     return doc

@@ -94,14 +94,16 @@ class PagedKVStore:
             torch.index_select(self.flat_v(layer), 0, slots, out=out[i, 1])
         return out
 
-    def copy_from_peer(self, peer_kv: torch.Tensor, peer_slots: torch.Tensor, slots: torch.Tensor) -> int:
-        """Copy every layer's K and V at a peer pool's `peer_slots` (a mapped `kv` tensor of the
-        same layout) into ours at `slots`; returns the bytes copied. One gather and one scatter per
-        layer and side, no intermediate beyond the gathered rows."""
+    def copy_from_peer(self, peer_kv: torch.Tensor, peer_slots: torch.Tensor, slots: torch.Tensor,
+                       layers: range | None = None) -> int:
+        """Copy K and V of `layers` (None: every layer) at a peer pool's `peer_slots` (a mapped
+        `kv` tensor of the same layout) into ours at `slots`; returns the bytes copied. One gather
+        and one scatter per layer and side, no intermediate beyond the gathered rows."""
         rows = (-1, self.layout.num_kv_heads, self.layout.head_dim)
+        layers = range(self.layout.num_layers) if layers is None else layers
         slots = device_copy.to_device(slots, self.kv.device)  # a GPU pool takes a CPU peer's rows through the host
         for side in range(2):
-            for layer in range(self.layout.num_layers):
+            for layer in layers:
                 theirs = peer_kv[side, layer].view(rows).index_select(0, peer_slots)
                 self.kv[side, layer].view(rows).index_copy_(0, slots, device_copy.to_device(theirs, self.kv.device))
-        return self.layout.bytes_for(len(slots))
+        return len(layers) * len(slots) * self.layout.bytes_per_token_layer

@@ -47,7 +47,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., index_offset: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "metrics_address", "model", "kv_blocks_total", "kv_blocks_used", "running_requests", "waiting_requests", "block_size", "serving", "prefill_waiting", "prefill_waiting_tokens", "decode_running", "decode_waiting", "switching")
+    __slots__ = ("worker_id", "role", "address", "metrics_address", "model", "kv_blocks_total", "kv_blocks_used", "running_requests", "waiting_requests", "block_size", "serving", "prefill_waiting", "prefill_waiting_tokens", "decode_running", "decode_waiting", "switching", "kv_transports")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class WorkerInfo(_message.Message):
     DECODE_RUNNING_FIELD_NUMBER: _ClassVar[int]
     DECODE_WAITING_FIELD_NUMBER: _ClassVar[int]
     SWITCHING_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     address: str
@@ -80,4 +81,5 @@ class WorkerInfo(_message.Message):
     decode_running: int
     decode_waiting: int
     switching: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., model: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., block_size: _Optional[int] = ..., serving: _Optional[bool] = ..., prefill_waiting: _Optional[int] = ..., prefill_waiting_tokens: _Optional[int] = ..., decode_running: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., switching: _Optional[bool] = ...) -> None: ...
+    kv_transports: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., model: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., block_size: _Optional[int] = ..., serving: _Optional[bool] = ..., prefill_waiting: _Optional[int] = ..., prefill_waiting_tokens: _Optional[int] = ..., decode_running: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., switching: _Optional[bool] = ..., kv_transports: _Optional[_Iterable[str]] = ...) -> None: ...

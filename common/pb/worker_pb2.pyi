@@ -9,16 +9,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_address")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_address", "decode_kv_transports")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     decode_address: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ...) -> None: ...
+    decode_kv_transports: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., decode_kv_transports: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first_token_id", "queue_seconds", "prefill_seconds", "handoff_seconds", "kv_bytes")
@@ -110,12 +112,14 @@ class KVPush(_message.Message):
         shared: KVPush.SharedSource
         def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., adopt: _Optional[_Union[KVPush.Adopt, _Mapping]] = ..., shared: _Optional[_Union[KVPush.SharedSource, _Mapping]] = ...) -> None: ...
     class SharedSource(_message.Message):
-        __slots__ = ("pool", "block_table")
+        __slots__ = ("pool", "block_table", "nixl")
         POOL_FIELD_NUMBER: _ClassVar[int]
         BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
+        NIXL_FIELD_NUMBER: _ClassVar[int]
         pool: SharedPool
         block_table: _containers.RepeatedScalarFieldContainer[int]
-        def __init__(self, pool: _Optional[_Union[SharedPool, _Mapping]] = ..., block_table: _Optional[_Iterable[int]] = ...) -> None: ...
+        nixl: NixlPool
+        def __init__(self, pool: _Optional[_Union[SharedPool, _Mapping]] = ..., block_table: _Optional[_Iterable[int]] = ..., nixl: _Optional[_Union[NixlPool, _Mapping]] = ...) -> None: ...
     class Adopt(_message.Message):
         __slots__ = ("prompt_len", "sampling", "source_worker_id")
         PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -148,12 +152,16 @@ class KVPush(_message.Message):
         kv_tokens: int
         def __init__(self, first_token_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
     class Ready(_message.Message):
-        __slots__ = ("token_start", "token_end")
+        __slots__ = ("token_start", "token_end", "layer_start", "layer_end")
         TOKEN_START_FIELD_NUMBER: _ClassVar[int]
         TOKEN_END_FIELD_NUMBER: _ClassVar[int]
+        LAYER_START_FIELD_NUMBER: _ClassVar[int]
+        LAYER_END_FIELD_NUMBER: _ClassVar[int]
         token_start: int
         token_end: int
-        def __init__(self, token_start: _Optional[int] = ..., token_end: _Optional[int] = ...) -> None: ...
+        layer_start: int
+        layer_end: int
+        def __init__(self, token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
     BEGIN_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +171,24 @@ class KVPush(_message.Message):
     end: KVPush.End
     ready: KVPush.Ready
     def __init__(self, begin: _Optional[_Union[KVPush.Begin, _Mapping]] = ..., chunk: _Optional[_Union[KVPush.Chunk, _Mapping]] = ..., end: _Optional[_Union[KVPush.End, _Mapping]] = ..., ready: _Optional[_Union[KVPush.Ready, _Mapping]] = ...) -> None: ...
+
+class NixlPool(_message.Message):
+    __slots__ = ("agent_name", "agent_metadata", "address", "shape", "dtype", "device_id", "mem_type")
+    AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    MEM_TYPE_FIELD_NUMBER: _ClassVar[int]
+    agent_name: str
+    agent_metadata: bytes
+    address: int
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    device_id: int
+    mem_type: str
+    def __init__(self, agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., address: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device_id: _Optional[int] = ..., mem_type: _Optional[str] = ...) -> None: ...
 
 class SharedPool(_message.Message):
     __slots__ = ("host_id", "pid", "fd", "pool_id", "shape", "dtype")
@@ -197,7 +223,7 @@ class SetRoleRequest(_message.Message):
     def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ...) -> None: ...
 
 class SetRoleResponse(_message.Message):
-    __slots__ = ("from_role", "to_role", "total_seconds", "drain_seconds", "migration_seconds", "migrated_requests", "migrated_bytes", "drained_requests", "fell_back_to_drain", "note", "longest_request_pause_seconds", "longest_request_migration_seconds", "migrated_bytes_shared")
+    __slots__ = ("from_role", "to_role", "total_seconds", "drain_seconds", "migration_seconds", "migrated_requests", "migrated_bytes", "drained_requests", "fell_back_to_drain", "note", "longest_request_pause_seconds", "longest_request_migration_seconds", "migrated_bytes_shared", "migrated_bytes_nixl")
     FROM_ROLE_FIELD_NUMBER: _ClassVar[int]
     TO_ROLE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +237,7 @@ class SetRoleResponse(_message.Message):
     LONGEST_REQUEST_PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LONGEST_REQUEST_MIGRATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MIGRATED_BYTES_SHARED_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_BYTES_NIXL_FIELD_NUMBER: _ClassVar[int]
     from_role: _common_pb2.Role
     to_role: _common_pb2.Role
     total_seconds: float
@@ -224,4 +251,5 @@ class SetRoleResponse(_message.Message):
     longest_request_pause_seconds: float
     longest_request_migration_seconds: float
     migrated_bytes_shared: int
-    def __init__(self, from_role: _Optional[_Union[_common_pb2.Role, str]] = ..., to_role: _Optional[_Union[_common_pb2.Role, str]] = ..., total_seconds: _Optional[float] = ..., drain_seconds: _Optional[float] = ..., migration_seconds: _Optional[float] = ..., migrated_requests: _Optional[int] = ..., migrated_bytes: _Optional[int] = ..., drained_requests: _Optional[int] = ..., fell_back_to_drain: _Optional[bool] = ..., note: _Optional[str] = ..., longest_request_pause_seconds: _Optional[float] = ..., longest_request_migration_seconds: _Optional[float] = ..., migrated_bytes_shared: _Optional[int] = ...) -> None: ...
+    migrated_bytes_nixl: int
+    def __init__(self, from_role: _Optional[_Union[_common_pb2.Role, str]] = ..., to_role: _Optional[_Union[_common_pb2.Role, str]] = ..., total_seconds: _Optional[float] = ..., drain_seconds: _Optional[float] = ..., migration_seconds: _Optional[float] = ..., migrated_requests: _Optional[int] = ..., migrated_bytes: _Optional[int] = ..., drained_requests: _Optional[int] = ..., fell_back_to_drain: _Optional[bool] = ..., note: _Optional[str] = ..., longest_request_pause_seconds: _Optional[float] = ..., longest_request_migration_seconds: _Optional[float] = ..., migrated_bytes_shared: _Optional[int] = ..., migrated_bytes_nixl: _Optional[int] = ...) -> None: ...

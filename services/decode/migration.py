@@ -16,6 +16,7 @@ wire format carry it as a prefill hand-off (services/kvtransfer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import Executor
@@ -27,6 +28,7 @@ from common.convert import sampling_to_pb
 from common.errors import FailedPrecondition, Refused, ResourceExhausted, ServiceError
 from common.kv import wire
 from common.kv.block_pool import kv_tokens_for
+from common.kv.nixl_transport import NixlEndpoint
 from common.kv.shared_memory import SharedPoolHandle
 from common.pb import worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
@@ -57,26 +59,35 @@ class MoveResult:
     bytes: int = 0
     seconds: float = 0.0
     pause_seconds: float = 0.0  # out of the batch: from the pause to the hand-over
-    transport: str = ""  # how the KV went: shm or grpc
+    transport: str = ""  # how the KV went: nixl, shm or grpc
     error: str = ""
 
 
 class Migrator:
     def __init__(self, engine: DecodeEngine, worker_id: str, channels: ChannelPool, kv_executor: Executor,
                  chunk_max_bytes: int, timeout_s: float, shared_pool: SharedPoolHandle | None = None,
-                 transport: str = "auto") -> None:
+                 transport: str = "auto", nixl: NixlEndpoint | None = None) -> None:
         self.engine = engine
         self.worker_id = worker_id
         self.channels = channels
         self.kv_executor = kv_executor
         self.chunk_max_bytes = chunk_max_bytes
         self.timeout_s = timeout_s
-        # The shm transport: targets read the KV out of our pool themselves (services/kvtransfer/
-        # receiver.py). `auto` sends the bytes over gRPC to a target that cannot map our pool
-        # (another host, say), and remembers it; `shm` makes that a failed move.
+        # The nixl and shm transports: targets read the KV out of our pool themselves (services/
+        # kvtransfer/receiver.py), with NIXL reads or through a mapping. A target that cannot
+        # refuses on `begin` (FAILED_PRECONDITION, before it reserves anything); the next
+        # transport is then tried (auto: nixl, shm, grpc; a named one: it, then grpc, the bytes
+        # in PushKV chunks, which every worker takes) and the refusal remembered for that target.
         self.shared_pool = shared_pool  # None: a gRPC-only worker, or a pool that is not shared
+        self.nixl = nixl  # None: NIXL not installed, or not chosen (DOPD_KV_TRANSPORT)
         self.transport = transport
-        self._grpc_only: set[str] = set()  # addresses of targets that cannot map our pool
+        self._refused: dict[str, set[str]] = {"nixl": set(), "shm": set()}  # transport -> target addresses
+
+    def transports_for(self, address: str) -> list[str]:
+        """The transports to try for a target, best first."""
+        offered = {"nixl": self.nixl is not None, "shm": self.shared_pool is not None, "grpc": True}
+        wanted = ["nixl", "shm", "grpc"] if self.transport == "auto" else [self.transport, "grpc"]
+        return list(dict.fromkeys(t for t in wanted if offered[t] and address not in self._refused.get(t, ())))
 
     async def migrate(self, seq: DecodeSeq, targets: list[Target]) -> MoveResult:
         """Move `seq` to the first target that takes it (targets in order of preference)."""
@@ -150,27 +161,37 @@ class Migrator:
         return self.engine.scheduler.seqs.get(seq.request_id) is seq
 
     async def _move(self, seq: DecodeSeq, target: Target, result: MoveResult) -> None:
-        shared = self.shared_pool is not None and target.address not in self._grpc_only
-        try:
-            await self._move_via(seq, target, result, shared)
-        except FailedPrecondition as exc:  # refused on `begin`, before the target reserved anything
-            if not shared or self.transport == "shm" or not self._alive(seq):
-                raise
-            log.info("%s cannot read KV out of this worker's pool (%s): it gets the bytes over gRPC",
-                     target.worker_id, exc)
-            self._grpc_only.add(target.address)
-            await self._move_via(seq, target, result, shared=False)
+        transports = self.transports_for(target.address)
+        for i, via in enumerate(transports):
+            try:
+                await self._move_via(seq, target, result, via)
+                return
+            except FailedPrecondition as exc:  # refused on `begin`, before the target reserved anything
+                if via == "grpc" or i + 1 == len(transports) or not self._alive(seq):
+                    raise
+                log.info("%s does not take KV by %s from this worker (%s): trying %s", target.worker_id, via, exc,
+                         transports[i + 1])
+                self._refused[via].add(target.address)
 
-    async def _move_via(self, seq: DecodeSeq, target: Target, result: MoveResult, shared: bool) -> None:
-        engine, store = self.engine, self.engine.runner.store
-        layout = store.layout
+    async def _move_via(self, seq: DecodeSeq, target: Target, result: MoveResult, via: str) -> None:
+        layout = self.engine.runner.store.layout
         begin = wire.begin_message(seq.request_id, kv_tokens_for(seq.prompt_len, seq.params.max_tokens), layout)
         begin.begin.adopt.CopyFrom(worker_pb2.KVPush.Adopt(
             prompt_len=seq.prompt_len, sampling=sampling_to_pb(seq.params), source_worker_id=self.worker_id))
-        if shared:
+        if via == "shm":
             begin.begin.shared.CopyFrom(worker_pb2.KVPush.SharedSource(pool=self.shared_pool.to_pb(),
                                                                        block_table=seq.block_table))
+        elif via == "nixl":
+            begin.begin.shared.CopyFrom(worker_pb2.KVPush.SharedSource(nixl=self.nixl.source().to_pb(),
+                                                                       block_table=seq.block_table))
         stub = worker_pb2_grpc.WorkerStub(self.channels.get(target.address))
+        async with self.nixl.progressing() if via == "nixl" else contextlib.nullcontext():
+            await self._run_move(seq, target, result, via, begin, stub)
+
+    async def _run_move(self, seq: DecodeSeq, target: Target, result: MoveResult, via: str,
+                        begin: worker_pb2.KVPush, stub: worker_pb2_grpc.WorkerStub) -> None:
+        engine, layout = self.engine, self.engine.runner.store.layout
+        shared = via != "grpc"  # the target reads our pool: `ready` notices instead of bytes
         sender = KVSender(asyncio.get_running_loop(), stub, begin, layout, self.timeout_s, 1, self.chunk_max_bytes)
         plan, paused, paused_at = MovePlan(), False, 0.0
         try:
@@ -197,7 +218,7 @@ class Migrator:
             result.bytes = await sender.wait_raw()
             engine.moved(seq, target.worker_id, target.address)
             result.moved_to = target.worker_id
-            result.transport = "shm" if shared else "grpc"
+            result.transport = via
             result.pause_seconds = time.perf_counter() - paused_at
             paused = False
         except grpc.aio.AioRpcError as exc:

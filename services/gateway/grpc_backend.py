@@ -79,7 +79,8 @@ class GrpcBackend:
 
     def workers(self, role: str) -> list[WorkerView]:
         """Workers serving `role` by the last topology; none in the middle of a role switch."""
-        return [WorkerView(w.worker_id, w.address, w.kv_blocks_total - w.kv_blocks_used, w.block_size)
+        return [WorkerView(w.worker_id, w.address, w.kv_blocks_total - w.kv_blocks_used, w.block_size,
+                           tuple(w.kv_transports))
                 for w in self.topology.workers if w.role == _ROLES[role] and w.serving and not w.switching]
 
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
@@ -118,11 +119,11 @@ class GrpcBackend:
                                 worker_pb2.DecodeRequest(request_id=request_id, attach=True), timeout)
 
     async def prefill(self, worker: WorkerView, request_id: str, prompt: list[int], params: SamplingParams,
-                      decode_address: str, timeout: float) -> int:
+                      decode_address: str, timeout: float, decode_transports: tuple[str, ...] = ()) -> int:
         try:
             reply = await self._stub(worker.address).Prefill(worker_pb2.PrefillRequest(
                 request_id=request_id, prompt_token_ids=prompt, sampling=sampling_to_pb(params),
-                decode_address=decode_address), timeout=timeout)
+                decode_address=decode_address, decode_kv_transports=decode_transports), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise domain_error(exc, f"prefill worker {worker.worker_id}") from None
         return reply.first_token_id

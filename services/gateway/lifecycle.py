@@ -96,7 +96,8 @@ class Backend(Protocol):
     async def next_topology(self, timeout: float) -> None: ...  # wait for the topology to change
 
     async def prefill(self, worker: WorkerView, request_id: str, prompt: list[int], params: SamplingParams,
-                      decode_address: str, timeout: float) -> int: ...
+                      decode_address: str, timeout: float, decode_transports: tuple[str, ...] = ()) -> int: ...
+    # (decode_transports: what the decode worker advertised; its KV may go by one of them)
 
 
 class RequestCore:
@@ -389,7 +390,7 @@ class RequestCore:
             finished_at = None  # set when the worker did prefill it (admission's busy-since)
             try:
                 first = await self.backend.prefill(worker, req.worker_request_id, req.prompt, req.params,
-                                                   decode_worker.address, remaining())
+                                                   decode_worker.address, remaining(), decode_worker.kv_transports)
                 finished_at = time.monotonic()
                 return first
             except Refused:

@@ -17,6 +17,7 @@ class WorkerView:
     address: str
     kv_free_blocks: int
     block_size: int
+    kv_transports: tuple[str, ...] = ()  # how it reads peers' KV besides PushKV chunks (WorkerInfo)
 
 
 def pick_prefill(workers: list[WorkerView], outstanding_tokens: dict[str, int]) -> WorkerView | None:

@@ -26,6 +26,7 @@ from common.errors import FailedPrecondition, InvalidArgument, ServiceError, Una
 from common.kv import device_copy, wire
 from common.kv.block_pool import kv_tokens_for
 from common.kv.kv_store import slots_for
+from common.kv.nixl_transport import NixlEndpoint, NixlError, NixlSource, read_descriptors
 from common.kv.shared_memory import PeerPools, SharedPoolHandle
 from common.kv.wire import KVLayout
 from common.pb import worker_pb2
@@ -36,19 +37,27 @@ from services.worker import metrics
 
 @dataclass
 class SharedReads:
-    """How this worker reads KV straight out of a peer's pool on the same host (the `shm`
-    transport, common/kv/shared_memory.py): the peers' mapped pools, and the thread that copies
-    (never the event loop's: a request's KV is megabytes)."""
+    """How this worker reads KV straight out of a peer's pool: mapped, on the same host (the
+    `shm` transport, common/kv/shared_memory.py; `pools` None: not taken), or with NIXL reads
+    (common/kv/nixl_transport.py; `nixl` None: not taken), and the thread that copies (never the
+    event loop's: a request's KV is megabytes)."""
 
-    pools: PeerPools
+    pools: PeerPools | None
     executor: Executor
+    nixl: NixlEndpoint | None = None
+    timeout_s: float = 30.0  # for one NIXL read
 
 
 @dataclass
 class _Source:
-    kv: torch.Tensor  # the peer's whole pool, mapped
     block_table: list[int]
     block_size: int
+    kv: torch.Tensor | None = None  # shm: the peer's whole pool, mapped
+    nixl: NixlSource | None = None  # or where NIXL reads it
+
+    @property
+    def transport(self) -> str:
+        return "nixl" if self.nixl is not None else "shm"
 
 
 async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeEngine, layout: KVLayout,
@@ -88,11 +97,13 @@ async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeE
             elif part == "ready":
                 if source is None:
                     raise wire.WireError("a ready message needs a shared source in begin")
-                start, end = message.ready.token_start, message.ready.token_end
-                copied = await _copy_from_source(source, shared, engine, seq, start, end, num_tokens)
-                written[:, start:end] = True
+                ready = message.ready
+                layers = _ready_layers(ready, layout)
+                copied = await _copy_from_source(source, shared, engine, seq, ready.token_start, ready.token_end,
+                                                 layers, num_tokens)
+                written[layers.start:layers.stop, ready.token_start:ready.token_end] = True
                 received += copied
-                metrics.KV_TRANSFER_BYTES.labels("received", "shm").inc(copied)
+                metrics.KV_TRANSFER_BYTES.labels("received", source.transport).inc(copied)
             elif part == "end":
                 _complete(message.end, seq, engine, written, vocab_size, adopting)
                 return received
@@ -113,9 +124,20 @@ async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeE
         raise error from exc
 
 
+def _ready_layers(ready: worker_pb2.KVPush.Ready, layout: KVLayout) -> range:
+    if ready.layer_start == ready.layer_end == 0:
+        return range(layout.num_layers)
+    if not 0 <= ready.layer_start < ready.layer_end <= layout.num_layers:
+        raise wire.WireError(f"KV ready for layers [{ready.layer_start}, {ready.layer_end}) outside "
+                             f"[0, {layout.num_layers})")
+    return range(ready.layer_start, ready.layer_end)
+
+
 def _map_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None, store) -> _Source:
-    if shared is None:
-        raise FailedPrecondition("this worker takes KV over gRPC only (DOPD_KV_TRANSPORT)")
+    if pb.HasField("nixl"):
+        return _nixl_source(pb, shared, store)
+    if shared is None or shared.pools is None:
+        raise FailedPrecondition("this worker does not map peers' KV pools (DOPD_KV_TRANSPORT)")
     handle = SharedPoolHandle.from_pb(pb.pool)
     ours = tuple(store.kv.shape)
     if len(handle.shape) != 6 or (handle.shape[:2] + handle.shape[3:]) != (ours[:2] + ours[3:]) \
@@ -132,7 +154,21 @@ def _map_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None, 
     if tuple(kv.shape) != tuple(handle.shape) or any(not 0 <= b < kv.shape[2] - 1 for b in pb.block_table):
         raise InvalidArgument(f"a shared KV source claims a pool of shape {list(handle.shape)}, "
                               f"but the pool mapped is {list(kv.shape)}")
-    return _Source(kv, list(pb.block_table), handle.shape[3])
+    return _Source(list(pb.block_table), handle.shape[3], kv=kv)
+
+
+def _nixl_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None, store) -> _Source:
+    if shared is None or shared.nixl is None:
+        raise FailedPrecondition("this worker does not read KV with NIXL (DOPD_KV_TRANSPORT, or NIXL not installed)")
+    source = NixlSource.from_pb(pb.nixl)
+    ours = tuple(store.kv.shape)
+    if len(source.shape) != 6 or (source.shape[:2] + source.shape[3:]) != (ours[:2] + ours[3:]) \
+            or source.dtype != store.layout.dtype_name:
+        raise FailedPrecondition(f"the sender's KV pool {list(source.shape)} {source.dtype} does not match this "
+                                 f"worker's {list(ours)} {store.layout.dtype_name}")
+    if any(not 0 <= b < source.shape[2] - 1 for b in pb.block_table):
+        raise InvalidArgument("a NIXL KV source names blocks outside its pool")
+    return _Source(list(pb.block_table), source.shape[3], nixl=source)
 
 
 async def _write_chunk(engine: DecodeEngine, seq: DecodeSeq, chunk: wire.KVChunk, executor: Executor | None) -> None:
@@ -146,15 +182,27 @@ async def _write_chunk(engine: DecodeEngine, seq: DecodeSeq, chunk: wire.KVChunk
 
 
 async def _copy_from_source(source: _Source, shared: SharedReads, engine: DecodeEngine, seq: DecodeSeq,
-                            start: int, end: int, num_tokens: int) -> int:
+                            start: int, end: int, layers: range, num_tokens: int) -> int:
     if not 0 <= start < end <= min(num_tokens, len(source.block_table) * source.block_size):
         raise wire.WireError(f"KV ready for positions [{start}, {end}) outside the transfer's "
                              f"[0, {min(num_tokens, len(source.block_table) * source.block_size)})")
     store = engine.receiving_store(seq)
-    return await _settled(asyncio.get_running_loop().run_in_executor(
+    loop = asyncio.get_running_loop()
+    if source.nixl is not None:
+        if store.kv is not shared.nixl.pool:
+            raise FailedPrecondition("this request's KV does not go into the pool NIXL reads into")
+        remote, local = read_descriptors(
+            source.nixl.address, source.nixl.shape, source.block_table, store.kv.data_ptr(), tuple(store.kv.shape),
+            seq.block_table, store.kv.element_size(), start, end, layers.start, layers.stop)
+        try:
+            return await _settled(loop.run_in_executor(shared.executor, shared.nixl.read, source.nixl, remote, local,
+                                                       shared.timeout_s))
+        except NixlError as exc:
+            raise Unavailable(f"reading KV from {source.nixl.agent_name}: {exc}") from None
+    return await _settled(loop.run_in_executor(
         shared.executor, device_copy.on_side_stream, device_copy.pool_device(store), store.copy_from_peer,
         source.kv, slots_for(source.block_table, start, end, source.block_size),
-        store.slots(seq.block_table, start, end)))
+        store.slots(seq.block_table, start, end), layers))
 
 
 async def _settled(copy: asyncio.Future):

@@ -49,11 +49,21 @@ class PrefillSender(Protocol):
 OpenSender = Callable[[str, str, int, float], PrefillSender]
 
 
-def grpc_sender_factory(channels: ChannelPool, layout: KVLayout, min_bytes: int, max_bytes: int) -> OpenSender:
-    def open_sender(address: str, request_id: str, num_tokens: int, timeout: float) -> KVSender:
+def grpc_sender_factory(channels: ChannelPool, layout: KVLayout, min_bytes: int, max_bytes: int,
+                        staged: Callable[..., PrefillSender | None] | None = None,
+                        reads_us: Callable[[str], bool] = lambda address: False) -> OpenSender:
+    """Prefill hand-offs over PushKV: the bytes in chunks, or, to a decode worker that
+    `reads_us` (it advertised the nixl transport), `staged` ready notices for it to read
+    (services/kvtransfer/staged_sender.py; None back: no staging room, the bytes then)."""
+    def open_sender(address: str, request_id: str, num_tokens: int, timeout: float) -> PrefillSender:
+        loop = asyncio.get_running_loop()
         stub = worker_pb2_grpc.WorkerStub(channels.get(address))
-        return KVSender.for_prefill(asyncio.get_running_loop(), stub, request_id, num_tokens, layout, timeout,
-                                    min_bytes, max_bytes, address)
+        if staged is not None and reads_us(address):
+            sender = staged(loop, stub, request_id, num_tokens, timeout, address)
+            if sender is not None:
+                return sender
+        return KVSender.for_prefill(loop, stub, request_id, num_tokens, layout, timeout, min_bytes, max_bytes,
+                                    address)
     return open_sender
 
 

@@ -7,7 +7,8 @@ KV_BLOCKS_CAPACITY = Gauge("dopd_kv_blocks_capacity", "KV blocks in this worker'
 # Always 1: the worker's id as a label, to name series by worker in queries (every other worker
 # metric is keyed by the scrape target only): `... * on (instance) group_left (worker_id) dopd_worker_info`.
 WORKER_INFO = Gauge("dopd_worker_info", "Always 1; labels: this worker's id and model", ["worker_id", "model"])
-# transport: grpc (bytes in PushKV chunks) or shm (copied by the receiver out of the sender's pool)
+# transport: grpc (bytes in PushKV chunks), shm (copied by the receiver out of the sender's pool,
+# mapped) or nixl (read by the receiver out of the sender's pool with NIXL)
 KV_TRANSFER_BYTES = Counter("dopd_kv_transfer_bytes_total", "KV bytes moved between workers",
                             ["direction", "transport"])
 WORKER_ROLE = Gauge("dopd_worker_role", "1 for the role this worker serves, 0 for the others", ["role"])
@@ -32,7 +33,8 @@ LOCAL_PREFILL_TOKENS = Counter("dopd_local_prefill_tokens_total",
 
 # Every label set these take exists from the start, at 0: a series that first appears at 1 would
 # hide its first event from rate() and increase().
-for _direction, _transport in (("sent", "grpc"), ("received", "grpc"), ("received", "shm")):
+for _direction, _transport in (("sent", "grpc"), ("received", "grpc"), ("received", "shm"), ("sent", "nixl"),
+                              ("received", "nixl")):
     KV_TRANSFER_BYTES.labels(_direction, _transport)
 for _from, _to in (("prefill", "decode"), ("decode", "prefill")):
     ROLE_SWITCH_SECONDS.labels(_from, _to)

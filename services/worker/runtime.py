@@ -8,6 +8,7 @@ decode worker); both engines exist from the start so that a role change needs no
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,9 @@ import torch
 
 from common.config import WorkerSettings
 from common.convert import ROLE_FROM_PB, ROLE_TO_PB
+from common.kv import nixl_transport
 from common.kv.block_pool import BlockPool
+from common.kv.nixl_transport import NixlEndpoint
 from common.kv.shared_memory import PeerPools
 from common.modeling.registry import RunnerSpec, build_runner
 from common.pb import common_pb2, planner_pb2, planner_pb2_grpc
@@ -30,6 +33,7 @@ from services.decode.migration import Migrator
 from services.decode.scheduler import DecodeScheduler
 from services.kvtransfer.receiver import SharedReads
 from services.kvtransfer.sender import grpc_sender_factory
+from services.kvtransfer.staged_sender import StagedSender, Staging
 from services.prefill.engine import PrefillEngine
 from services.worker import metrics
 from services.worker.role_state import RoleState
@@ -70,6 +74,11 @@ class WorkerRuntime:
         self.decode: DecodeEngine | None = None
         self.migrator: Migrator | None = None
         self.shared_reads: SharedReads | None = None
+        self.nixl: NixlEndpoint | None = None
+        self.kv_transports: tuple[str, ...] = ()  # how this worker reads peers' KV (advertised)
+        # What each decode worker advertised, as the gateway passed it on with a Prefill: how our
+        # hand-offs to it may go.
+        self._peer_transports: dict[str, frozenset[str]] = {}
         self._heartbeat: asyncio.Task | None = None
         self._report_now = asyncio.Event()
         self._planner_warned = False
@@ -114,16 +123,43 @@ class WorkerRuntime:
         metrics.KV_BLOCKS_CAPACITY.set(s.kv_blocks)
         metrics.WORKER_INFO.labels(self.worker_id, s.model).set(1)
         metrics.KV_BLOCKS_USED.set(0)
-        open_sender = grpc_sender_factory(self.channels, self.runner_layout, s.kv_chunk_min_bytes,
-                                          s.kv_chunk_max_bytes)
+        self.nixl = self._nixl_endpoint(runner.store)
+        staging = Staging(runner.store, self.pool, self.nixl) if self.nixl is not None else None
+        open_sender = grpc_sender_factory(
+            self.channels, self.runner_layout, s.kv_chunk_min_bytes, s.kv_chunk_max_bytes,
+            staged=functools.partial(StagedSender.open, staging=staging) if staging is not None else None,
+            reads_us=lambda address: "nixl" in self._peer_transports.get(address, ()))
         self.prefill = PrefillEngine(runner, self.executor, open_sender, s.prefill_token_budget,
                                      s.prefill_queue_limit)
         self.decode = DecodeEngine(runner, DecodeScheduler(self.pool, s.max_batch_size), self.executor,
                                    s.kv_timeout_s, s.step_token_budget, s.decode_waiting_limit)
         shared_pool = getattr(runner.store, "shared_handle", None)  # None: sim or GPU pool, or grpc
-        self.shared_reads = SharedReads(PeerPools(), self.kv_executor) if s.kv_transport != "grpc" else None
+        maps_peers = s.kv_transport in ("auto", "shm")
+        self.kv_transports = tuple(t for t, ok in (("nixl", self.nixl is not None), ("shm", maps_peers)) if ok)
+        if self.kv_transports:
+            self.shared_reads = SharedReads(PeerPools() if maps_peers else None, self.kv_executor, self.nixl,
+                                            s.kv_timeout_s)
         self.migrator = Migrator(self.decode, self.worker_id, self.channels, self.kv_executor,
-                                 s.kv_chunk_max_bytes, s.kv_timeout_s, shared_pool, s.kv_transport)
+                                 s.kv_chunk_max_bytes, s.kv_timeout_s, shared_pool if maps_peers else None,
+                                 s.kv_transport, self.nixl)
+
+    def _nixl_endpoint(self, store) -> NixlEndpoint | None:
+        """This worker's NIXL agent, its pool registered: under `nixl`, or `auto` where NIXL is
+        installed; never for a pool that holds no bytes (the sim engine)."""
+        wanted = self.settings.kv_transport
+        if wanted not in ("auto", "nixl"):
+            return None
+        if wanted == "nixl" and not nixl_transport.available():
+            raise RuntimeError("DOPD_KV_TRANSPORT=nixl, but NIXL is not installed (pip install '.[nixl]')")
+        if not nixl_transport.available() or getattr(store, "kv", None) is None:
+            return None
+        endpoint = NixlEndpoint(self.worker_id, store.kv)
+        log.info("NIXL agent %s: KV pool registered (%d MiB, %s)", endpoint.name, store.kv.nbytes >> 20,
+                 endpoint.source().mem_type)
+        return endpoint
+
+    def learn_transports(self, address: str, transports) -> None:
+        self._peer_transports[address] = frozenset(transports)
 
     def _set_role_gauge(self) -> None:
         for role in Role:
@@ -150,7 +186,7 @@ class WorkerRuntime:
             kv_blocks_used=self.pool.num_used if self.pool else 0, running_requests=running,
             waiting_requests=waiting, block_size=self.pool.block_size if self.pool else 0, serving=self.ready,
             prefill_waiting=prefill_waiting, prefill_waiting_tokens=prefill_tokens, decode_running=decode_running,
-            decode_waiting=decode_waiting, switching=self.state.switching)
+            decode_waiting=decode_waiting, switching=self.state.switching, kv_transports=self.kv_transports)
 
     def is_idle(self) -> bool:
         return not self.ready or (not self.decode.scheduler.seqs and not self.prefill.busy)
@@ -205,3 +241,5 @@ class WorkerRuntime:
         await self.channels.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.kv_executor.shutdown(wait=False, cancel_futures=True)
+        if self.nixl is not None:
+            self.nixl.close()

@@ -45,6 +45,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if not request.decode_address:
             raise InvalidArgument("decode_address is empty")
         timeout = context.time_remaining() or self.rt.settings.rpc_timeout_s
+        self.rt.learn_transports(request.decode_address, request.decode_kv_transports)
         result = await self.rt.prefill.prefill(request.request_id, prompt, sampling_from_pb(request.sampling),
                                                request.decode_address, timeout)
         return worker_pb2.PrefillResponse(
@@ -137,6 +138,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             migration_seconds=result.migration_seconds, migrated_requests=len(moved),
             migrated_bytes=sum(m.bytes for m in moved),
             migrated_bytes_shared=sum(m.bytes for m in moved if m.transport == "shm"),
+            migrated_bytes_nixl=sum(m.bytes for m in moved if m.transport == "nixl"),
             drained_requests=result.drained_requests,
             fell_back_to_drain=result.fell_back_to_drain, note=result.note,
             longest_request_pause_seconds=max((m.pause_seconds for m in moved), default=0.0),

@@ -4,8 +4,9 @@ decoding several requests (they are live-migrated). No request fails, greedy out
 identical to a run without switches, and no worker leaks a block.
 
 decode-1 takes KV over gRPC only, the others read it out of each other's pools (the shm
-transport): moves between those two go through shared memory, moves to decode-1 fall back to gRPC
-bytes, and decode-1's own moves send bytes (it has no shared pool)."""
+transport, named: `auto` would pick NIXL where it is installed, tests/integration/
+test_kv_transports.py): moves between those two go through shared memory, moves to decode-1 fall
+back to gRPC bytes, and decode-1's own moves send bytes (it has no shared pool)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ N_SWITCHES = 20
 def switch_cluster(redis_url, redis_prefix, tmp_path_factory):
     handle = start_cluster("tiny-random", tmp_path_factory.mktemp("switch-cluster"), redis_url,
                            redis_prefix + "switch:", prefill=1, decode=2, kv_blocks=1024,
-                           env={"DOPD_KV_TIMEOUT_S": "5"}, worker_env={"decode-1": {"DOPD_KV_TRANSPORT": "grpc"}})
+                           env={"DOPD_KV_TIMEOUT_S": "5", "DOPD_KV_TRANSPORT": "shm"},
+                           worker_env={"decode-1": {"DOPD_KV_TRANSPORT": "grpc"}})
     yield handle
     codes = handle.cluster.stop()
     assert all(code == 0 for code in codes.values()), f"a service did not drain cleanly: {codes}"

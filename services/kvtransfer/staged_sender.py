@@ -1,0 +1,107 @@
+"""A prefill hand-off that the decode worker reads (the `nixl` transport), layer by layer.
+
+The prefill worker holds a KV pool like every worker (it may decode tomorrow), registered with its
+NIXL agent. A prompt's hand-off borrows blocks of that pool (`Staging`): each layer's K/V is
+written into them by the forward thread as soon as the layer is computed, and a `ready` notice
+for that layer goes down the PushKV stream; the decode worker reads those positions into its
+own reserved blocks with a NIXL READ (services/kvtransfer/receiver.py) and checks completeness
+at `end`, as for bytes. The blocks go back when the push ends, however it ends (the call's done
+callback): the receiver reads, never writes, them, so a read that is late reads a request that
+failed, never our memory's next owner's state.
+
+No staging blocks free (the pool is busy decoding): the hand-off goes as bytes over gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+
+from common.kv import wire
+from common.kv.block_pool import BlockPool, OutOfBlocks
+from common.kv.nixl_transport import NixlEndpoint
+from common.pb import worker_pb2
+from services.kvtransfer.sender import KVSender
+from services.worker import metrics
+
+log = logging.getLogger(__name__)
+
+
+class Staging:
+    """The pool and endpoint a prefill hand-off stages its KV in."""
+
+    def __init__(self, store, pool: BlockPool, endpoint: NixlEndpoint) -> None:
+        self.store = store  # PagedKVStore, registered with `endpoint`
+        self.pool = pool  # the worker's BlockPool (its decode scheduler's): blocks are borrowed from it
+        self.endpoint = endpoint
+
+    def borrow(self, num_tokens: int) -> list[int] | None:
+        try:
+            return self.pool.allocate(self.pool.blocks_for(num_tokens))
+        except OutOfBlocks:
+            return None
+
+
+class StagedSender:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sender: KVSender, staging: Staging, blocks: list[int],
+                 num_tokens: int) -> None:
+        self._loop = loop
+        self._sender = sender
+        self._staging = staging
+        self._blocks = blocks
+        self._num_tokens = num_tokens
+        self._slots = staging.store.slots(blocks, 0, num_tokens)
+        staging.endpoint.hold_progress()  # the receiver reads from us until the call ends
+        sender.call.add_done_callback(lambda _: self._give_back())
+
+    @classmethod
+    def open(cls, loop: asyncio.AbstractEventLoop, stub, request_id: str, num_tokens: int, timeout: float,
+             address: str, *, staging: Staging) -> StagedSender | None:
+        """None when no staging blocks are free."""
+        blocks = staging.borrow(num_tokens)
+        if blocks is None:
+            return None
+        store = staging.store
+        begin = wire.begin_message(request_id, num_tokens, store.layout)
+        begin.begin.shared.CopyFrom(worker_pb2.KVPush.SharedSource(nixl=staging.endpoint.source().to_pb(),
+                                                                   block_table=blocks))
+        try:
+            sender = KVSender(loop, stub, begin, store.layout, timeout, 1, 1, address)
+        except BaseException:
+            staging.pool.free(blocks)
+            raise
+        return cls(loop, sender, staging, blocks, num_tokens)
+
+    @property
+    def done_at(self) -> float | None:
+        return self._sender.done_at
+
+    def put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """From the forward thread: k, v are this request's [kv_heads, tokens, head_dim] of `layer`."""
+        store = self._staging.store
+        slots = self._slots.to(store.kv.device) if store.kv.is_cuda else self._slots
+        store.write_tokens(layer, slots, k.transpose(0, 1), v.transpose(0, 1))
+        if store.kv.is_cuda:
+            torch.cuda.current_stream(store.kv.device).synchronize()  # in the pool before anyone reads it
+        ready = worker_pb2.KVPush(ready=worker_pb2.KVPush.Ready(token_start=0, token_end=self._num_tokens,
+                                                                layer_start=layer, layer_end=layer + 1))
+        self._loop.call_soon_threadsafe(self._sender.put_messages, [ready])
+        metrics.KV_TRANSFER_BYTES.labels("sent", "nixl").inc(self._num_tokens * store.layout.bytes_per_token_layer)
+
+    def finish(self, first_token_id: int) -> None:
+        self._sender.finish(first_token_id)
+
+    def cancel(self) -> None:
+        self._sender.cancel()
+
+    async def wait(self) -> int:
+        return await self._sender.wait()
+
+    def _give_back(self) -> None:
+        if self._blocks is None:
+            return
+        self._staging.pool.free(self._blocks)
+        self._blocks = None
+        self._staging.endpoint.release_progress()
