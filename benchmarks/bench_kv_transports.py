@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import multiprocessing as mp
 import resource
 import statistics
@@ -72,7 +73,12 @@ def scattered_table(tokens: int, num_blocks: int, seed: int) -> list[int]:
 
 # -- the sending process ----------------------------------------------------------------------
 
+def quiet_nixl() -> None:
+    logging.getLogger("nixl").setLevel(logging.WARNING)  # its agents log their creation at INFO
+
+
 def sender_main(conn, transport: str, tokens: int, repeats: int) -> None:
+    quiet_nixl()
     torch.set_num_threads(1)
     store = PagedKVStore(LAYOUT, pool_blocks(tokens), BLOCK, torch.device("cpu"), shared=transport == "shm")
     store.kv.normal_()
@@ -278,6 +284,7 @@ def main() -> int:
     p.add_argument("--skip-system", action="store_true", help="only the raw transfers")
     p.add_argument("--out")
     args = p.parse_args()
+    quiet_nixl()
     if not nixl_transport.available():
         print("NIXL is not installed (pip install '.[nixl]')", file=sys.stderr)
         return 2

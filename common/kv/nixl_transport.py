@@ -12,8 +12,10 @@ host copy, where a memfd mapping serves CPU pools on one host only.
 - `begin.shared.nixl` (`NixlSource`) carries the sender's agent metadata, loaded once per peer
   agent (agent names carry a per-process nonce: a restarted peer is a new agent), and where its
   pool is: address, shape, dtype, device.
-- A READ is posted and polled to completion off the event loop (the receiver's kv-io thread),
-  within a deadline: a peer that dies mid-read ends in an error, never a hang.
+- A READ is posted and polled to completion off the event loop (a thread of the receiver's),
+  within a deadline: a peer that dies mid-read ends in an error, never a hang. A read past its
+  deadline is cancelled (or waited for, a while longer) before the error is raised: the caller
+  keeps the blocks it reads into out of use until then.
 - No NIXL progress thread: it polls without pause and takes most of a core on these machines
   (measured: 0.59 CPU-s over a 1.5 s idle run). UCX still needs the side that is read from to
   progress (connection wire-up), so a sender progresses its agent every millisecond while a
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -150,6 +153,7 @@ class NixlEndpoint:
         self._registered = self._agent.register_memory(pool)
         self._metadata = self._agent.get_agent_metadata()
         self._peers: OrderedDict[str, None] = OrderedDict()
+        self._peers_lock = threading.Lock()
         self._progressing = 0
         self._progress_task: asyncio.Task | None = None
 
@@ -183,7 +187,21 @@ class NixlEndpoint:
             await asyncio.sleep(PROGRESS_EVERY_S)
 
     # -- the reading side --------------------------------------------------------------------
+    def connect(self, source: NixlSource) -> None:
+        """Load the peer's metadata now (a receiver does it on `begin`, before it reserves
+        anything): NixlError when it cannot."""
+        try:
+            self._peer(source)
+        except NixlError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - NIXL's bindings raise their own
+            raise NixlError(f"cannot load NIXL agent {source.agent_name}: {type(exc).__name__}: {exc}") from None
+
     def _peer(self, source: NixlSource) -> str:
+        with self._peers_lock:  # the loop (connect) and the read thread both get here
+            return self._load_peer(source)
+
+    def _load_peer(self, source: NixlSource) -> str:
         if source.agent_name in self._peers:
             self._peers.move_to_end(source.agent_name)
             return source.agent_name
@@ -220,29 +238,56 @@ class NixlEndpoint:
         local_descs = self._agent.get_xfer_descs(_rows(local, np.uint64(_device_id(self.pool))),
                                                  _mem_type(self.pool))
         handle = self._agent.initialize_xfer("READ", local_descs, remote_descs, peer)
-        try:
-            state = self._agent.transfer(handle)
-            deadline = time.monotonic() + timeout_s
-            while state == "PROC":
-                if time.monotonic() > deadline:
-                    raise NixlError(f"a NIXL read from {source.agent_name} was not done within {timeout_s:.1f} s")
-                time.sleep(POLL_PAUSE_S)
-                state = self._agent.check_xfer_state(handle)
-            if state != "DONE":
-                raise NixlError(f"a NIXL read from {source.agent_name} failed ({state})")
-        finally:
-            # A transfer still in flight cannot be released; NIXL's handle frees it when it ends.
-            with contextlib.suppress(Exception):
+        state = self._agent.transfer(handle)
+        deadline = time.monotonic() + timeout_s
+        while state == "PROC" and time.monotonic() < deadline:
+            time.sleep(POLL_PAUSE_S)
+            state = self._agent.check_xfer_state(handle)
+        if state == "PROC":
+            # Past its deadline. Its bytes may still land in our blocks, so this call does not
+            # return (and the caller keeps the blocks out of use, receiver._guarded) until NIXL
+            # has cancelled it, or it ended, or another `timeout_s` has gone by.
+            state = self._cancel(handle, time.monotonic() + timeout_s)
+            raise NixlError(f"a NIXL read from {source.agent_name} was not done within {timeout_s:.1f} s"
+                            + ("" if state != "PROC" else "; it could not be cancelled either"))
+        with contextlib.suppress(Exception):
+            self._agent.release_xfer_handle(handle)
+        if state != "DONE":
+            raise NixlError(f"a NIXL read from {source.agent_name} failed ({state})")
+
+    def _cancel(self, handle, until: float) -> str:
+        """Release a transfer in flight (NIXL cancels it), or wait for it to end; its last state."""
+        state = "PROC"
+        while time.monotonic() < until:
+            try:
                 self._agent.release_xfer_handle(handle)
+                return "CANCELLED"
+            except Exception:  # noqa: BLE001 - still in flight: NIXL cannot cancel it yet
+                pass
+            time.sleep(POLL_PAUSE_S * 10)
+            try:
+                state = self._agent.check_xfer_state(handle)
+            except Exception:  # noqa: BLE001 - it ended in an error
+                return "ERR"
+            if state != "PROC":
+                return state
+        log.error("a NIXL read past its deadline could neither be cancelled nor ended: its blocks may still be "
+                  "written")
+        return state
 
     def forget(self, agent_name: str) -> None:
         """Drop a peer agent (its worker is gone)."""
-        if agent_name in self._peers:
-            del self._peers[agent_name]
-            with contextlib.suppress(Exception):
-                self._agent.remove_remote_agent(agent_name)
+        with self._peers_lock:
+            if agent_name in self._peers:
+                del self._peers[agent_name]
+                with contextlib.suppress(Exception):
+                    self._agent.remove_remote_agent(agent_name)
 
     def close(self) -> None:
+        """After the reads have ended (the caller's executor drained)."""
+        self._progressing = 0
+        if self._progress_task is not None:
+            self._progress_task.cancel()
         for name in list(self._peers):
             self.forget(name)
         with contextlib.suppress(Exception):

@@ -168,9 +168,18 @@ class DecodeEngine:
 
     def receiving_store(self, seq: DecodeSeq):
         """The pool a transfer writes `seq`'s KV into; Aborted when it ended meanwhile."""
-        if seq.state is not SeqState.WAITING_KV:  # cancelled or failed while its KV was streaming
+        # Cancelled or failed while its KV was streaming (perhaps released, waiting for a copy).
+        if seq.state is not SeqState.WAITING_KV or self.scheduler.release_pending(seq.request_id):
             raise Aborted(f"request {seq.request_id!r} ended while its KV was arriving")
         return self.runner.store
+
+    def copying(self, seq: DecodeSeq) -> None:
+        """A copy into `seq`'s blocks starts on another thread: a release waits for `copied`."""
+        self.scheduler.begin_copy(seq.request_id)
+
+    def copied(self, seq: DecodeSeq) -> None:
+        if self.scheduler.end_copy(seq.request_id):
+            self._update_gauges()
 
     def write_kv(self, seq: DecodeSeq, chunk: KVChunk) -> None:
         store = self.receiving_store(seq)

@@ -86,6 +86,10 @@ class DecodeScheduler:
         self._in_step: set[str] = set()
         self._releases: set[str] = set()
         self._pauses: set[str] = set()
+        # Copies into a reservation on another thread (a KV transfer's): a release waits for the
+        # last of them, so that no block is lent again while a copy may still write it.
+        self._copying: dict[str, int] = {}
+        self._copy_releases: set[str] = set()
 
     # -- admission ---------------------------------------------------------------------------
     def reserve(self, seq: DecodeSeq) -> None:
@@ -195,17 +199,44 @@ class DecodeScheduler:
         return paused
 
     def release(self, request_id: str) -> bool:
-        """Free a request now (True), or once the step it is in ends (False)."""
+        """Free a request now (True), or once the step it is in, or the copies into its blocks,
+        end (False)."""
         if request_id in self._in_step:
             self._releases.add(request_id)
+            return False
+        if request_id in self._copying:
+            self._copy_releases.add(request_id)
             return False
         self.abort(request_id)
         return True
 
+    def begin_copy(self, request_id: str) -> None:
+        """A copy into this request's blocks starts on another thread (not for a released one)."""
+        if request_id not in self.seqs or request_id in self._copy_releases:
+            raise ValueError(f"no copy into {request_id!r}: it is not held, or it is released")
+        self._copying[request_id] = self._copying.get(request_id, 0) + 1
+
+    def end_copy(self, request_id: str) -> bool:
+        """A copy into its blocks ended; True when a release that waited for the last one was
+        applied now."""
+        left = self._copying.pop(request_id) - 1
+        if left:
+            self._copying[request_id] = left
+            return False
+        if request_id in self._copy_releases:
+            self._copy_releases.discard(request_id)
+            self.abort(request_id)
+            return True
+        return False
+
+    def release_pending(self, request_id: str) -> bool:
+        """Released, and waiting for a step or a copy to end."""
+        return request_id in self._releases or request_id in self._copy_releases
+
     @property
     def settling(self) -> bool:
-        """Releases or pauses wait for the step in flight."""
-        return bool(self._releases or self._pauses)
+        """Releases or pauses wait for the step in flight, or releases for copies."""
+        return bool(self._releases or self._pauses or self._copy_releases)
 
     def schedule(self) -> list[DecodeSeq]:
         """The batch for the next step: every running request, topped up from the ready queue."""

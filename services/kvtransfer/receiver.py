@@ -46,6 +46,13 @@ class SharedReads:
     executor: Executor
     nixl: NixlEndpoint | None = None
     timeout_s: float = 30.0  # for one NIXL read
+    # NIXL reads wait on a peer (a slow or dead one, up to timeout_s): on a thread of their own,
+    # so that they hold up no other copy (None: `executor`).
+    nixl_executor: Executor | None = None
+
+    def __post_init__(self) -> None:
+        if self.nixl_executor is None:
+            self.nixl_executor = self.executor
 
 
 @dataclass
@@ -168,6 +175,10 @@ def _nixl_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None,
                                  f"worker's {list(ours)} {store.layout.dtype_name}")
     if any(not 0 <= b < source.shape[2] - 1 for b in pb.block_table):
         raise InvalidArgument("a NIXL KV source names blocks outside its pool")
+    try:
+        shared.nixl.connect(source)  # before anything is reserved: a refusal lets the sender send bytes
+    except NixlError as exc:
+        raise FailedPrecondition(str(exc)) from None
     return _Source(list(pb.block_table), source.shape[3], nixl=source)
 
 
@@ -177,8 +188,7 @@ async def _write_chunk(engine: DecodeEngine, seq: DecodeSeq, chunk: wire.KVChunk
         engine.write_kv(seq, chunk)  # a CPU pool: inline, one memory copy of at most a chunk
         return
     # A GPU pool: pinned staging and a non_blocking copy on the side stream, on a worker thread.
-    await _settled(asyncio.get_running_loop().run_in_executor(
-        executor, device_copy.on_side_stream, device, engine.write_kv, seq, chunk))
+    await _guarded(engine, seq, executor, device_copy.on_side_stream, device, engine.write_kv, seq, chunk)
 
 
 async def _copy_from_source(source: _Source, shared: SharedReads, engine: DecodeEngine, seq: DecodeSeq,
@@ -187,7 +197,6 @@ async def _copy_from_source(source: _Source, shared: SharedReads, engine: Decode
         raise wire.WireError(f"KV ready for positions [{start}, {end}) outside the transfer's "
                              f"[0, {min(num_tokens, len(source.block_table) * source.block_size)})")
     store = engine.receiving_store(seq)
-    loop = asyncio.get_running_loop()
     if source.nixl is not None:
         if store.kv is not shared.nixl.pool:
             raise FailedPrecondition("this request's KV does not go into the pool NIXL reads into")
@@ -195,14 +204,23 @@ async def _copy_from_source(source: _Source, shared: SharedReads, engine: Decode
             source.nixl.address, source.nixl.shape, source.block_table, store.kv.data_ptr(), tuple(store.kv.shape),
             seq.block_table, store.kv.element_size(), start, end, layers.start, layers.stop)
         try:
-            return await _settled(loop.run_in_executor(shared.executor, shared.nixl.read, source.nixl, remote, local,
-                                                       shared.timeout_s))
+            return await _guarded(engine, seq, shared.nixl_executor, shared.nixl.read, source.nixl, remote, local,
+                                  shared.timeout_s)
         except NixlError as exc:
             raise Unavailable(f"reading KV from {source.nixl.agent_name}: {exc}") from None
-    return await _settled(loop.run_in_executor(
-        shared.executor, device_copy.on_side_stream, device_copy.pool_device(store), store.copy_from_peer,
-        source.kv, slots_for(source.block_table, start, end, source.block_size),
-        store.slots(seq.block_table, start, end), layers))
+    return await _guarded(engine, seq, shared.executor, device_copy.on_side_stream, device_copy.pool_device(store),
+                          store.copy_from_peer, source.kv, slots_for(source.block_table, start, end, source.block_size),
+                          store.slots(seq.block_table, start, end), layers)
+
+
+async def _guarded(engine: DecodeEngine, seq: DecodeSeq, executor: Executor | None, fn, *args):
+    """Run a copy into `seq`'s blocks on `executor`: until it has ended (not merely until its
+    awaiting coroutine was cancelled, the client gone), a release of `seq` waits and its blocks
+    are lent to no one else."""
+    engine.copying(seq)
+    copy = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    copy.add_done_callback(lambda _: engine.copied(seq))
+    return await _settled(copy)
 
 
 async def _settled(copy: asyncio.Future):

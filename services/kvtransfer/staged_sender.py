@@ -6,17 +6,24 @@ written into them by the forward thread as soon as the layer is computed, and a 
 for that layer goes down the PushKV stream; the decode worker reads those positions into its
 own reserved blocks with a NIXL READ (services/kvtransfer/receiver.py) and checks completeness
 at `end`, as for bytes. The blocks go back when the push ends, however it ends (the call's done
-callback): the receiver reads, never writes, them, so a read that is late reads a request that
-failed, never our memory's next owner's state.
+callback): the receiver reads, never writes, them, so a read that is late reads for a request that
+failed (its reservation is failing), and a layer the forward thread has not written by then is
+not written at all (`put_layer` and the give-back take one lock).
 
-No staging blocks free (the pool is busy decoding): the hand-off goes as bytes over gRPC.
+No staging blocks free (the pool is busy decoding): the hand-off goes as bytes over gRPC. A decode
+worker that refuses to read us (FAILED_PRECONDITION on `begin`, before it takes anything) fails
+this hand-off (the gateway replays the request) and gets bytes from this worker from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
+from collections.abc import Callable
 
+import grpc
 import torch
 
 from common.kv import wire
@@ -45,34 +52,43 @@ class Staging:
 
 
 class StagedSender:
-    def __init__(self, loop: asyncio.AbstractEventLoop, sender: KVSender, staging: Staging, blocks: list[int],
-                 num_tokens: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, staging: Staging, blocks: list[int], num_tokens: int,
+                 on_refused: Callable[[], None]) -> None:
         self._loop = loop
-        self._sender = sender
+        self._sender: KVSender | None = None
         self._staging = staging
-        self._blocks = blocks
+        self._blocks: list[int] | None = blocks
         self._num_tokens = num_tokens
         self._slots = staging.store.slots(blocks, 0, num_tokens)
-        staging.endpoint.hold_progress()  # the receiver reads from us until the call ends
-        sender.call.add_done_callback(lambda _: self._give_back())
+        self._on_refused = on_refused
+        # The forward thread writes the blocks, the loop gives them back: never both at once (a
+        # caller that goes away mid-forward cancels the push while layers are still written).
+        self._lock = threading.Lock()
+        self._progress_held = False
 
     @classmethod
     def open(cls, loop: asyncio.AbstractEventLoop, stub, request_id: str, num_tokens: int, timeout: float,
-             address: str, *, staging: Staging) -> StagedSender | None:
-        """None when no staging blocks are free."""
+             address: str, *, staging: Staging, on_refused: Callable[[str], None]) -> StagedSender | None:
+        """None when no staging blocks are free. `on_refused(address)`: that worker refused to
+        read us (FAILED_PRECONDITION on `begin`); later hand-offs to it should send bytes."""
         blocks = staging.borrow(num_tokens)
         if blocks is None:
             return None
-        store = staging.store
-        begin = wire.begin_message(request_id, num_tokens, store.layout)
-        begin.begin.shared.CopyFrom(worker_pb2.KVPush.SharedSource(nixl=staging.endpoint.source().to_pb(),
-                                                                   block_table=blocks))
+        staged = cls(loop, staging, blocks, num_tokens, lambda: on_refused(address))
         try:
-            sender = KVSender(loop, stub, begin, store.layout, timeout, 1, 1, address)
+            begin = wire.begin_message(request_id, num_tokens, staging.store.layout)
+            begin.begin.shared.CopyFrom(worker_pb2.KVPush.SharedSource(nixl=staging.endpoint.source().to_pb(),
+                                                                       block_table=blocks))
+            staged._sender = KVSender(loop, stub, begin, staging.store.layout, timeout, 1, 1, address)
+            staging.endpoint.hold_progress()  # the receiver reads from us until the call ends
+            staged._progress_held = True
+            staged._sender.call.add_done_callback(staged._ended)
         except BaseException:
-            staging.pool.free(blocks)
+            if staged._sender is not None:
+                staged._sender.cancel()
+            staged._give_back()
             raise
-        return cls(loop, sender, staging, blocks, num_tokens)
+        return staged
 
     @property
     def done_at(self) -> float | None:
@@ -81,10 +97,14 @@ class StagedSender:
     def put_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """From the forward thread: k, v are this request's [kv_heads, tokens, head_dim] of `layer`."""
         store = self._staging.store
-        slots = self._slots.to(store.kv.device) if store.kv.is_cuda else self._slots
-        store.write_tokens(layer, slots, k.transpose(0, 1), v.transpose(0, 1))
-        if store.kv.is_cuda:
-            torch.cuda.current_stream(store.kv.device).synchronize()  # in the pool before anyone reads it
+        with self._lock:
+            if self._blocks is None:  # the push ended (cancelled): the blocks are someone else's now
+                return
+            if store.kv.is_cuda and self._slots.device != store.kv.device:
+                self._slots = self._slots.to(store.kv.device)
+            store.write_tokens(layer, self._slots, k.transpose(0, 1), v.transpose(0, 1))
+            if store.kv.is_cuda:
+                torch.cuda.current_stream(store.kv.device).synchronize()  # in the pool before anyone reads it
         ready = worker_pb2.KVPush(ready=worker_pb2.KVPush.Ready(token_start=0, token_end=self._num_tokens,
                                                                 layer_start=layer, layer_end=layer + 1))
         self._loop.call_soon_threadsafe(self._sender.put_messages, [ready])
@@ -99,9 +119,22 @@ class StagedSender:
     async def wait(self) -> int:
         return await self._sender.wait()
 
+    def _ended(self, call) -> None:
+        self._give_back()
+        if not call.cancelled():
+            self._loop.create_task(self._note_refusal(call))
+
+    async def _note_refusal(self, call) -> None:
+        with contextlib.suppress(Exception):
+            if await call.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                self._on_refused()
+
     def _give_back(self) -> None:
-        if self._blocks is None:
+        with self._lock:
+            blocks, self._blocks = self._blocks, None
+        if blocks is None:
             return
-        self._staging.pool.free(self._blocks)
-        self._blocks = None
-        self._staging.endpoint.release_progress()
+        self._staging.pool.free(blocks)
+        if self._progress_held:
+            self._progress_held = False
+            self._staging.endpoint.release_progress()

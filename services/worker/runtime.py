@@ -66,6 +66,8 @@ class WorkerRuntime:
         # KV copies out of the pool (migration), and on a GPU into it (PushKV), run here: never on
         # the loop, never behind a step.
         self.kv_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
+        # NIXL reads wait on a peer (a dead one up to DOPD_KV_TIMEOUT_S): not behind other copies.
+        self.nixl_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-io")
         self.runner_layout = None
         self.vocab_size = 0
         self.attention = ""
@@ -79,6 +81,7 @@ class WorkerRuntime:
         # What each decode worker advertised, as the gateway passed it on with a Prefill: how our
         # hand-offs to it may go.
         self._peer_transports: dict[str, frozenset[str]] = {}
+        self._nixl_refused: set[str] = set()  # advertised NIXL, then refused to read us
         self._heartbeat: asyncio.Task | None = None
         self._report_now = asyncio.Event()
         self._planner_warned = False
@@ -127,8 +130,10 @@ class WorkerRuntime:
         staging = Staging(runner.store, self.pool, self.nixl) if self.nixl is not None else None
         open_sender = grpc_sender_factory(
             self.channels, self.runner_layout, s.kv_chunk_min_bytes, s.kv_chunk_max_bytes,
-            staged=functools.partial(StagedSender.open, staging=staging) if staging is not None else None,
-            reads_us=lambda address: "nixl" in self._peer_transports.get(address, ()))
+            staged=functools.partial(StagedSender.open, staging=staging, on_refused=self._refused_nixl)
+            if staging is not None else None,
+            reads_us=lambda address: "nixl" in self._peer_transports.get(address, ())
+            and address not in self._nixl_refused)
         self.prefill = PrefillEngine(runner, self.executor, open_sender, s.prefill_token_budget,
                                      s.prefill_queue_limit)
         self.decode = DecodeEngine(runner, DecodeScheduler(self.pool, s.max_batch_size), self.executor,
@@ -138,7 +143,7 @@ class WorkerRuntime:
         self.kv_transports = tuple(t for t, ok in (("nixl", self.nixl is not None), ("shm", maps_peers)) if ok)
         if self.kv_transports:
             self.shared_reads = SharedReads(PeerPools() if maps_peers else None, self.kv_executor, self.nixl,
-                                            s.kv_timeout_s)
+                                            s.kv_timeout_s, self.nixl_executor)
         self.migrator = Migrator(self.decode, self.worker_id, self.channels, self.kv_executor,
                                  s.kv_chunk_max_bytes, s.kv_timeout_s, shared_pool if maps_peers else None,
                                  s.kv_transport, self.nixl)
@@ -153,13 +158,24 @@ class WorkerRuntime:
             raise RuntimeError("DOPD_KV_TRANSPORT=nixl, but NIXL is not installed (pip install '.[nixl]')")
         if not nixl_transport.available() or getattr(store, "kv", None) is None:
             return None
-        endpoint = NixlEndpoint(self.worker_id, store.kv)
+        try:
+            endpoint = NixlEndpoint(self.worker_id, store.kv)
+        except Exception as exc:
+            if wanted == "nixl":
+                raise
+            log.warning("NIXL imports but cannot serve here (%s: %s): KV by shm and gRPC", type(exc).__name__, exc)
+            return None
         log.info("NIXL agent %s: KV pool registered (%d MiB, %s)", endpoint.name, store.kv.nbytes >> 20,
                  endpoint.source().mem_type)
         return endpoint
 
     def learn_transports(self, address: str, transports) -> None:
         self._peer_transports[address] = frozenset(transports)
+
+    def _refused_nixl(self, address: str) -> None:
+        if address not in self._nixl_refused:
+            log.warning("%s refused to read KV with NIXL from this worker: hand-offs to it send bytes", address)
+        self._nixl_refused.add(address)
 
     def _set_role_gauge(self) -> None:
         for role in Role:
@@ -241,5 +257,7 @@ class WorkerRuntime:
         await self.channels.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.kv_executor.shutdown(wait=False, cancel_futures=True)
+        # The agent's memory goes only after its reads have ended (each within DOPD_KV_TIMEOUT_S).
+        self.nixl_executor.shutdown(wait=self.nixl is not None, cancel_futures=True)
         if self.nixl is not None:
             self.nixl.close()

@@ -2,7 +2,7 @@
 mixed cluster. prefill-0, decode-0 and decode-1 take `nixl`; decode-2 takes gRPC chunks only.
 
 - Hand-offs to decode-0/1 go layer by layer through NIXL reads of prefill-0's staging blocks;
-  to decode-2 (it advertises no NIXL) the same prefill worker sends bytes: the mixed pair.
+  to decode-2 (it advertises no NIXL) prefill workers that offer NIXL send bytes: the mixed pair.
 - decode-0 switched to prefill while decoding: its requests move to decode-1 by NIXL reads.
 Greedy output stays identical to transformers' and no worker (prefill-0's staging included)
 holds a block afterwards. A NIXL peer that dies mid-read is tests/unit/test_nixl_transport.py."""
@@ -63,19 +63,30 @@ async def serve(handle, prompts, max_tokens) -> list[list[int]]:
 
 
 async def test_hand_offs_by_nixl_and_by_bytes_in_one_cluster(mixed_cluster):
+    handle = mixed_cluster
     model = load_model("tiny-random").model
     prompts, max_tokens = requests(24, model.config.vocab_size, seed=11, max_tokens=(4, 24))
-    outs = await serve(mixed_cluster, prompts, max_tokens)
-    report = check_greedy_identity(model, prompts, outs, max_tokens, {2})
+    outs = await serve(handle, prompts, max_tokens)
+    # The mixed pair, for certain: with decode-0 and decode-1 prefilling for a while, every
+    # hand-off goes to decode-2, from three prefill workers that offer NIXL to one that reads none.
+    for name in ("decode-0", "decode-1"):
+        await set_role(handle.workers[name], Role.PREFILL)
+    try:
+        more_prompts, more_tokens = requests(8, model.config.vocab_size, seed=13, max_tokens=(4, 24))
+        outs += await serve(handle, more_prompts, more_tokens)
+    finally:
+        for name in ("decode-0", "decode-1"):
+            await set_role(handle.workers[name], Role.DECODE)
+    report = check_greedy_identity(model, prompts + more_prompts, outs, max_tokens + more_tokens, {2})
     print(f"nixl + grpc: {report.exact}/{report.requests} identical, near ties {report.near_ties}")
-    await assert_no_leaks(mixed_cluster)  # prefill-0's staging blocks are back too
-    got = {name: kv_bytes(mixed_cluster, name) for name in ("prefill-0", "decode-0", "decode-1", "decode-2")}
+    await assert_no_leaks(handle)  # the prefill workers' staging blocks are back too
+    names = ("prefill-0", "decode-0", "decode-1", "decode-2")
+    got = {name: kv_bytes(handle, name) for name in names}
+    total = {key: sum(got[n].get(key, 0.0) for n in names) for key in got["prefill-0"]}
     assert got["decode-0"][("received", "nixl")] + got["decode-1"][("received", "nixl")] > 0, got
-    assert got["prefill-0"][("sent", "nixl")] == got["decode-0"][("received", "nixl")] + got["decode-1"][
-        ("received", "nixl")], got
-    # The mixed pair: a prefill worker that offers NIXL sends bytes to one that does not read it.
+    assert total[("sent", "nixl")] == total[("received", "nixl")], got  # every layer staged was read
     assert got["decode-2"][("received", "nixl")] == 0 and got["decode-2"][("received", "grpc")] > 0, got
-    assert got["prefill-0"][("sent", "grpc")] == got["decode-2"][("received", "grpc")], got
+    assert total[("sent", "grpc")] == got["decode-2"][("received", "grpc")], got
 
 
 async def test_a_decode_worker_switched_away_moves_its_requests_by_nixl(mixed_cluster):

@@ -259,3 +259,32 @@ def test_an_abandoned_step_settles_after_its_requests_failed():
     assert sched.release("r") is True  # the engine fails the step's requests: freed at once
     assert sched.settle() == {"r": None}
     assert_no_leak(sched)
+
+
+def test_a_release_waits_for_the_copies_into_the_blocks():
+    """A KV transfer's thread may still write a reservation's blocks when its client goes away:
+    the blocks are lent to no one until the last copy has ended."""
+    sched = DecodeScheduler(BlockPool(8, 4), 4)
+    seq = make_seq("r", prompt_len=10, max_tokens=3)
+    sched.reserve(seq)
+    blocks = list(seq.block_table)
+    sched.begin_copy("r")
+    sched.begin_copy("r")
+    assert sched.release("r") is False and sched.release_pending("r") and sched.settling
+    assert sched.pool.num_used == len(blocks)  # still held: the copies may write them
+    with pytest.raises(ValueError):
+        sched.begin_copy("r")  # no new copy into a released request
+    with pytest.raises(OutOfBlocks):
+        sched.reserve(make_seq("s", prompt_len=28, max_tokens=1))  # the blocks are not lent again
+    assert sched.end_copy("r") is False  # one copy still runs
+    assert sched.end_copy("r") is True  # the last: the release is applied now
+    assert seq.state is SeqState.FINISHED and not sched.settling
+    assert_no_leak(sched)
+    # Without a release, copies change nothing.
+    sched.reserve(make_seq("t"))
+    sched.begin_copy("t")
+    assert sched.end_copy("t") is False and "t" in sched.seqs
+    sched.abort("t")
+    assert_no_leak(sched)
+    with pytest.raises(ValueError):
+        sched.begin_copy("gone")
