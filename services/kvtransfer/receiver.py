@@ -146,13 +146,7 @@ def _map_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None, 
     if shared is None or shared.pools is None:
         raise FailedPrecondition("this worker does not map peers' KV pools (DOPD_KV_TRANSPORT)")
     handle = SharedPoolHandle.from_pb(pb.pool)
-    ours = tuple(store.kv.shape)
-    if len(handle.shape) != 6 or (handle.shape[:2] + handle.shape[3:]) != (ours[:2] + ours[3:]) \
-            or handle.dtype != store.layout.dtype_name:
-        raise FailedPrecondition(f"the sender's KV pool {list(handle.shape)} {handle.dtype} does not match this "
-                                 f"worker's {list(ours)} {store.layout.dtype_name}")
-    if any(not 0 <= b < handle.shape[2] - 1 for b in pb.block_table):
-        raise InvalidArgument("a shared KV source names blocks outside its pool")
+    _check_pool(handle.shape, handle.dtype, pb.block_table, store, "shared")
     try:
         kv = shared.pools.open(handle)
     except OSError as exc:
@@ -164,17 +158,22 @@ def _map_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None, 
     return _Source(list(pb.block_table), handle.shape[3], kv=kv)
 
 
+def _check_pool(shape: tuple[int, ...], dtype: str, block_table, store, kind: str) -> None:
+    """A sender's pool this worker can copy from: our layout but for the number of blocks (else
+    FAILED_PRECONDITION: the sender sends bytes), and a block table inside it."""
+    ours = tuple(store.kv.shape)
+    if len(shape) != 6 or (shape[:2] + shape[3:]) != (ours[:2] + ours[3:]) or dtype != store.layout.dtype_name:
+        raise FailedPrecondition(f"the sender's KV pool {list(shape)} {dtype} does not match this "
+                                 f"worker's {list(ours)} {store.layout.dtype_name}")
+    if any(not 0 <= b < shape[2] - 1 for b in block_table):
+        raise InvalidArgument(f"a {kind} KV source names blocks outside its pool")
+
+
 def _nixl_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None, store) -> _Source:
     if shared is None or shared.nixl is None:
         raise FailedPrecondition("this worker does not read KV with NIXL (DOPD_KV_TRANSPORT, or NIXL not installed)")
     source = NixlSource.from_pb(pb.nixl)
-    ours = tuple(store.kv.shape)
-    if len(source.shape) != 6 or (source.shape[:2] + source.shape[3:]) != (ours[:2] + ours[3:]) \
-            or source.dtype != store.layout.dtype_name:
-        raise FailedPrecondition(f"the sender's KV pool {list(source.shape)} {source.dtype} does not match this "
-                                 f"worker's {list(ours)} {store.layout.dtype_name}")
-    if any(not 0 <= b < source.shape[2] - 1 for b in pb.block_table):
-        raise InvalidArgument("a NIXL KV source names blocks outside its pool")
+    _check_pool(source.shape, source.dtype, pb.block_table, store, "NIXL")
     try:
         shared.nixl.connect(source)  # before anything is reserved: a refusal lets the sender send bytes
     except NixlError as exc:
