@@ -77,6 +77,11 @@ class NixlError(OSError):
     """A NIXL transfer that failed, or did not finish within its deadline."""
 
 
+# How a receiver's error for a failed NIXL read begins (UNAVAILABLE): the sender then stops
+# offering NIXL to that worker (a pair whose agents load but cannot connect, say).
+READ_FAILED = "reading KV with NIXL from"
+
+
 @dataclass(frozen=True)
 class NixlSource:
     """Where a peer's pool is, for a READ: its agent and its registered tensor."""

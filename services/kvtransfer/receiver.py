@@ -23,7 +23,7 @@ import torch
 
 from common.convert import sampling_from_pb
 from common.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
-from common.kv import device_copy, wire
+from common.kv import device_copy, nixl_transport, wire
 from common.kv.block_pool import kv_tokens_for
 from common.kv.kv_store import slots_for
 from common.kv.nixl_transport import NixlEndpoint, NixlError, NixlSource, read_descriptors
@@ -206,7 +206,7 @@ async def _copy_from_source(source: _Source, shared: SharedReads, engine: Decode
             return await _guarded(engine, seq, shared.nixl_executor, shared.nixl.read, source.nixl, remote, local,
                                   shared.timeout_s)
         except NixlError as exc:
-            raise Unavailable(f"reading KV from {source.nixl.agent_name}: {exc}") from None
+            raise Unavailable(f"{nixl_transport.READ_FAILED} {source.nixl.agent_name}: {exc}") from None
     return await _guarded(engine, seq, shared.executor, device_copy.on_side_stream, device_copy.pool_device(store),
                           store.copy_from_peer, source.kv, slots_for(source.block_table, start, end, source.block_size),
                           store.slots(seq.block_table, start, end), layers)

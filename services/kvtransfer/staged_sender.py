@@ -11,8 +11,9 @@ failed (its reservation is failing), and a layer the forward thread has not writ
 not written at all (`put_layer` and the give-back take one lock).
 
 No staging blocks free (the pool is busy decoding): the hand-off goes as bytes over gRPC. A decode
-worker that refuses to read us (FAILED_PRECONDITION on `begin`, before it takes anything) fails
-this hand-off (the gateway replays the request) and gets bytes from this worker from then on.
+worker that refuses to read us (FAILED_PRECONDITION on `begin`, before it takes anything), or
+whose read of us failed, fails this hand-off (the gateway replays the request) and gets bytes
+from this worker from then on.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from common.kv import wire
 from common.kv.block_pool import BlockPool, OutOfBlocks
-from common.kv.nixl_transport import NixlEndpoint
+from common.kv.nixl_transport import READ_FAILED, NixlEndpoint
 from common.pb import worker_pb2
 from services.kvtransfer.sender import KVSender
 from services.worker import metrics
@@ -125,8 +126,12 @@ class StagedSender:
             self._loop.create_task(self._note_refusal(call))
 
     async def _note_refusal(self, call) -> None:
+        """The receiver refused to read us on `begin`, or a read of us failed there: this pair
+        does not work by NIXL (say, agents that load but cannot connect)."""
         with contextlib.suppress(Exception):
-            if await call.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            code = await call.code()
+            if code == grpc.StatusCode.FAILED_PRECONDITION or (
+                    code == grpc.StatusCode.UNAVAILABLE and READ_FAILED in (await call.details() or "")):
                 self._on_refused()
 
     def _give_back(self) -> None:

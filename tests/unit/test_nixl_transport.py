@@ -108,3 +108,37 @@ def test_a_real_nixl_read_from_another_process_and_a_peer_that_died():
         if proc.is_alive():
             conn.send("stop")
             proc.join(10)
+
+
+class _EndedCall:
+    def __init__(self, code, details: str) -> None:
+        self._code, self._details = code, details
+
+    async def code(self):
+        return self._code
+
+    async def details(self):
+        return self._details
+
+
+@pytest.mark.parametrize(("code", "details", "refused"), [
+    ("FAILED_PRECONDITION", "this worker does not read KV with NIXL", True),
+    ("UNAVAILABLE", f"{nixl_transport.READ_FAILED} decode-1-abc: a NIXL read failed (ERR)", True),
+    ("UNAVAILABLE", "the decode worker went away", False),
+    ("OK", "", False),
+])
+async def test_a_staged_hand_off_that_the_receiver_could_not_read_stops_nixl_to_it(code, details, refused):
+    """How a prefill worker learns that a decode worker advertising NIXL cannot read it: a
+    refusal on `begin`, or a failed read; any other failure says nothing of the transport."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import grpc
+
+    from services.kvtransfer.staged_sender import StagedSender
+
+    store = SimpleNamespace(slots=lambda blocks, start, end: torch.arange(end))
+    noted = []
+    staged = StagedSender(asyncio.get_running_loop(), SimpleNamespace(store=store), [0], 4, lambda: noted.append(1))
+    await staged._note_refusal(_EndedCall(getattr(grpc.StatusCode, code), details))
+    assert bool(noted) is refused
