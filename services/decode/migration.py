@@ -26,7 +26,7 @@ import grpc
 
 from common.convert import sampling_to_pb
 from common.errors import FailedPrecondition, Refused, ResourceExhausted, ServiceError
-from common.kv import wire
+from common.kv import transports, wire
 from common.kv.block_pool import kv_tokens_for
 from common.kv.nixl_transport import NixlEndpoint
 from common.kv.shared_memory import SharedPoolHandle
@@ -86,8 +86,8 @@ class Migrator:
     def transports_for(self, address: str) -> list[str]:
         """The transports to try for a target, best first."""
         offered = {"nixl": self.nixl is not None, "shm": self.shared_pool is not None, "grpc": True}
-        wanted = ["nixl", "shm", "grpc"] if self.transport == "auto" else [self.transport, "grpc"]
-        return list(dict.fromkeys(t for t in wanted if offered[t] and address not in self._refused.get(t, ())))
+        return [t for t in transports.preference(self.transport)
+                if offered[t] and address not in self._refused.get(t, ())]
 
     async def migrate(self, seq: DecodeSeq, targets: list[Target]) -> MoveResult:
         """Move `seq` to the first target that takes it (targets in order of preference)."""
@@ -161,16 +161,16 @@ class Migrator:
         return self.engine.scheduler.seqs.get(seq.request_id) is seq
 
     async def _move(self, seq: DecodeSeq, target: Target, result: MoveResult) -> None:
-        transports = self.transports_for(target.address)
-        for i, via in enumerate(transports):
+        order = self.transports_for(target.address)
+        for i, via in enumerate(order):
             try:
                 await self._move_via(seq, target, result, via)
                 return
             except FailedPrecondition as exc:  # refused on `begin`, before the target reserved anything
-                if via == "grpc" or i + 1 == len(transports) or not self._alive(seq):
+                if via == "grpc" or i + 1 == len(order) or not self._alive(seq):
                     raise
                 log.info("%s does not take KV by %s from this worker (%s): trying %s", target.worker_id, via, exc,
-                         transports[i + 1])
+                         order[i + 1])
                 self._refused[via].add(target.address)
 
     async def _move_via(self, seq: DecodeSeq, target: Target, result: MoveResult, via: str) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from common.config import WorkerSettings
 from common.convert import ROLE_FROM_PB, ROLE_TO_PB
-from common.kv import nixl_transport
+from common.kv import nixl_transport, transports
 from common.kv.block_pool import BlockPool
 from common.kv.nixl_transport import NixlEndpoint
 from common.kv.shared_memory import PeerPools
@@ -139,7 +139,7 @@ class WorkerRuntime:
         self.decode = DecodeEngine(runner, DecodeScheduler(self.pool, s.max_batch_size), self.executor,
                                    s.kv_timeout_s, s.step_token_budget, s.decode_waiting_limit)
         shared_pool = getattr(runner.store, "shared_handle", None)  # None: sim or GPU pool, or grpc
-        maps_peers = s.kv_transport in ("auto", "shm")
+        maps_peers = transports.wants(s.kv_transport, "shm")
         self.kv_transports = tuple(t for t, ok in (("nixl", self.nixl is not None), ("shm", maps_peers)) if ok)
         if self.kv_transports:
             self.shared_reads = SharedReads(PeerPools() if maps_peers else None, self.kv_executor, self.nixl,
@@ -152,7 +152,7 @@ class WorkerRuntime:
         """This worker's NIXL agent, its pool registered: under `nixl`, or `auto` where NIXL is
         installed; never for a pool that holds no bytes (the sim engine)."""
         wanted = self.settings.kv_transport
-        if wanted not in ("auto", "nixl"):
+        if not transports.wants(wanted, "nixl"):
             return None
         if wanted == "nixl" and not nixl_transport.available():
             raise RuntimeError("DOPD_KV_TRANSPORT=nixl, but NIXL is not installed (pip install '.[nixl]')")

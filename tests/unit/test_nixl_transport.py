@@ -142,3 +142,14 @@ async def test_a_staged_hand_off_that_the_receiver_could_not_read_stops_nixl_to_
     staged = StagedSender(asyncio.get_running_loop(), SimpleNamespace(store=store), [0], 4, lambda: noted.append(1))
     await staged._note_refusal(_EndedCall(getattr(grpc.StatusCode, code), details))
     assert bool(noted) is refused
+
+
+def test_what_each_kv_transport_setting_tries_and_reads():
+    from common.kv import transports
+
+    assert transports.preference("auto") == ["nixl", "shm", "grpc"]
+    assert transports.preference("nixl") == ["nixl", "grpc"]  # gRPC bytes stay the fallback
+    assert transports.preference("grpc") == ["grpc"]
+    assert transports.wants("auto", "shm") and not transports.wants("nixl", "shm")
+    with pytest.raises(ValueError, match="DOPD_KV_TRANSPORT"):
+        transports.preference("rdma")
