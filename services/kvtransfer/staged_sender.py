@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
 from collections.abc import Callable
 
@@ -33,8 +32,6 @@ from common.kv.nixl_transport import READ_FAILED, NixlEndpoint
 from common.pb import worker_pb2
 from services.kvtransfer.sender import KVSender
 from services.worker import metrics
-
-log = logging.getLogger(__name__)
 
 
 class Staging:
@@ -71,7 +68,7 @@ class StagedSender:
     def open(cls, loop: asyncio.AbstractEventLoop, stub, request_id: str, num_tokens: int, timeout: float,
              address: str, *, staging: Staging, on_refused: Callable[[str], None]) -> StagedSender | None:
         """None when no staging blocks are free. `on_refused(address)`: that worker refused to
-        read us (FAILED_PRECONDITION on `begin`); later hand-offs to it should send bytes."""
+        read us, or its read failed (`_note_refusal`); later hand-offs to it should send bytes."""
         blocks = staging.borrow(num_tokens)
         if blocks is None:
             return None

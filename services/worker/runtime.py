@@ -169,8 +169,8 @@ class WorkerRuntime:
                  endpoint.source().mem_type)
         return endpoint
 
-    def learn_transports(self, address: str, transports) -> None:
-        self._peer_transports[address] = frozenset(transports)
+    def learn_transports(self, address: str, advertised) -> None:
+        self._peer_transports[address] = frozenset(advertised)
 
     def _refused_nixl(self, address: str) -> None:
         if address not in self._nixl_refused:
