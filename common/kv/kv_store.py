@@ -59,7 +59,13 @@ class PagedKVStore:
         return self.null_block * self.block_size
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        return slots_for(block_table, start, end, self.block_size)
+        return slots_for(self.pool_blocks(block_table), start, end, self.block_size)
+
+    def pool_blocks(self, block_table: list[int]) -> list[int]:
+        """Where a block table's blocks are in `kv`, for a peer that reads or copies them (the
+        nixl and shm transports): here, where they are numbered. The sim engine's scratch pool
+        (common/modeling/sim_runner.py) folds many blocks onto few."""
+        return block_table
 
     def flat_k(self, layer: int) -> torch.Tensor:
         return self.k[layer].view(-1, self.layout.num_kv_heads, self.layout.head_dim)

@@ -26,7 +26,12 @@ class RunnerSpec:
     kv_blocks: int = 2048
     block_size: int = 0  # 0 = auto: the runner picks it for its device and kernel (choose_block_size)
     time_scale: float = 1.0  # sim only
-    shared_kv: bool = False  # a CPU pool that peers on this host may map (common/kv/shared_memory.py)
+    kv_transport: str = "grpc"  # DOPD_KV_TRANSPORT (common/kv/transports.py)
+
+    @property
+    def shared_kv(self) -> bool:
+        """A CPU pool that peers on this host may map (common/kv/shared_memory.py)."""
+        return self.kv_transport != "grpc"
 
     @property
     def engine(self) -> str:

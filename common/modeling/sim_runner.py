@@ -14,8 +14,9 @@ import time
 
 import torch
 
+from common.kv import nixl_transport, transports
 from common.kv.block_pool import choose_block_size
-from common.kv.kv_store import slots_for
+from common.kv.kv_store import PagedKVStore, slots_for
 from common.kv.wire import KVLayout, dtype_from_name
 from common.modeling.base import DecodeInputs, LayerKVHook, PromptChunk
 from common.modeling.registry import BuiltRunner, RunnerSpec, register_runner
@@ -57,11 +58,42 @@ class NullKVStore:
                            dtype=self.layout.dtype)
 
 
+# The scratch pool of a simulated GPU whose KV is read with NIXL: big enough that a transfer's
+# blocks rarely fold onto each other (a Llama-3-8B block of 16 tokens is 2 MiB), small enough that
+# 16 simulated workers fit on a laptop with room to spare.
+SCRATCH_BYTES = 64 << 20
+
+
+class ScratchKVStore(PagedKVStore):
+    """A simulated GPU's pool that the `nixl` transport can read (its own pool registered with its
+    NIXL agent, as a real worker's is): every block of the worker's `num_blocks` lives in one of
+    a few real blocks (block % physical, `pool_blocks`), so a hand-off or a migration moves its
+    real bytes at their real size, from registered memory into registered memory, in as many NIXL
+    rows as a real pool would take, while the pool stays SCRATCH_BYTES. What the blocks hold means
+    nothing (blocks alias each other): no simulated forward reads them."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, scratch_bytes: int = SCRATCH_BYTES) -> None:
+        physical = max(1, min(num_blocks, scratch_bytes // layout.bytes_for(block_size)))
+        super().__init__(layout, physical, block_size, torch.device("cpu"))
+        self.blocks_served = num_blocks
+
+    def pool_blocks(self, block_table: list[int]) -> list[int]:
+        return [b % self.num_blocks for b in block_table]
+
+
+def _sim_store(layout: KVLayout, num_blocks: int, block_size: int, kv_transport: str):
+    """No bytes kept (NullKVStore) unless this worker's KV may go by NIXL (ScratchKVStore)."""
+    if transports.wants(kv_transport, "nixl") and nixl_transport.available():
+        return ScratchKVStore(layout, num_blocks, block_size)
+    return NullKVStore(layout, num_blocks, block_size)
+
+
 class SimRunner:
-    def __init__(self, profile: LatencyProfile, num_blocks: int, block_size: int, time_scale: float = 1.0) -> None:
+    def __init__(self, profile: LatencyProfile, num_blocks: int, block_size: int, time_scale: float = 1.0,
+                 kv_transport: str = "grpc") -> None:
         self.profile = profile
         self.layout = profile_layout(profile)
-        self.store = NullKVStore(self.layout, num_blocks, block_size)
+        self.store = _sim_store(self.layout, num_blocks, block_size, kv_transport)
         self.time_scale = time_scale
 
     def prefill_sample(self, prompts: list[list[int]], params: list[SamplingParams],
@@ -109,5 +141,6 @@ def build_sim_runner(spec: RunnerSpec) -> BuiltRunner:
     profile = load_profile(spec.model_arg)
     # A simulated GPU keeps the default block size (as `dopd simulate` does): its pool holds no bytes.
     block_size = choose_block_size(spec.block_size, False)
-    return BuiltRunner(SimRunner(profile, spec.kv_blocks, block_size, spec.time_scale), PSEUDO_TOKEN_HIGH,
+    return BuiltRunner(SimRunner(profile, spec.kv_blocks, block_size, spec.time_scale, spec.kv_transport),
+                       PSEUDO_TOKEN_HIGH,
                        f"sim ({profile.name}, time scale {spec.time_scale:g})")

@@ -201,7 +201,7 @@ async def _copy_from_source(source: _Source, shared: SharedReads, engine: Decode
             raise FailedPrecondition("this request's KV does not go into the pool NIXL reads into")
         remote, local = read_descriptors(
             source.nixl.address, source.nixl.shape, source.block_table, store.kv.data_ptr(), tuple(store.kv.shape),
-            seq.block_table, store.kv.element_size(), start, end, layers.start, layers.stop)
+            store.pool_blocks(seq.block_table), store.kv.element_size(), start, end, layers.start, layers.stop)
         try:
             return await _guarded(engine, seq, shared.nixl_executor, shared.nixl.read, source.nixl, remote, local,
                                   shared.timeout_s)

@@ -75,8 +75,8 @@ class StagedSender:
         staged = cls(loop, staging, blocks, num_tokens, lambda: on_refused(address))
         try:
             begin = wire.begin_message(request_id, num_tokens, staging.store.layout)
-            begin.begin.shared.CopyFrom(worker_pb2.KVPush.SharedSource(nixl=staging.endpoint.source().to_pb(),
-                                                                       block_table=blocks))
+            begin.begin.shared.CopyFrom(worker_pb2.KVPush.SharedSource(
+                nixl=staging.endpoint.source().to_pb(), block_table=staging.store.pool_blocks(blocks)))
             staged._sender = KVSender(loop, stub, begin, staging.store.layout, timeout, 1, 1, address)
             staging.endpoint.hold_progress()  # the receiver reads from us until the call ends
             staged._progress_held = True

@@ -116,7 +116,7 @@ class WorkerRuntime:
             torch.set_num_threads(s.torch_threads)
         built = build_runner(RunnerSpec(model=s.model, device=s.device, dtype=s.dtype, kv_blocks=s.kv_blocks,
                                         block_size=s.block_size, time_scale=s.time_scale,
-                                        shared_kv=s.kv_transport != "grpc"))
+                                        kv_transport=s.kv_transport))
         runner = built.runner
         self.vocab_size, self.attention = built.vocab_size, built.attention
         self.runner_layout = runner.store.layout
@@ -150,7 +150,7 @@ class WorkerRuntime:
 
     def _nixl_endpoint(self, store) -> NixlEndpoint | None:
         """This worker's NIXL agent, its pool registered: under `nixl`, or `auto` where NIXL is
-        installed; never for a pool that holds no bytes (the sim engine)."""
+        installed; never for a pool that holds no bytes (the sim engine's under gRPC)."""
         wanted = self.settings.kv_transport
         if not transports.wants(wanted, "nixl"):
             return None

@@ -10,9 +10,12 @@ import urllib.request
 
 import pytest
 
+from common.kv import nixl_transport
 from common.modeling.sim_runner import pseudo_token
-from services.client import generate
+from common.types import Role
+from services.client import generate, worker_stats
 from tests.helpers import assert_no_leaks, start_cluster
+from tests.integration.test_role_switch import roles, set_role
 
 PROFILE = {
     "name": "test-flat",
@@ -63,10 +66,88 @@ async def test_sim_blocks_are_accounted(sim_cluster):
     async with sim_cluster.channel() as ch:
         task = asyncio.create_task(generate(ch, list(range(100, 1100)), max_tokens=200, temperature=0.0))
         await asyncio.sleep(1.0)  # past the prefill: the request holds its blocks on a decode worker
-        from services.client import worker_stats
-
         used = [(await worker_stats(sim_cluster.workers[f"decode-{i}"])).kv_blocks_used for i in range(2)]
         assert sorted(used) == [0, (1000 + 199 + 15) // 16]
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     await assert_no_leaks(sim_cluster)
+
+
+# A profile whose blocks are big (8 layers x 8 heads x 256 x fp32: 128 KiB a token, 2 MiB a
+# block), so that the scratch pool a sim worker reads with NIXL (64 MiB: 32 blocks) is smaller
+# than its 256 blocks, and transfers really fold blocks onto each other.
+WIDE_PROFILE = {
+    "name": "test-wide",
+    "model": {"num_layers": 8, "num_kv_heads": 8, "head_dim": 256, "dtype": "float32", "vocab_size": 32000,
+              "max_context": 4096},
+    "prefill": {"tokens": [1, 4096], "seconds": [0.05, 0.05]},
+    "decode": {"batch": [1, 64], "context": [1, 4096], "seconds": [[0.01, 0.01], [0.01, 0.01]]},
+}
+WIDE_BYTES_PER_TOKEN = 2 * 8 * 8 * 256 * 4
+
+
+@pytest.fixture(scope="module")
+def sim_nixl_cluster(redis_url, redis_prefix, tmp_path_factory):
+    if not nixl_transport.available():
+        pytest.skip("NIXL is not installed (the nixl extra)")
+    path = tmp_path_factory.mktemp("profile") / "test-wide.json"
+    path.write_text(json.dumps(WIDE_PROFILE))
+    handle = start_cluster(f"sim:{path}", tmp_path_factory.mktemp("sim-nixl"), redis_url, redis_prefix + "simnixl:",
+                           prefill=1, decode=2, kv_blocks=256, planner="off",
+                           env={"DOPD_KV_TRANSPORT": "nixl", "DOPD_KV_TIMEOUT_S": "10"})
+    yield handle
+    codes = handle.cluster.stop()
+    assert all(code == 0 for code in codes.values()), codes
+
+
+def pseudo_completion(prompt: list[int], n: int) -> list[int]:
+    out = [pseudo_token(prompt[-1], len(prompt))]
+    while len(out) < n:
+        out.append(pseudo_token(out[-1], len(prompt) + len(out)))
+    return out
+
+
+def kv_bytes_by(handle, direction: str, transport: str) -> float:
+    total = 0.0
+    for proc in handle.cluster.procs:
+        if proc.name in handle.workers:
+            total += metric(proc.metrics_address,
+                            f'dopd_kv_transfer_bytes_total{{direction="{direction}",transport="{transport}"}}')
+    return total
+
+
+async def test_sim_hand_offs_move_their_real_bytes_by_nixl(sim_nixl_cluster):
+    handle = sim_nixl_cluster
+    before = kv_bytes_by(handle, "received", "nixl"), kv_bytes_by(handle, "received", "grpc")
+    prompts = [list(range(100 + i, 400 + i)) for i in range(4)]  # 19 blocks each: 76 > the 32 in scratch
+    async with handle.channel() as ch:
+        outs = await asyncio.gather(*(generate(ch, p, max_tokens=10, temperature=0.0) for p in prompts))
+    assert [o.token_ids for o in outs] == [pseudo_completion(p, 10) for p in prompts]
+    read = kv_bytes_by(handle, "received", "nixl") - before[0]
+    assert read == sum(len(p) for p in prompts) * WIDE_BYTES_PER_TOKEN
+    assert kv_bytes_by(handle, "received", "grpc") == before[1]  # no byte went the other way
+    await assert_no_leaks(handle)
+
+
+async def test_sim_migration_reads_by_nixl(sim_nixl_cluster):
+    handle = sim_nixl_cluster
+    await set_role(handle.workers["decode-1"], Role.PREFILL)  # every request starts on decode-0
+    try:
+        prompts = [list(range(200 + i, 460 + i)) for i in range(4)]
+        async with handle.channel() as ch:
+            served = asyncio.gather(*(generate(ch, p, max_tokens=300, temperature=0.0, timeout=60) for p in prompts))
+            for _ in range(200):
+                if (await worker_stats(handle.workers["decode-0"])).running_requests >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            await set_role(handle.workers["decode-1"], Role.DECODE)
+            reply = await set_role(handle.workers["decode-0"], Role.PREFILL)
+            outs = await served
+    finally:
+        for name, role in (await roles(handle)).items():
+            if name.startswith("decode-") and role is not Role.DECODE:
+                await set_role(handle.workers[name], Role.DECODE)
+    assert reply.migrated_requests >= 2, reply
+    assert reply.migrated_bytes_nixl == reply.migrated_bytes > 0, reply
+    assert [o.token_ids for o in outs] == [pseudo_completion(p, 300) for p in prompts]
+    await assert_no_leaks(handle)
