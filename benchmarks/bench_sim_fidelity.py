@@ -6,9 +6,12 @@ The KV of the profiled model really crosses loopback gRPC (a 2,048-token Llama-3
 256 MiB), streamed layer by layer during the simulated prefill. On this 2-core machine that
 transfer, and the per-token path, are far slower than a GPU cluster's, so at time scale 1 the
 figures measure the harness, not the profile; a time scale stretches the profile until they
-don't. This script prints both, to show which time scale a cluster-scale run needs.
+don't. This script prints both, to show which time scale a cluster-scale run needs, for each KV
+transport (DOPD_KV_TRANSPORT): `grpc` sends the bytes in PushKV chunks; `nixl` has the decode
+worker read them out of the prefill worker's registered pool (the sim engine's scratch pool).
 
-    python benchmarks/bench_sim_fidelity.py [--profile llama3-8b-h100] [--time-scales 1,10,30] [--out FILE]
+    python benchmarks/bench_sim_fidelity.py [--profile llama3-8b-h100] [--time-scales 1,10,30]
+                                            [--kv-transports grpc,nixl] [--out FILE]
 """
 
 from __future__ import annotations
@@ -38,10 +41,10 @@ def sequential(prompt_len: int, n: int, spacing: float) -> list[BenchRequest]:
             for i in range(n)]
 
 
-def measure(profile_name: str, time_scale: float, prompt_lens: list[int], n: int) -> list[dict]:
+def measure(profile_name: str, time_scale: float, prompt_lens: list[int], n: int, kv_transport: str) -> list[dict]:
     profile = load_profile(profile_name)
     rows = []
-    with running_cluster(f"sim:{profile_name}", time_scale=time_scale) as cluster:
+    with running_cluster(f"sim:{profile_name}", time_scale=time_scale, DOPD_KV_TRANSPORT=kv_transport) as cluster:
         for prompt_len in prompt_lens:
             expected_ttft = profile.prefill_time(prompt_len)
             expected_tpot = profile.decode_step_time(1, prompt_len + OUTPUT_TOKENS / 2)
@@ -51,7 +54,8 @@ def measure(profile_name: str, time_scale: float, prompt_lens: list[int], n: int
                                                                  time_scale=time_scale, progress=False)))
             s = summarize(outcome.results, outcome.duration)
             rows.append({
-                "time_scale": time_scale, "prompt_tokens": prompt_len, "completed": s["completed"],
+                "kv_transport": kv_transport, "time_scale": time_scale, "prompt_tokens": prompt_len,
+                "completed": s["completed"],
                 "profile_ttft_ms": expected_ttft * 1e3, "measured_ttft_ms": s["median_ttft_ms"],
                 "ttft_error": s["median_ttft_ms"] / (expected_ttft * 1e3) - 1,
                 "profile_tpot_ms": expected_tpot * 1e3, "measured_tpot_ms": s["median_tpot_ms"],
@@ -66,24 +70,56 @@ def main() -> int:
     parser.add_argument("--time-scales", default="1,10,30")
     parser.add_argument("--prompt-lens", default="128,512,2048")
     parser.add_argument("--requests", type=int, default=5, help="sequential requests per prompt length")
+    parser.add_argument("--kv-transports", default="grpc", help="DOPD_KV_TRANSPORT values, each measured")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = []
-    for scale in [float(x) for x in args.time_scales.split(",")]:
-        rows += measure(args.profile, scale, [int(x) for x in args.prompt_lens.split(",")], args.requests)
+    for transport in args.kv_transports.split(","):
+        for scale in [float(x) for x in args.time_scales.split(",")]:
+            rows += measure(args.profile, scale, [int(x) for x in args.prompt_lens.split(",")], args.requests,
+                            transport)
     table = Table(title=f"sim engine vs profile {args.profile} at low load (medians; target: within 10%)")
-    for col in ("time scale", "prompt", "profile TTFT ms", "measured", "error", "profile TPOT ms", "measured",
-                "error", "verdict"):
+    for col in ("KV transport", "time scale", "prompt", "profile TTFT ms", "measured", "error", "profile TPOT ms",
+                "measured", "error", "verdict"):
         table.add_column(col, justify="right")
     for r in rows:
-        ok = abs(r["ttft_error"]) <= 0.10 and abs(r["tpot_error"]) <= 0.10
-        table.add_row(f"{r['time_scale']:g}", str(r["prompt_tokens"]), f"{r['profile_ttft_ms']:.1f}",
-                      f"{r['measured_ttft_ms']:.1f}", f"{r['ttft_error']:+.1%}", f"{r['profile_tpot_ms']:.2f}",
-                      f"{r['measured_tpot_ms']:.2f}", f"{r['tpot_error']:+.1%}", "PASS" if ok else "FAIL")
-    Console(width=160).print(table)
+        r["pass"] = bool(abs(r["ttft_error"]) <= 0.10 and abs(r["tpot_error"]) <= 0.10)
+        table.add_row(r["kv_transport"], f"{r['time_scale']:g}", str(r["prompt_tokens"]),
+                      f"{r['profile_ttft_ms']:.1f}", f"{r['measured_ttft_ms']:.1f}", f"{r['ttft_error']:+.1%}",
+                      f"{r['profile_tpot_ms']:.2f}", f"{r['measured_tpot_ms']:.2f}", f"{r['tpot_error']:+.1%}",
+                      "PASS" if r["pass"] else "FAIL")
+    console = Console(width=160)
+    console.print(table)
+    lowest = report_lowest(console, rows)
     if args.out:
-        args.out.write_text(json.dumps({"profile": args.profile, "rows": rows}, indent=2))
+        args.out.write_text(json.dumps({"profile": args.profile, "rows": rows, "lowest_passing_time_scale": lowest},
+                                       indent=2))
     return 0
+
+
+def lowest_passing_scale(rows: list[dict]) -> float | None:
+    """The lowest time scale from which every measured scale passes for every row of it."""
+    lowest = None
+    for scale in sorted({r["time_scale"] for r in rows}, reverse=True):
+        if not all(r["pass"] for r in rows if r["time_scale"] == scale):
+            break
+        lowest = scale
+    return lowest
+
+
+def report_lowest(console: Console, rows: list[dict]) -> dict[str, dict[str, float | None]]:
+    """Per transport: the lowest passing time scale for each prompt length and for all of them."""
+    out: dict[str, dict[str, float | None]] = {}
+    for transport in dict.fromkeys(r["kv_transport"] for r in rows):
+        mine = [r for r in rows if r["kv_transport"] == transport]
+        out[transport] = {str(p): lowest_passing_scale([r for r in mine if r["prompt_tokens"] == p])
+                          for p in dict.fromkeys(r["prompt_tokens"] for r in mine)}
+        out[transport]["all"] = lowest_passing_scale(mine)
+        console.print(f"{transport}: lowest time scale that passes (and every higher one measured): "
+                      + ", ".join(f"{k if k == 'all' else k + '-token prompts'} "
+                                  f"{'none of those measured' if v is None else f'{v:g}'}"
+                                  for k, v in out[transport].items()))
+    return out
 
 
 if __name__ == "__main__":
