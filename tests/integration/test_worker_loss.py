@@ -18,14 +18,15 @@ import urllib.request
 
 import pytest
 
+from common.kv import nixl_transport
 from common.modeling.loader import load_model
 from common.modeling.sim_runner import pseudo_token
 from services.client import generate, worker_stats
 from tests.helpers import ClusterHandle, assert_no_leaks, check_greedy_identity, start_cluster
 
 
-def gateway_metric(handle: ClusterHandle, name: str) -> float:
-    address = handle.cluster.proc("gateway").metrics_address
+def gateway_metric(handle: ClusterHandle, name: str, service: str = "gateway") -> float:
+    address = handle.cluster.proc(service).metrics_address
     body = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
     return sum(float(line.split()[-1]) for line in body.splitlines() if line.startswith(name))
 
@@ -113,8 +114,15 @@ def expected_tokens(prompt: list[int], n: int) -> list[int]:
     return out
 
 
+NIXL_READ = 'dopd_kv_transfer_bytes_total{direction="received",transport="nixl"}'
+
+
 async def test_a_prefill_worker_killed_mid_prefill_loses_no_request(sim_2p1d):
+    """Where NIXL is installed, the hand-offs go by NIXL (auto): the decode worker is reading a
+    prompt layer by layer out of prefill-0's pool when prefill-0 dies (a NIXL peer dead
+    mid-transfer). Its reservation fails with a clear error, the gateway replays the request."""
     handle = sim_2p1d
+    read_before = gateway_metric(handle, NIXL_READ, "decode-0")
     prompts = [list(range(100 + i, 400 + i)) for i in range(4)]
     tasks = [asyncio.create_task(_generate(handle, p)) for p in prompts]
     # Each prefill takes 3 s: wait until both prefill workers hold requests, then kill one.
@@ -122,7 +130,9 @@ async def test_a_prefill_worker_killed_mid_prefill_loses_no_request(sim_2p1d):
     while True:
         busy = {n: (await worker_stats(handle.workers[n])).running_requests
                 + (await worker_stats(handle.workers[n])).waiting_requests for n in ("prefill-0", "prefill-1")}
-        if all(busy.values()):
+        # A layer of each prompt in the first batches has been read (4 layers in 3 s: one each 0.75 s).
+        reading = not nixl_transport.available() or gateway_metric(handle, NIXL_READ, "decode-0") > read_before
+        if all(busy.values()) and reading:
             break
         assert time.monotonic() < deadline, busy
         await asyncio.sleep(0.05)
