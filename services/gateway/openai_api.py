@@ -40,6 +40,7 @@ from services.gateway.openai_protocol import (
     from_domain,
     from_validation,
 )
+from services.gateway.openapi_doc import openapi_document
 from services.gateway.validation import GenerateParams
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,12 @@ def create_app(front: Front, *, model: str, api_key: str, default_max_tokens: in
             return _counted("/v1/models", _error_response(exc))
         return _counted("/v1/models", JSONResponse(
             {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "dopd"}]}))
+
+    document = openapi_document("DOPD serving: OpenAI-compatible API", "1", model)
+
+    @app.get("/openapi.json")
+    async def openapi():
+        return JSONResponse(document)
 
     @app.get("/health")
     async def health():

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from common.errors import (
     DeadlineExceeded,
@@ -63,20 +63,35 @@ def from_validation(exc: ValidationError) -> ApiError:
     return ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
 
 
+# Strict: a JSON value of the wrong type is refused (400), never coerced ("1" or false for a
+# number, "true" or 1 for a boolean); an integer serves for a number, and a number with no
+# fraction (1.0) for an integer, as JSON Schema has it: the document served at /openapi.json
+# (openapi_doc.py) promises what this parses.
+STRICT = ConfigDict(extra="ignore", strict=True)
+
+
+def _integral(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None  # an extension (vLLM, SGLang have it too); 0 or -1 turn it off
-    seed: int | None = None
+    top_k: JsonInt | None = None  # an extension (vLLM, SGLang have it too); 0 or -1 turn it off
+    seed: JsonInt | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: JsonInt = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -111,11 +126,11 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=None)
+    prompt: str | list[JsonInt] | list[str] | list[list[JsonInt]]
+    max_tokens: JsonInt | None = Field(default=None)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: JsonInt | None = None
 
     def params_for(self, default_max_tokens: int) -> GenerateParams:
         if self.echo:
@@ -137,7 +152,7 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: str
     content: str | list[dict] | None = None
@@ -157,8 +172,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: JsonInt | None = None
+    max_completion_tokens: JsonInt | None = None
     tools: list | None = None
     response_format: dict | None = None
 

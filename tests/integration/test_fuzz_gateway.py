@@ -31,8 +31,17 @@ import grpc
 import httpx
 import hypothesis.errors
 import pytest
+import schemathesis
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from common.pb import gateway_pb2, gateway_pb2_grpc
 from services.client import generate
@@ -369,6 +378,45 @@ def test_undecodable_grpc_request_is_invalid_argument(fuzz_cluster, blob):
         with pytest.raises(grpc.RpcError) as info:
             list(call(blob, timeout=TIMEOUT_S))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (info.value.code(), info.value.details())
+
+
+# -- the OpenAI API against its own OpenAPI document (schemathesis) -------------------------------
+
+@pytest.fixture(scope="module")
+def openai_schema(fuzz_cluster):
+    """GET /openapi.json of the running gateway (services/gateway/openapi_doc.py)."""
+    return schemathesis.openapi.from_url(fuzz_cluster.cluster.http_url.removesuffix("/v1") + "/openapi.json")
+
+
+# What the schema can promise: no 5xx; status codes, content types and bodies as documented; a body
+# that breaks the schema refused with a 4xx. Not "a body the schema allows is served": the server
+# also checks what no schema says (max_tokens against the prompt and the context, token ids against
+# the vocabulary, values of OpenAI fields it does not implement) and answers those with a 400.
+SCHEMA_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+                 negative_data_rejection]
+# (path, method, generation mode): positive cases are requests the schema allows, negative ones
+# break it (GET /v1/models takes no input to break).
+CASES = [(path, "POST", mode) for path in ("/v1/completions", "/v1/chat/completions")
+         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
+CASES.append(("/v1/models", "GET", GenerationMode.POSITIVE))
+
+
+# schemathesis's own pytest integration does not run under pytest 9: its cases are drawn here as a
+# hypothesis strategy.
+@pytest.mark.parametrize(("path", "method", "mode"), CASES, ids=[f"{m} {p} {g.value}" for p, m, g in CASES])
+def test_openai_api_keeps_to_its_openapi_document(openai_schema, fuzz_cluster, path, method, mode):
+    operation = openai_schema[path][method]
+    base_url = fuzz_cluster.cluster.http_url.removesuffix("/v1")
+
+    @settings(max_examples=60 if method == "POST" else 5, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def conforms(case):
+        response = case.call(base_url=base_url, timeout=TIMEOUT_S)
+        event(f"{response.status_code}")
+        case.validate_response(response, checks=SCHEMA_CHECKS)
+
+    conforms()
 
 
 # -- afterwards ----------------------------------------------------------------------------------
