@@ -100,9 +100,11 @@ class Migrator:
                 try:
                     await self._move(seq, target, result)
                 except ServiceError as exc:
-                    # NOTE: under load a PushKV now and then dies at once with INTERNAL ("Internal
-                    # error from Core", nothing sent, the target silent): the request, resumed
-                    # here, gets one more try on the same target before it counts as stuck.
+                    # A failure with nothing moved (a connection reset, say): the request, resumed
+                    # here, gets one more try on the same target before it counts as stuck. (The
+                    # INTERNAL "Internal error from Core" that used to land here was a refusal
+                    # hidden by grpc.aio, grpc/grpc#36066: KVSender now waits for the target to take
+                    # `begin` before it writes more, so a refusal arrives as itself.)
                     if not self._transient(exc, seq, result):
                         raise
                     log.warning("moving %s to %s failed (%s): trying once more", seq.request_id,

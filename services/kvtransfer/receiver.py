@@ -15,7 +15,7 @@ check ends the request it was for (its blocks go back), never one that already h
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -69,10 +69,13 @@ class _Source:
 
 async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeEngine, layout: KVLayout,
                      vocab_size: int, may_adopt: bool, shared: SharedReads | None = None,
-                     io_executor: Executor | None = None) -> int:
+                     io_executor: Executor | None = None,
+                     accepted: Callable[[], Awaitable[None]] | None = None) -> int:
     """Consume one PushKV stream; return the bytes received. Raises a domain error on a bad or
     broken transfer, after failing the request it was for. Chunks into a GPU pool are written on
-    `io_executor` (None: asyncio's default), never on the loop's thread."""
+    `io_executor` (None: asyncio's default), never on the loop's thread. `accepted` is awaited
+    once `begin` is taken (the server sends its initial metadata then: the sender writes nothing
+    more before it, services/kvtransfer/sender.py)."""
     first = await anext(aiter(messages), None)
     if first is None or first.WhichOneof("part") != "begin":
         raise InvalidArgument("a KV push must start with a begin message")
@@ -91,6 +94,8 @@ async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeE
         if not adopting:
             num_tokens = wire.parse_begin(begin, layout)
             engine.expect_kv(begin.request_id, num_tokens)
+        if accepted is not None:
+            await accepted()
         written = torch.zeros(layout.num_layers, num_tokens, dtype=torch.bool)
         received = 0
         async for message in messages:

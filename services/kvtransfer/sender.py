@@ -28,6 +28,8 @@ from common.rpc.channels import ChannelPool
 from services.worker import metrics
 
 _END = object()
+# The receiver's initial metadata, sent once it has taken `begin` (services/kvtransfer/receiver.py).
+KV_ACCEPTED = (("dopd-kv-accepted", "1"),)
 
 
 class PrefillSender(Protocol):
@@ -136,6 +138,14 @@ class KVSender:
 
     async def _messages(self):
         yield self._begin
+        # Nothing more until the receiver has taken `begin` (KV_ACCEPTED) or refused it: a write
+        # racing a refusal fails, and grpc.aio then reports INTERNAL ("Internal error from Core")
+        # in place of the receiver's status (grpc/grpc#36066), which would hide a refusal (no
+        # room, or cannot read us) as a failure. One round trip, while the first layer computes.
+        metadata = await self.call.initial_metadata()
+        if KV_ACCEPTED[0] not in tuple(metadata or ()):
+            await self.call.code()  # refused: the call ends before this stream half-closes
+            return
         while True:
             layer, item = await self._queue.get()
             try:

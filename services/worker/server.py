@@ -14,6 +14,7 @@ from common.rpc.server import Service, run_server
 from common.types import Role
 from services.decode.engine import ErrorEvent, FinishedEvent, MovedEvent, TokensEvent
 from services.kvtransfer.receiver import receive_kv
+from services.kvtransfer.sender import KV_ACCEPTED
 from services.worker import metrics
 from services.worker.role_switch import switch_role
 from services.worker.runtime import WorkerRuntime
@@ -112,7 +113,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise Refused("worker is still loading its model")
         may_adopt = self.rt.state.refusal(Role.DECODE) is None
         received = await receive_kv(request_iterator, self.rt.decode, self.rt.runner_layout, self.rt.vocab_size,
-                                    may_adopt, self.rt.shared_reads, self.rt.kv_executor)
+                                    may_adopt, self.rt.shared_reads, self.rt.kv_executor,
+                                    accepted=lambda: context.send_initial_metadata(KV_ACCEPTED))
         return worker_pb2.PushKVResponse(bytes_received=received)
 
     @grpc_errors
