@@ -4,10 +4,12 @@ under the harness ceiling), side by side: p50/p90/p99 TTFT and TPOT, and SLO att
 Goal: within 10% on p90 TTFT and TPOT, within 1 point of attainment.
 
 The simulator's KV link is set to what the sim engine's harness really provides (loopback gRPC,
-`--loopback-mbs` wall MB/s, times the time scale), so that both sides move KV at the same speed;
-everything else (profile, split, pool, batch limits, workload, seed) is the same.
+or NIXL with `--kv-transport nixl`: `--loopback-mbs` wall MB/s, times the time scale), so that
+both sides move KV at the same speed; everything else (profile, split, pool, batch limits,
+workload, seed) is the same.
 
-    python benchmarks/bench_des_fidelity.py [--cases phase-shift,azure-conv] [--time-scale 10] [--out FILE]
+    python benchmarks/bench_des_fidelity.py [--cases phase-shift,azure-conv] [--time-scale 10]
+                                            [--kv-transport grpc|nixl] [--out FILE]
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def run_sim_engine(case: str, args, out: Path) -> dict:
                        log_dir=Path(tempfile.mkdtemp(prefix="dopd-fidelity-")), kv_blocks=args.kv_blocks,
                        time_scale=args.time_scale, planner="static",
                        extra_env={"DOPD_MAX_BATCH_SIZE": "256", "DOPD_PREFILL_TOKEN_BUDGET": "8192",
-                                  "DOPD_KV_TIMEOUT_S": str(30 * args.time_scale)})
+                                  "DOPD_KV_TIMEOUT_S": str(30 * args.time_scale),
+                                  "DOPD_KV_TRANSPORT": args.kv_transport})
     cluster = Cluster(spec)
     cluster.start()
     try:
@@ -80,7 +83,9 @@ def main() -> int:
     parser.add_argument("--kv-blocks", type=int, default=4096)
     parser.add_argument("--time-scale", type=float, default=10.0)
     parser.add_argument("--loopback-mbs", type=float, default=850.0,
-                        help="KV MB per wall second over loopback gRPC (FACTS.md, bench_core)")
+                        help="KV MB per wall second over loopback gRPC (FACTS.md, bench_core); by NIXL, "
+                             "bench_overhead.py's KV ceiling measured 1223")
+    parser.add_argument("--kv-transport", default="grpc", help="the sim engine's DOPD_KV_TRANSPORT")
     parser.add_argument("--slo-ttft", type=float, default=300.0)
     parser.add_argument("--slo-tpot", type=float, default=40.0)
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
@@ -93,7 +98,7 @@ def main() -> int:
     for case in args.cases.split(","):
         des = reuse(work / f"{case}-des") or run_des(case, args, work / f"{case}-des")
         real = reuse(work / f"{case}-sim") or run_sim_engine(case, args, work / f"{case}-sim")
-        section = f"{case} {args.split[0]}P:{args.split[1]}D x{args.time_scale:g}"
+        section = f"{case} {args.split[0]}P:{args.split[1]}D x{args.time_scale:g} {args.kv_transport}"
         for m in METRICS:
             a, b = des[m], real[m]
             off = None if not b else (a - b) / b
