@@ -107,3 +107,26 @@ def check_greedy_identity(model, prompts: list[list[int]], ours: list[list[int]]
             f"reference {ref[step]}, logit gap {gap:.2e} > {near_tie}")
         report.near_ties.append((i, step, gap))
     return report
+
+
+def flat_sim_profile(name: str, prefill_s: float, decode_s: float, layers: int = 4, kv_heads: int = 2,
+                     head_dim: int = 32, dtype: str = "bfloat16") -> dict:
+    """A sim-engine latency profile (common/profile.py) whose every prefill batch takes
+    `prefill_s` and every decode step `decode_s`, for a model of this KV shape."""
+    return {
+        "name": name,
+        "model": {"num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim, "dtype": dtype,
+                  "vocab_size": 32000, "max_context": 4096},
+        "prefill": {"tokens": [1, 4096], "seconds": [prefill_s, prefill_s]},
+        "decode": {"batch": [1, 64], "context": [1, 4096], "seconds": [[decode_s, decode_s], [decode_s, decode_s]]},
+    }
+
+
+def pseudo_completion(prompt: list[int], n: int) -> list[int]:
+    """The sim engine's first `n` tokens for `prompt` (common/modeling/sim_runner.pseudo_token)."""
+    from common.modeling.sim_runner import pseudo_token
+
+    out = [pseudo_token(prompt[-1], len(prompt))]
+    while len(out) < n:
+        out.append(pseudo_token(out[-1], len(prompt) + len(out)))
+    return out

@@ -11,19 +11,12 @@ import urllib.request
 import pytest
 
 from common.kv import nixl_transport
-from common.modeling.sim_runner import pseudo_token
 from common.types import Role
 from services.client import generate, worker_stats
-from tests.helpers import assert_no_leaks, start_cluster
+from tests.helpers import assert_no_leaks, flat_sim_profile, pseudo_completion, start_cluster
 from tests.integration.test_role_switch import roles, set_role
 
-PROFILE = {
-    "name": "test-flat",
-    "model": {"num_layers": 4, "num_kv_heads": 2, "head_dim": 32, "dtype": "bfloat16", "vocab_size": 32000,
-              "max_context": 4096},
-    "prefill": {"tokens": [1, 4096], "seconds": [0.3, 0.3]},
-    "decode": {"batch": [1, 64], "context": [1, 4096], "seconds": [[0.05, 0.05], [0.05, 0.05]]},
-}
+PROFILE = flat_sim_profile("test-flat", prefill_s=0.3, decode_s=0.05)
 KV_BYTES_PER_TOKEN = 2 * 4 * 2 * 32 * 2
 
 
@@ -53,9 +46,7 @@ async def test_sim_latency_follows_profile_and_kv_bytes_flow(sim_cluster):
         elapsed = time.perf_counter() - start
     # Each request waits at least one prefill (0.3 s) and 9 decode steps (0.05 s each).
     assert elapsed >= 0.3 + 9 * 0.05
-    expected = [pseudo_token(prompt[-1], len(prompt))]
-    for i in range(9):
-        expected.append(pseudo_token(expected[-1], len(prompt) + i + 1))
+    expected = pseudo_completion(prompt, 10)
     assert all(o.token_ids == expected for o in outs)
     sent = sum(metric(metrics_of[f"prefill-{i}"], "dopd_kv_transfer_bytes_total") for i in range(2)) - sent_before
     assert sent == 4 * len(prompt) * KV_BYTES_PER_TOKEN
@@ -76,13 +67,8 @@ async def test_sim_blocks_are_accounted(sim_cluster):
 # A profile whose blocks are big (8 layers x 8 heads x 256 x fp32: 128 KiB a token, 2 MiB a
 # block), so that the scratch pool a sim worker reads with NIXL (64 MiB: 32 blocks) is smaller
 # than its 256 blocks, and transfers really fold blocks onto each other.
-WIDE_PROFILE = {
-    "name": "test-wide",
-    "model": {"num_layers": 8, "num_kv_heads": 8, "head_dim": 256, "dtype": "float32", "vocab_size": 32000,
-              "max_context": 4096},
-    "prefill": {"tokens": [1, 4096], "seconds": [0.05, 0.05]},
-    "decode": {"batch": [1, 64], "context": [1, 4096], "seconds": [[0.01, 0.01], [0.01, 0.01]]},
-}
+WIDE_PROFILE = flat_sim_profile("test-wide", prefill_s=0.05, decode_s=0.01, layers=8, kv_heads=8, head_dim=256,
+                                dtype="float32")
 WIDE_BYTES_PER_TOKEN = 2 * 8 * 8 * 256 * 4
 
 
@@ -98,13 +84,6 @@ def sim_nixl_cluster(redis_url, redis_prefix, tmp_path_factory):
     yield handle
     codes = handle.cluster.stop()
     assert all(code == 0 for code in codes.values()), codes
-
-
-def pseudo_completion(prompt: list[int], n: int) -> list[int]:
-    out = [pseudo_token(prompt[-1], len(prompt))]
-    while len(out) < n:
-        out.append(pseudo_token(out[-1], len(prompt) + len(out)))
-    return out
 
 
 def kv_bytes_by(handle, direction: str, transport: str) -> float:

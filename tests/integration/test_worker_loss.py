@@ -20,9 +20,15 @@ import pytest
 
 from common.kv import nixl_transport
 from common.modeling.loader import load_model
-from common.modeling.sim_runner import pseudo_token
 from services.client import generate, worker_stats
-from tests.helpers import ClusterHandle, assert_no_leaks, check_greedy_identity, start_cluster
+from tests.helpers import (
+    ClusterHandle,
+    assert_no_leaks,
+    check_greedy_identity,
+    flat_sim_profile,
+    pseudo_completion,
+    start_cluster,
+)
 
 
 def gateway_metric(handle: ClusterHandle, name: str, service: str = "gateway") -> float:
@@ -88,13 +94,7 @@ async def test_a_decode_worker_killed_mid_stream_loses_no_request(tiny_1p2d):
     await assert_no_leaks(survivors(handle, victim))
 
 
-SLOW_PREFILL = {
-    "name": "test-slow-prefill",
-    "model": {"num_layers": 4, "num_kv_heads": 2, "head_dim": 32, "dtype": "bfloat16", "vocab_size": 32000,
-              "max_context": 4096},
-    "prefill": {"tokens": [1, 4096], "seconds": [3.0, 3.0]},
-    "decode": {"batch": [1, 64], "context": [1, 4096], "seconds": [[0.01, 0.01], [0.01, 0.01]]},
-}
+SLOW_PREFILL = flat_sim_profile("test-slow-prefill", prefill_s=3.0, decode_s=0.01)
 
 
 @pytest.fixture
@@ -105,13 +105,6 @@ def sim_2p1d(redis_url, redis_prefix, tmp_path):
                            prefill=2, decode=1, kv_blocks=256)
     yield handle
     handle.cluster.stop()
-
-
-def expected_tokens(prompt: list[int], n: int) -> list[int]:
-    out = [pseudo_token(prompt[-1], len(prompt))]
-    while len(out) < n:
-        out.append(pseudo_token(out[-1], len(prompt) + len(out)))
-    return out
 
 
 NIXL_READ = 'dopd_kv_transfer_bytes_total{direction="received",transport="nixl"}'
@@ -140,7 +133,7 @@ async def test_a_prefill_worker_killed_mid_prefill_loses_no_request(sim_2p1d):
     handle.cluster.kill("prefill-0")
     outs = await asyncio.gather(*tasks)
 
-    assert [o.token_ids for o in outs] == [expected_tokens(p, 8) for p in prompts]
+    assert [o.token_ids for o in outs] == [pseudo_completion(p, 8) for p in prompts]
     assert gateway_metric(handle, 'dopd_gateway_replays_total{stage="prefill"}') - retried_before >= busy["prefill-0"]
     await assert_no_leaks(survivors(handle, "prefill-0"))
 
