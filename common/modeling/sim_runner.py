@@ -70,12 +70,12 @@ class ScratchKVStore(PagedKVStore):
     a few real blocks (block % physical, `pool_blocks`), so a hand-off or a migration moves its
     real bytes at their real size, from registered memory into registered memory, in as many NIXL
     rows as a real pool would take, while the pool stays SCRATCH_BYTES. What the blocks hold means
-    nothing (blocks alias each other): no simulated forward reads them."""
+    nothing (blocks alias each other): no simulated forward reads them. `num_blocks` (of the
+    store) is the real blocks; the worker's BlockPool lends its own `num_blocks`."""
 
     def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, scratch_bytes: int = SCRATCH_BYTES) -> None:
         physical = max(1, min(num_blocks, scratch_bytes // layout.bytes_for(block_size)))
         super().__init__(layout, physical, block_size, torch.device("cpu"))
-        self.blocks_served = num_blocks
 
     def pool_blocks(self, block_table: list[int]) -> list[int]:
         return [b % self.num_blocks for b in block_table]
