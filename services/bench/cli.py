@@ -139,7 +139,8 @@ def run_config(args, rate: float | None, model: str, duration: float, requests: 
             "max_context": args.max_context, "request_timeout_s": args.request_timeout, "requests": requests}
 
 
-def _run_once(args, rate: float | None, out_dir: Path, model: str) -> dict:
+def _run_once(args, rate: float | None, out_dir: Path, model: str, kv=None) -> dict:
+    """One run; `kv` (report.KVCost, None: not known) adds KV bytes to the harness check."""
     from services.bench.plots import plot_latency_cdfs, plot_timeline
     from services.bench.report import build_results, load_ceiling
     from services.bench.runner import RunSettings, run_load
@@ -150,7 +151,7 @@ def _run_once(args, rate: float | None, out_dir: Path, model: str) -> dict:
                            time_scale=args.time_scale, seed=args.seed, progress=not args.no_progress)
     config = run_config(args, rate, model, duration, len(requests))
     outcome = asyncio.run(run_load(requests, settings))
-    results = build_results(requests, outcome, config, duration, args.slo_ttft, args.slo_tpot, load_ceiling())
+    results = build_results(requests, outcome, config, duration, args.slo_ttft, args.slo_tpot, load_ceiling(), kv)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     with open(out_dir / "requests.jsonl", "w") as f:
@@ -203,9 +204,16 @@ def run_bench(args) -> int:
     if args.mode == "sweep" and (args.rates is None) == (args.min_rate is None):
         print("error: `bench sweep` takes one of --rates and --min-rate", file=sys.stderr)
         return 2
+    from services.bench.report import kv_cost
+
+    kv = None
     try:
-        model = asyncio.run(_status(args.target)).model if args.target else _served_model(args.base_url,
-                                                                                         args.api_key)
+        if args.target:
+            status = asyncio.run(_status(args.target))
+            model = status.model
+            kv = kv_cost(model, [list(w.kv_transports) for w in status.topology.workers])
+        else:
+            model = _served_model(args.base_url, args.api_key)
     except grpc.aio.AioRpcError as exc:
         print(f"error: gateway {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -214,11 +222,11 @@ def run_bench(args) -> int:
         return 1
     try:
         if args.mode == "run":
-            results = _run_once(args, args.rate, args.out, model)
+            results = _run_once(args, args.rate, args.out, model, kv)
             return 0 if results["completed"] or not results["requests"] else 1
         search = RateSearch(rates=args.rates, min_rate=args.min_rate, max_rate=args.max_rate,
                             target=args.attainment_target, max_runs=args.max_runs)
-        result = run_sweep(search, lambda rate: _run_once(args, rate, args.out / f"rate-{rate:g}", model),
+        result = run_sweep(search, lambda rate: _run_once(args, rate, args.out / f"rate-{rate:g}", model, kv),
                            args.out)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

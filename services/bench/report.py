@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +40,47 @@ def peak_wall_rates(results: Sequence[RequestResult], time_scale: float) -> tupl
     return max(tokens.values(), default=0), max(requests.values(), default=0)
 
 
+@dataclass(frozen=True)
+class KVCost:
+    """What a prompt's hand-off costs the harness: its KV bytes a token, and the transport that
+    carries them (the ceiling differs: benchmarks/bench_overhead.py measures both)."""
+
+    bytes_per_token: int
+    transport: str  # grpc or nixl
+
+
+def kv_cost(model: str, workers_transports: Sequence[Sequence[str]]) -> KVCost | None:
+    """A sim cluster's KV cost (model "sim:PROFILE"): None for another model, or a profile this
+    machine cannot load. NIXL's ceiling where every worker reads NIXL, else gRPC's (the lower)."""
+    if not model.startswith("sim:"):
+        return None
+    from common.modeling.sim_runner import profile_layout
+    from common.profile import load_profile
+
+    try:
+        layout = profile_layout(load_profile(model.removeprefix("sim:")))
+    except (OSError, ValueError, KeyError):
+        return None
+    nixl = bool(workers_transports) and all("nixl" in t for t in workers_transports)
+    return KVCost(layout.bytes_for(1), "nixl" if nixl else "grpc")
+
+
+def peak_kv_wall_rate(results: Sequence[RequestResult], time_scale: float, bytes_per_token: int) -> int:
+    """Most KV bytes handed off in one wall-clock second, each prompt's at its first token (its
+    KV has reached the decode worker by then)."""
+    by_second: Counter[int] = Counter()
+    for r in results:
+        if r.ok and r.ttft is not None:
+            by_second[int((r.t_sent + r.ttft) * time_scale)] += r.prompt_tokens * bytes_per_token
+    return max(by_second.values(), default=0)
+
+
 def load_ceiling(path: Path = CEILING_FILE) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def harness_report(outcome: RunOutcome, schedule_duration: float, time_scale: float = 1.0,
-                   ceiling: dict | None = None) -> dict:
+                   ceiling: dict | None = None, kv: KVCost | None = None) -> dict:
     """What the client sustained: messages and tokens received per wall second, its CPU use, and
     how late the sends went out against the schedule (profile time). `saturated` says the numbers
     may describe the harness rather than the cluster."""
@@ -70,10 +105,19 @@ def harness_report(outcome: RunOutcome, schedule_duration: float, time_scale: fl
         if not under:
             reasons.append(f"peak {peak_tokens} tokens/s, {peak_requests} requests/s (wall) not under "
                            f"{CEILING_MARGIN:.0%} of the gateway's ceiling")
+    peak_kv = peak_kv_wall_rate(outcome.results, time_scale, kv.bytes_per_token) if kv else None
+    kv_ceiling = (ceiling or {}).get("kv_bytes_per_s", {}).get(kv.transport) if kv else None
+    if peak_kv is not None and kv_ceiling:
+        if peak_kv >= CEILING_MARGIN * kv_ceiling:
+            under = False
+            reasons.append(f"peak {peak_kv / 1e6:.0f} MB/s of KV by {kv.transport} (wall) not under "
+                           f"{CEILING_MARGIN:.0%} of its ceiling ({kv_ceiling / 1e6:.0f} MB/s)")
     return {
         "ceiling": ceiling,
         "peak_tokens_per_wall_s": peak_tokens,
         "peak_requests_per_wall_s": peak_requests,
+        "peak_kv_bytes_per_wall_s": peak_kv,
+        "kv_transport": kv.transport if kv else None,
         "under_ceiling": under,
         "wall_s": outcome.wall_s,
         "client_cpu_s": outcome.cpu_s,
@@ -94,11 +138,12 @@ def harness_report(outcome: RunOutcome, schedule_duration: float, time_scale: fl
 
 
 def build_results(requests: list[BenchRequest], outcome: RunOutcome, config: dict, schedule_duration: float,
-                  slo_ttft_ms: float | None, slo_tpot_ms: float | None, ceiling: dict | None = None) -> dict:
+                  slo_ttft_ms: float | None, slo_tpot_ms: float | None, ceiling: dict | None = None,
+                  kv: KVCost | None = None) -> dict:
     """results.json: the metrics at the top level (vLLM's names), then config, harness, timeline."""
     out = summarize(outcome.results, outcome.duration, slo_ttft_ms, slo_tpot_ms)
     out["config"] = config
-    out["harness"] = harness_report(outcome, schedule_duration, config.get("time_scale", 1.0), ceiling)
+    out["harness"] = harness_report(outcome, schedule_duration, config.get("time_scale", 1.0), ceiling, kv)
     out["timeline"] = {
         "arrivals_per_s": arrivals_per_second([r.t for r in requests], max(schedule_duration, outcome.duration)),
         "samples": [asdict(s) for s in outcome.samples],

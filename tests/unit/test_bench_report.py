@@ -86,3 +86,26 @@ def test_peak_wall_rates_counts_tokens_per_wall_second():
     assert peak_wall_rates([a, b, failed], time_scale=2.0) == (6, 2)
     # At time scale 4: a at 0.4, 0.8, 1.2, 1.6; b at 1.2, 1.6 -> 2 in second 0, 4 in second 1.
     assert peak_wall_rates([a, b, failed], time_scale=4.0) == (4, 2)
+
+
+def test_the_harness_checks_kv_bytes_against_the_ceiling_of_the_transport_in_use():
+    from services.bench.metrics import RequestResult
+    from services.bench.report import KVCost, harness_report, kv_cost, peak_kv_wall_rate
+
+    # First tokens at profile 0.1, 0.3 and 0.6 s: at time scale 2, wall seconds 0, 0 and 1.
+    results = [RequestResult(n, t, ttft=0.1, e2e=0.1, prompt_tokens=p, output_tokens=1)
+               for n, t, p in (("a", 0.0, 100), ("b", 0.2, 300), ("c", 0.5, 50))]
+    results.append(RequestResult("d", 0.0, ttft=None, ok=False, prompt_tokens=10_000, error="UNAVAILABLE"))
+    assert peak_kv_wall_rate(results, 2.0, bytes_per_token=1000) == 400_000
+    ceiling = {"requests_per_s": 100, "tokens_per_s": 1000, "kv_bytes_per_s": {"grpc": 700_000, "nixl": 900_000}}
+    run = outcome(results=results, sent=len(results))
+    by_grpc = harness_report(run, 10.0, 2.0, ceiling, KVCost(1000, "grpc"))  # 400 kB/s >= half of 700
+    assert by_grpc["saturated"] and not by_grpc["under_ceiling"] and "KV by grpc" in by_grpc["saturation_reasons"][-1]
+    by_nixl = harness_report(run, 10.0, 2.0, ceiling, KVCost(1000, "nixl"))  # < half of 900
+    assert not by_nixl["saturated"] and by_nixl["under_ceiling"] and by_nixl["peak_kv_bytes_per_wall_s"] == 400_000
+    assert harness_report(run, 10.0, 2.0, ceiling)["peak_kv_bytes_per_wall_s"] is None  # KV cost not known
+
+    llama = kv_cost("sim:llama3-8b-h100", [["nixl", "shm"], ["nixl"]])
+    assert llama == KVCost(131072, "nixl")  # 32 layers x 8 heads x 128 x K and V x 2 bytes
+    assert kv_cost("sim:llama3-8b-h100", [["nixl"], []]).transport == "grpc"  # not every worker reads NIXL
+    assert kv_cost("smollm2", [["nixl"]]) is None and kv_cost("sim:/no/such/profile.json", []) is None
