@@ -141,11 +141,9 @@ def main() -> int:
 def kv_ceiling(console: Console, kv_transports: list[str], rates: list[float], duration: float) -> tuple[dict, dict]:
     """Open-loop runs of KV_PROMPT_TOKENS-token prompts (2 output tokens) on a zero-cost profile of
     KV_MODEL's shape, for each transport; the KV bytes per second of the highest sustained rate."""
-    zero, model = load_profile("zero"), load_profile(KV_MODEL)
     shaped = json.loads((PROFILE_DIR / "zero.json").read_text())
     shaped.update(name=f"zero-{KV_MODEL}", model=json.loads((PROFILE_DIR / f"{KV_MODEL}.json").read_text())["model"])
-    assert zero.prefill_time(KV_PROMPT_TOKENS) == 0
-    per_request = profile_layout(model).bytes_for(KV_PROMPT_TOKENS)
+    per_request = profile_layout(load_profile(KV_MODEL)).bytes_for(KV_PROMPT_TOKENS)
     rows_by, ceiling = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "zero-shaped.json"
@@ -197,9 +195,10 @@ def sim16_time_scales(console: Console, ceiling: dict) -> dict:
                                                if kv_ceiling_bytes else None)
     console.print(f"16 simulated H100s on {SIM16['workload']} at {SIM16['rate']:g} req/s: peak "
                   f"{peak_kv / 1e6:.0f} MB of KV and {peak_requests} requests in one second of profile time; the "
-                  f"time scale that keeps them "
-                  f"under {CEILING_MARGIN:.0%} of the ceilings: requests {by_requests:.2f}, "
-                  + ", ".join(f"KV by {t} {v:.1f}" for t, v in out["time_scale_for_kv"].items() if v is not None))
+                  f"time scale that keeps them under {CEILING_MARGIN:.0%} of the ceilings: "
+                  + ", ".join(f"{what} {'-' if v is None else f'{v:.2f}'}" for what, v in
+                              [("requests", by_requests)] + [(f"KV by {t}", v) for t, v in
+                                                             out["time_scale_for_kv"].items()]))
     return out
 
 

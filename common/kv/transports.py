@@ -16,7 +16,6 @@ from __future__ import annotations
 
 BEST_FIRST = ("nixl", "shm", "grpc")
 SETTINGS = ("auto", *BEST_FIRST)
-READ_BY_RECEIVER = ("nixl", "shm")  # the others: bytes sent
 
 
 def preference(setting: str) -> list[str]:

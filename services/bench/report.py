@@ -107,11 +107,10 @@ def harness_report(outcome: RunOutcome, schedule_duration: float, time_scale: fl
                            f"{CEILING_MARGIN:.0%} of the gateway's ceiling")
     peak_kv = peak_kv_wall_rate(outcome.results, time_scale, kv.bytes_per_token) if kv else None
     kv_ceiling = (ceiling or {}).get("kv_bytes_per_s", {}).get(kv.transport) if kv else None
-    if peak_kv is not None and kv_ceiling:
-        if peak_kv >= CEILING_MARGIN * kv_ceiling:
-            under = False
-            reasons.append(f"peak {peak_kv / 1e6:.0f} MB/s of KV by {kv.transport} (wall) not under "
-                           f"{CEILING_MARGIN:.0%} of its ceiling ({kv_ceiling / 1e6:.0f} MB/s)")
+    if peak_kv is not None and kv_ceiling and peak_kv >= CEILING_MARGIN * kv_ceiling:
+        under = False
+        reasons.append(f"peak {peak_kv / 1e6:.0f} MB/s of KV by {kv.transport} (wall) not under "
+                       f"{CEILING_MARGIN:.0%} of its ceiling ({kv_ceiling / 1e6:.0f} MB/s)")
     return {
         "ceiling": ceiling,
         "peak_tokens_per_wall_s": peak_tokens,

@@ -180,13 +180,10 @@ class Migrator:
         begin = wire.begin_message(seq.request_id, kv_tokens_for(seq.prompt_len, seq.params.max_tokens), layout)
         begin.begin.adopt.CopyFrom(worker_pb2.KVPush.Adopt(
             prompt_len=seq.prompt_len, sampling=sampling_to_pb(seq.params), source_worker_id=self.worker_id))
-        pool_blocks = self.engine.runner.store.pool_blocks  # where the target reads them (nixl, shm)
-        if via == "shm":
-            begin.begin.shared.CopyFrom(worker_pb2.KVPush.SharedSource(pool=self.shared_pool.to_pb(),
-                                                                       block_table=pool_blocks(seq.block_table)))
-        elif via == "nixl":
-            begin.begin.shared.CopyFrom(worker_pb2.KVPush.SharedSource(nixl=self.nixl.source().to_pb(),
-                                                                       block_table=pool_blocks(seq.block_table)))
+        if via != "grpc":  # the target reads our pool: where it is, and where the blocks are in it
+            pool = {"pool": self.shared_pool.to_pb()} if via == "shm" else {"nixl": self.nixl.source().to_pb()}
+            begin.begin.shared.CopyFrom(worker_pb2.KVPush.SharedSource(
+                **pool, block_table=self.engine.runner.store.pool_blocks(seq.block_table)))
         stub = worker_pb2_grpc.WorkerStub(self.channels.get(target.address))
         async with self.nixl.progressing() if via == "nixl" else contextlib.nullcontext():
             await self._run_move(seq, target, result, via, begin, stub)
