@@ -112,8 +112,9 @@ def decode_need(rate: float, prompt: LengthDist, output: LengthDist, profile: La
     O steps, so each (P, O) pair is weighted by p * O (length bias):
       context   = sum p O (P + O/2) / E[O]   (the batch's mean context, E[P] + E[O^2] / 2E[O])
       blocks    = sum p O ceil((P + O - 1) / block_size) / E[O]   (KV reserved up front)
-    c_kv = kv_blocks // blocks; c_tpot = largest b <= max_batch_size with step(b, context) <= TPOT
-    (scanned, not bisected: measured profiles are not always monotone in the batch).
+    c_kv = kv_blocks // blocks; c_tpot = largest b <= max_batch_size with step(b, context) <= TPOT,
+    where step is the profile made monotone in the batch (LatencyProfile.batch_monotone: a measured
+    grid may dip, a bigger batch never steps faster; the gateway seats requests by the same steps).
     `occupancy` is how full the c_max slots may be on average (batch and KV fill fluctuate, and a
     request that finds no KV is refused), so need = rate * E[O] * step(c_max) / (c_max * occupancy)."""
     pairs = [(lp + 0.0, lo + 0.0, pp * po) for lp, pp in prompt.buckets() for lo, po in output.buckets()]
@@ -124,15 +125,16 @@ def decode_need(rate: float, prompt: LengthDist, output: LengthDist, profile: La
     else:
         context, blocks = prompt.quantile(0.5), math.ceil(max(prompt.quantile(0.5), 1) / block_size)
     blocks = round(blocks, 9)  # float noise must not cost a seat: 18.999999999999996 is 19
+    steps = profile.batch_monotone()
     # The largest batch that fits, scanned down from the cap (the first hit is the largest; one
     # call when the cap fits, which is the common case).
-    c_tpot = next((b for b in range(max_batch_size, 0, -1) if profile.decode_step_time(b, context) <= slo.tpot_s), 0)
+    c_tpot = next((b for b in range(max_batch_size, 0, -1) if steps.decode_step_time(b, context) <= slo.tpot_s), 0)
     c_kv = int(kv_blocks // blocks) if blocks > 0 else max_batch_size
     c_max = min(c_tpot, c_kv, max_batch_size)
     # c_tpot never exceeds max_batch_size (scanned up to it): at that value the batch cap binds.
     limited_by = "kv" if c_kv < c_tpot else ("max_batch_size" if c_tpot == max_batch_size else "tpot")
     seats = max(c_max, 1)  # infeasible (TPOT or KV): plan one request per worker, flagged below
-    step = profile.decode_step_time(seats, context)
+    step = steps.decode_step_time(seats, context)
     concurrency = rate * mean_out * step
     return DecodeFigures(
         context=context, blocks_per_request=blocks, c_tpot=c_tpot, c_kv=c_kv, c_max=c_max,

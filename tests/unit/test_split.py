@@ -277,3 +277,12 @@ def test_llama3_8b_h100_long_prompts_need_more_prefill_than_chat():
     lp = compute_split(LoadForecast(20, long, output), prof, slo, 8, **kw)
     assert lp.detail["decode_limited_by"] == "kv"
     assert (lp.prefill, lp.decode) == (5, 3)
+
+
+def test_decode_seats_follow_the_monotone_steps_not_a_dip_in_the_grid():
+    cpu = load_profile("smollm2-cpu2")
+    dec = decode_need(1.0, LengthDist.from_samples([512]), LengthDist.from_samples([2]), cpu, SLO(5.0, 0.3),
+                      kv_blocks=10_000, block_size=16, max_batch_size=64)
+    # At ~513 tokens the raw grid's batch 32 steps in 296 ms, but 16 already took 387 ms: 13 seats.
+    assert cpu.decode_step_time(32, dec.context) < 0.3
+    assert (dec.c_tpot, dec.limited_by) == (13, "tpot")
