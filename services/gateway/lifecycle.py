@@ -42,11 +42,13 @@ from services.gateway.detokenizer import Detokenizer
 from services.gateway.events import DecodeEvent, Finished, Moved, TokenEvent, Tokens
 from services.gateway.load_recorder import LoadRecorder
 from services.gateway.routing import WorkerView, decode_preference, pick_prefill
-from services.gateway.scheduling import DecodeCandidate, Path, PrefillLedger, SchedulingPolicy
+from services.gateway.scheduling import DecodeCandidate, Path, PrefillLedger, SchedulingPolicy, mean_context
 from services.gateway.short_gate import ShortGate
 from services.planner.load import SLO, LoadForecast
 
 MAX_MOVES = 64  # a request moved more often than this is going round in circles
+# Why a request found no decode worker under admission control: every batch is at its seats.
+NO_SEAT = "every decode worker's batch is at its seats within the TPOT SLO"
 # A request whose workers die under it this often gets UNAVAILABLE rather than another replay.
 MAX_REPLAYS = 3
 # A worker whose stream broke goes last in every choice for this long (the planner drops a dead
@@ -112,6 +114,7 @@ class RequestCore:
         self.recorder = recorder or LoadRecorder()
         self.prefill_ledger = PrefillLedger()  # prompts sent to each prefill worker, first token not back
         self.outstanding_decode: Tally[str] = Tally()
+        self.decode_context: Tally[str] = Tally()  # the sum of mean_context over outstanding_decode
         self.running = 0
         self.mode = mode or serving_mode("static")
         # The scheduling policy's thresholds follow the planner's forecast (policy_for); until
@@ -309,9 +312,9 @@ class RequestCore:
                         raise ServiceError(f"request moved at token {event.next_index}, after {n_tokens} "
                                            f"tokens here ({moves} moves)")
                     stream.cancel()
-                    self._count_decode(decode_worker, -1)
+                    self._count_decode(decode_worker, req, -1)
                     decode_worker = WorkerView(event.worker_id, event.address, 0, 0)
-                    self._count_decode(decode_worker, +1)
+                    self._count_decode(decode_worker, req, +1)
                     try:
                         stream = await self.backend.attach_decode(event, req.worker_request_id, remaining())
                     except Refused:
@@ -322,7 +325,7 @@ class RequestCore:
             if stream is not None:
                 stream.cancel()  # no-op when finished; frees the blocks otherwise
             if decode_worker is not None:
-                self._count_decode(decode_worker, -1)
+                self._count_decode(decode_worker, req, -1)
                 self.decode_queue.freed()
 
     def _decode_wait_budget(self, req: GenerationRequest, path: Path, policy: SchedulingPolicy | None) -> float:
@@ -346,8 +349,10 @@ class RequestCore:
             raise WorkerLost(worker.worker_id, "decode", Unavailable("the stream ended without finishing"))
         return event
 
-    def _count_decode(self, worker: WorkerView, delta: int) -> None:
-        self.outstanding_decode[worker.worker_id] += delta
+    def _count_decode(self, worker: WorkerView, req: GenerationRequest, sign: int) -> None:
+        """`req` joins (+1) or leaves (-1) `worker`'s decode batch, as this gateway counts it."""
+        self.outstanding_decode[worker.worker_id] += sign
+        self.decode_context[worker.worker_id] += sign * mean_context(len(req.prompt), req.params.max_tokens)
 
     async def _wait_for_workers(self, waited_since: float, remaining, what: str) -> None:
         """Roles may be changing: wait for a new topology, unless we waited long enough already."""
@@ -410,20 +415,25 @@ class RequestCore:
     def _decode_order(self, req: GenerationRequest, policy: SchedulingPolicy | None) -> list[WorkerView]:
         """Decode workers, best first: the policy's order (smallest batch among those whose last
         report shows room, then most free blocks), or the gateway's own; those that look full
-        last (their reports may be stale)."""
+        last (their reports may be stale). Under admission control, only those with a seat
+        within the TPOT SLO (SchedulingPolicy.has_seat): none may be left."""
         workers = self.backend.workers("decode")
         needed = kv_tokens_for(len(req.prompt), req.params.max_tokens)
         if policy is None:
             order = decode_preference(workers, self.outstanding_decode, needed)
         else:
+            context = mean_context(len(req.prompt), req.params.max_tokens)
+            candidates = {w.worker_id: self._decode_candidate(w) for w in workers}
             by_id = {w.worker_id: w for w in workers}
-            fit = policy.decode_workers([DecodeCandidate(w.worker_id, w.kv_free_blocks, w.block_size,
-                                                         self.outstanding_decode[w.worker_id]) for w in workers],
-                                        needed)
-            order = [by_id[c.worker_id] for c in fit]
-            order += [w for w in decode_preference(workers, self.outstanding_decode, needed) if w not in order]
+            order = [by_id[c.worker_id] for c in policy.decode_workers(list(candidates.values()), needed, context)]
+            order += [w for w in decode_preference(workers, self.outstanding_decode, needed)
+                      if w not in order and policy.has_seat(candidates[w.worker_id], context)]
         # Workers whose streams broke lately go last (stable: the order is kept otherwise).
         return sorted(order, key=lambda w: self._recently_lost(w.worker_id))
+
+    def _decode_candidate(self, w: WorkerView) -> DecodeCandidate:
+        return DecodeCandidate(w.worker_id, w.kv_free_blocks, w.block_size, self.outstanding_decode[w.worker_id],
+                               self.decode_context[w.worker_id])
 
     def _recently_lost(self, worker_id: str) -> bool:
         until = self._lost_until.get(worker_id)
@@ -450,6 +460,8 @@ class RequestCore:
             if got is not None:
                 return got
             if full:
+                if refusals and refusals[0].startswith(NO_SEAT):
+                    metrics.SEAT_WAITS.inc()
                 return await self._queue_for_decode(req, remaining, policy, local, wait_budget_s,
                                                     "no decode worker can hold this request: " + "; ".join(refusals))
             await self._wait_for_workers(since, remaining, "no decode worker is serving" + (
@@ -460,16 +472,29 @@ class RequestCore:
         """One pass over the decode workers, best first: (the reservation, or None; whether any
         refused for want of KV; each refusal)."""
         refusals, full = [], False
-        for worker in self._decode_order(req, policy):
+        no_seat = [f"{NO_SEAT} ({policy.slo.tpot_s * 1e3:.0f} ms)"] if policy is not None else []
+        order = self._decode_order(req, policy)
+        if not order and no_seat and self.backend.workers("decode"):
+            return None, True, no_seat
+        context = mean_context(len(req.prompt), req.params.max_tokens)
+        for worker in order:
+            if policy is not None and not policy.has_seat(self._decode_candidate(worker), context):
+                continue  # taken while this request tried another worker
+            # Counted before the call: requests reserving at the same time see the seat taken.
+            self._count_decode(worker, req, +1)
             try:
                 stream = await self.backend.open_decode(worker, req.worker_request_id, len(req.prompt),
                                                         req.params, remaining(), req.prompt if local else None)
-            except (ResourceExhausted, Unavailable) as exc:
+            except BaseException as exc:
+                self._count_decode(worker, req, -1)
+                if not isinstance(exc, (ResourceExhausted, Unavailable)):
+                    raise
                 refusals.append(f"{worker.worker_id}: {exc}")
                 full = full or isinstance(exc, ResourceExhausted)
                 continue
-            self._count_decode(worker, +1)
             return (stream, worker), full, refusals
+        if not refusals and no_seat:
+            return None, True, no_seat  # every seat was taken while this request tried
         return None, full, refusals
 
     async def _queue_for_decode(self, req: GenerationRequest, remaining, policy: SchedulingPolicy | None,

@@ -23,6 +23,9 @@ REPLAYS = Counter("dopd_gateway_replays_total", "Requests replayed elsewhere (pr
                   "after the worker serving them died or broke its stream, by the stage that failed", ["stage"])
 DECODE_QUEUE = Gauge("dopd_gateway_decode_queue", "Requests waiting for decode KV (every decode worker full), "
                      "first come first served")
+SEAT_WAITS = Counter("dopd_gateway_seat_waits_total", "Requests that found every decode worker's batch at its seats "
+                     "within the TPOT SLO (admission control) and queued for one (those that come while others "
+                     "wait join the queue behind them, uncounted here)")
 # SLO attainment and goodput (requests a second that met both SLOs), judged as `dopd bench` judges a
 # request (services/bench/metrics.py): every request that ended counts once; failed and refused
 # ones miss; cancelled ones (the client went away) are not counted.

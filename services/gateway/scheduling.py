@@ -16,7 +16,9 @@ takes, on which workers, and whether it is admitted at all.
                   among the shortest predicted) is prefilled on the decode worker itself: no KV
                   moves at all
     decode        the worker with the smallest batch among those that can hold the request's whole
-                  reservation, then the most free blocks
+                  reservation, then the most free blocks; under admission control, only one with a
+                  seat: whose step, with this request in its batch, is still predicted within the
+                  TPOT SLO (`has_seat`). With none, the request waits for a seat as for KV
     admission     a request whose predicted TTFT (the prefill of the work queued ahead of it and
                   its own, batched together as the prefill scheduler would; a short prompt's wait
                   for a batch when every worker is busy) is already past the TTFT SLO is refused
@@ -56,6 +58,12 @@ class DecodeCandidate:
     free_blocks: int
     block_size: int
     batch_size: int  # requests it decodes now
+    context_tokens: float = 0.0  # the sum of their `mean_context`s
+
+
+def mean_context(prompt_tokens: int, max_tokens: int) -> float:
+    """The context a request decodes at, on average over its life: its prompt and half its output."""
+    return prompt_tokens + max_tokens / 2
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,9 @@ class SchedulingPolicy:
     slo: SLO
     profile: LatencyProfile
     admission: bool = True
+    # The profile's decode steps made monotone in the batch (LatencyProfile.batch_monotone): what
+    # seats are judged by.
+    seat_steps: LatencyProfile | None = None
 
     @classmethod
     def for_forecast(cls, forecast: LoadForecast, profile: LatencyProfile, slo: SLO, batch_token_cap: int,
@@ -85,7 +96,7 @@ class SchedulingPolicy:
         long_above = min(prompt.mean, saturating_prompt(profile))
         return cls(long_above=long_above, ultra_short_up_to=min(prompt.quantile(ULTRA_SHORT_QUANTILE), fits),
                    batch_token_cap=batch_token_cap, batch_wait_cap_s=wait_cap, slo=slo, profile=profile,
-                   admission=admission)
+                   admission=admission, seat_steps=profile.batch_monotone())
 
     def path(self, prompt_tokens: int) -> Path:
         if prompt_tokens <= self.ultra_short_up_to:
@@ -94,10 +105,22 @@ class SchedulingPolicy:
             return Path.LONG
         return Path.SHORT
 
-    def decode_workers(self, candidates: Sequence[DecodeCandidate], kv_tokens: int) -> list[DecodeCandidate]:
-        """Those that can hold `kv_tokens`, best first: smallest batch, then most free blocks."""
-        fit = [c for c in candidates if c.free_blocks * c.block_size >= kv_tokens]
+    def decode_workers(self, candidates: Sequence[DecodeCandidate], kv_tokens: int,
+                       context: float = 0.0) -> list[DecodeCandidate]:
+        """Those that can hold `kv_tokens` and have a seat for a request of mean `context`, best
+        first: smallest batch, then most free blocks."""
+        fit = [c for c in candidates if c.free_blocks * c.block_size >= kv_tokens and self.has_seat(c, context)]
         return sorted(fit, key=lambda c: (c.batch_size, -c.free_blocks, c.worker_id))
+
+    def has_seat(self, worker: DecodeCandidate, context: float) -> bool:
+        """Whether `worker` may take a request of mean `context` (`mean_context`) and still step
+        within the TPOT SLO: always without admission control, and while it decodes nothing (one
+        request alone is served however slow)."""
+        if not self.admission or worker.batch_size <= 0:
+            return True
+        steps = self.seat_steps or self.profile
+        batch = worker.batch_size + 1
+        return steps.decode_step_time(batch, (worker.context_tokens + context) / batch) <= self.slo.tpot_s
 
     def predicted_ttft(self, prompt_tokens: int, path: Path, queued_tokens: int, busy_s: float = 0.0) -> float:
         """Seconds to the first token: the prefill of the work queued ahead on the least loaded

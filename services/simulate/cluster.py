@@ -44,7 +44,14 @@ from services.decode.local_prefill import Chunk
 from services.decode.scheduler import DecodeSeq, SeqState
 from services.gateway.load_recorder import LoadRecorder
 from services.gateway.routing import WorkerView, decode_preference, pick_prefill
-from services.gateway.scheduling import DecodeCandidate, Path, PrefillLedger, SchedulingPolicy, ShortBatcher
+from services.gateway.scheduling import (
+    DecodeCandidate,
+    Path,
+    PrefillLedger,
+    SchedulingPolicy,
+    ShortBatcher,
+    mean_context,
+)
 from services.gateway.validation import validate_context
 from services.planner.load import SLO, LoadForecast
 from services.simulate.events import EventLoop
@@ -84,6 +91,7 @@ class Cluster:
         self.recorder = LoadRecorder()
         self.prefill_ledger = PrefillLedger()  # what the gateway sent each prefill worker, not yet back
         self.outstanding_decode: Counter[str] = Counter()
+        self.decode_context: Counter[str] = Counter()  # the sum of mean_context over outstanding_decode
         self.requests: list[SimRequest] = []
         self.by_rid: dict[str, SimRequest] = {}
         self.open = 0  # arrived and not ended
@@ -132,7 +140,7 @@ class Cluster:
             self._fail(r, "RESOURCE_EXHAUSTED")
             return
         r.decode_worker = worker
-        self.outstanding_decode[worker.worker_id] += 1
+        self.count_decode(worker, r, +1)
         self.recorder.arrived(r.prompt, r.max_tokens)
         self.loop.after(self.request_timeout_s, self._timeout, r)
         if path is Path.ULTRA_SHORT:
@@ -169,8 +177,9 @@ class Cluster:
         needed = kv_tokens_for(r.prompt, r.max_tokens)
         if self.policy is not None:
             order = [self.by_id[c.worker_id] for c in self.policy.decode_workers(
-                [DecodeCandidate(w.worker_id, w.pool.num_free, w.block_size, self.outstanding_decode[w.worker_id])
-                 for w in serving], needed)]
+                [DecodeCandidate(w.worker_id, w.pool.num_free, w.block_size, self.outstanding_decode[w.worker_id],
+                                 self.decode_context[w.worker_id]) for w in serving],
+                needed, mean_context(r.prompt, r.max_tokens))]
         else:
             order = [self.by_id[v.worker_id] for v in decode_preference([w.view() for w in serving],
                                                                         self.outstanding_decode, needed)]
@@ -182,6 +191,11 @@ class Cluster:
                 continue
             return worker
         return None
+
+    def count_decode(self, worker: SimWorker, r: SimRequest, sign: int) -> None:
+        """r joins (+1) or leaves (-1) `worker`'s decode batch, as the gateway counts it."""
+        self.outstanding_decode[worker.worker_id] += sign
+        self.decode_context[worker.worker_id] += sign * mean_context(r.prompt, r.max_tokens)
 
     def _poll_batcher(self) -> None:
         batch = self.batcher.poll(self.loop.now)
@@ -328,7 +342,7 @@ class Cluster:
         now = self.loop.now
         r.phase, r.done_at = "done", now
         self.open -= 1
-        self.outstanding_decode[r.decode_worker.worker_id] -= 1
+        self.count_decode(r.decode_worker, r, -1)
         if r.tokens > 1:
             self.recorder.finished((now - r.first_at) / (r.tokens - 1))
 
@@ -347,7 +361,7 @@ class Cluster:
         elif r.phase == "local":
             r.decode_worker.local.remove(r)  # a chunk in the step in flight runs for nothing
         d = r.decode_worker
-        self.outstanding_decode[d.worker_id] -= 1
+        self.count_decode(d, r, -1)
         self._release(d, r.rid)
         self.switches.abort_move(r)
         self._fail(r, "DEADLINE_EXCEEDED")

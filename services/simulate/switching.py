@@ -170,8 +170,8 @@ class Switcher:
         dst.decode.kv_complete_migrated(r.rid, list(move.seq.tokens))
         src.decode.abort(r.rid)  # paused, so in no step: its blocks go back now
         r.decode_worker, r.move = dst, None
-        c.outstanding_decode[src.worker_id] -= 1
-        c.outstanding_decode[dst.worker_id] += 1
+        c.count_decode(src, r, -1)
+        c.count_decode(dst, r, +1)
         sw.moves_in_flight -= 1
         sw.migrated += 1
         sw.migrated_bytes += move.plan.copied * c.kv_bytes_per_token

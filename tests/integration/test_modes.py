@@ -106,3 +106,43 @@ async def test_dopd_policy_prefills_ultra_short_prompts_where_they_decode_and_re
         assert "predicted time to first token" in err.value.details() and "1000 ms SLO" in err.value.details()
     assert metric(where["gateway"], "dopd_admission_refused_total") == 1
     await assert_no_leaks(handle)
+
+
+@pytest.fixture(scope="module")
+def seated_cluster(redis_url, redis_prefix, tmp_path_factory):
+    # Under a 100-ms TPOT SLO, smollm2-cpu2 (the profile the policy reasons with) steps one
+    # request in 59 ms and two in 105 ms: a decode worker has one seat.
+    handle = start_cluster("tiny-random", tmp_path_factory.mktemp("seated"), redis_url, redis_prefix + "seated:",
+                           prefill=1, decode=1, mode="dopd", planner="static", slo_ttft_ms=60_000.0,
+                           slo_tpot_ms=100.0)
+    yield handle
+    codes = handle.cluster.stop()
+    assert all(code == 0 for code in codes.values()), codes
+
+
+async def test_dopd_admission_seats_a_decode_batch_within_the_tpot_slo_and_queues_the_rest(seated_cluster):
+    handle = seated_cluster
+    where = metrics_of(handle)
+    decode = where["decode-0"]
+    prompts = [list(range(5 + i, 25 + i)) for i in range(4)]
+    async with handle.channel() as ch:
+        deadline = time.monotonic() + 30
+        # No policy until the planner's first forecast reaches the gateway: until then, no seats.
+        while metric(where["gateway"], "dopd_gateway_seat_waits_total") == 0:
+            assert time.monotonic() < deadline, "no seat limit within 30 s"
+            await asyncio.gather(*(generate(ch, p, max_tokens=8, temperature=0.0) for p in prompts[:2]))
+        steps = metric(decode, "dopd_decode_batch_size_count")
+        alone = metric(decode, 'dopd_decode_batch_size_bucket{le="1.0"}')
+        waits = metric(where["gateway"], "dopd_gateway_seat_waits_total")
+        outs = await asyncio.gather(*(generate(ch, p, max_tokens=12, temperature=0.0, ignore_eos=True)
+                                      for p in prompts))
+    # Every request is served, one at a time on the decode worker, the others waiting their turn.
+    assert [len(o.token_ids) for o in outs] == [12] * 4
+    model = load_model("tiny-random").model
+    report = check_greedy_identity(model, prompts, [o.token_ids for o in outs], [12] * 4, {2})
+    assert report.exact + len(report.near_ties) == 4
+    new_steps = metric(decode, "dopd_decode_batch_size_count") - steps
+    assert new_steps >= 4 * 11 and metric(decode, 'dopd_decode_batch_size_bucket{le="1.0"}') - alone == new_steps
+    # The first to find the seat taken is counted; the others queue behind it.
+    assert metric(where["gateway"], "dopd_gateway_seat_waits_total") - waits >= 1
+    await assert_no_leaks(handle)

@@ -118,3 +118,37 @@ def test_the_ledger_knows_each_workers_outstanding_work_and_since_when_it_is_bus
     full = p.predicted_ttft(500, Path.LONG, queued_tokens=8000)
     assert p.predicted_ttft(500, Path.LONG, 8000, busy_s=0.1) == pytest.approx(full - 0.1)
     assert p.predicted_ttft(500, Path.LONG, 8000, busy_s=99.0) == pytest.approx(PROFILE.prefill_time(500))
+
+
+def test_a_decode_worker_seats_requests_while_its_step_stays_within_the_tpot_slo():
+    cpu = load_profile("smollm2-cpu2")
+    p = SchedulingPolicy.for_forecast(forecast([100]), cpu, SLO(5.0, 0.3), 512, 1)
+
+    def worker(wid: str, batch: int, context: float) -> DecodeCandidate:
+        return DecodeCandidate(wid, free_blocks=1000, block_size=16, batch_size=batch, context_tokens=batch * context)
+
+    # At 512 tokens a step of 13 takes 288 ms, of 14 321 ms: 13 seats under a 300-ms TPOT SLO.
+    assert p.has_seat(worker("d", 12, 512), 512) and not p.has_seat(worker("d", 13, 512), 512)
+    # The grid, measured under load, dips at batch 32 (296 ms at 512 tokens, under 16's 387 ms):
+    # a dip never seats what a smaller batch could not.
+    assert cpu.decode_step_time(32, 512) < 0.3 and not p.has_seat(worker("d", 31, 512), 512)
+    # Longer contexts, fewer seats (10 at 1024 tokens); the batch's mean context counts the newcomer.
+    assert p.has_seat(worker("d", 9, 1024), 1024) and not p.has_seat(worker("d", 10, 1024), 1024)
+    assert not p.has_seat(worker("d", 12, 512), 4000)
+    # An idle worker always takes one; without admission control nothing is limited.
+    assert p.has_seat(worker("d", 0, 0), 8000)
+    off = SchedulingPolicy.for_forecast(forecast([100]), cpu, SLO(5.0, 0.3), 512, 1, admission=False)
+    assert off.has_seat(worker("d", 200, 1024), 1024)
+    # decode_workers leaves the seatless out, whatever their free blocks.
+    order = p.decode_workers([worker("full", 13, 512), worker("ok", 12, 512), worker("idle", 0, 0)], 100, 512)
+    assert [c.worker_id for c in order] == ["idle", "ok"]
+
+
+def test_batch_monotone_steps_never_fall_as_the_batch_grows():
+    cpu = load_profile("smollm2-cpu2")
+    steps = cpu.batch_monotone()
+    for context in (128, 300, 512, 1024):
+        times = [steps.decode_step_time(b, context) for b in range(1, 65)]
+        assert times == sorted(times)
+        assert all(t >= cpu.decode_step_time(b, context) for b, t in enumerate(times, 1) if b <= 32)
+    assert PROFILE.batch_monotone() == PROFILE  # a grid already monotone is kept as it is
