@@ -28,6 +28,12 @@ Rules, in the order decide() applies them:
      10 switches instead of 77 in a quiet 600 s of the Azure conv trace, 76.6% instead of 61.3% on
      a prefill-bound Azure mix, 99.7% instead of 99.8% on phase-shift).
 
+Seats (any move, emergency included): a decode worker leaves only while the decode workers that
+stay can seat every request the decode workers hold (running and waiting) within the TPOT SLO,
+at most the target's `decode_c_max` each (services/planner/split.py). Otherwise its requests would
+migrate onto batches too big to meet the SLO: admitted requests would miss it, the very thing
+admission control refuses others to prevent.
+
 Which worker: decode -> prefill takes the decode worker with the fewest running + waiting
 requests (least KV to migrate); prefill -> decode the prefill worker with the least queued prefill
 tokens; ties by worker_id. A worker whose switch failed is skipped for cooldown_s.
@@ -145,7 +151,7 @@ class ReconfigPolicy:
         diff = desired - count[PREFILL] if desired is not None else 0
         self._update_streak(diff)
 
-        emergency = self._emergency(ws, role, count, serving, movable)
+        emergency = self._emergency(ws, role, count, serving, movable, target)
         if emergency is not None:
             return self._issue(now, [emergency])
 
@@ -161,6 +167,8 @@ class ReconfigPolicy:
             return []  # only spare capacity would move: not worth the churn unless the gap is large
         donor = _other(to_role)
         room = max(0, serving[donor] - cfg.min_per_role)
+        while room and self._decode_seats_short(ws, donor, room, target):
+            room -= 1
         chosen = self._pick(ws, role, movable, donor)[:min(abs(diff), cfg.max_switches_per_interval, room)]
         reason = (f"forecast: target {target.prefill}P/{target.decode}D, "
                   f"now {count[PREFILL]}P/{count[DECODE]}D")
@@ -182,7 +190,7 @@ class ReconfigPolicy:
         self._direction = direction
 
     def _emergency(self, ws: Mapping[str, WorkerLoad], role: Mapping[str, str], count: Mapping[str, int],
-                   serving: Mapping[str, int], movable: set[str]) -> RoleChange | None:
+                   serving: Mapping[str, int], movable: set[str], target: Split) -> RoleChange | None:
         cfg = self.config
         if not ws:
             return None
@@ -207,10 +215,21 @@ class ReconfigPolicy:
         if any(p.change.emergency and p.change.to_role == to_role for p in self._pending.values()):
             return None  # one emergency move toward a role at a time: let it land first
         donor = _other(to_role)
-        if serving[donor] <= cfg.min_per_role:
+        if serving[donor] <= cfg.min_per_role or self._decode_seats_short(ws, donor, 1, target):
             return None
         chosen = self._pick(ws, role, movable, donor)[:1]
         return RoleChange(chosen[0], to_role, f"emergency: {why}") if chosen else None
+
+    @staticmethod
+    def _decode_seats_short(ws: Mapping[str, WorkerLoad], donor: str, leaving: int, target: Split) -> bool:
+        """Whether `leaving` decode workers going would leave the rest too few seats within the TPOT
+        SLO for the requests the decode workers hold (the module docstring's rule on seats)."""
+        seats = target.detail.get("decode_c_max")
+        if donor != DECODE or not seats:
+            return False
+        dec = [w for w in ws.values() if w.role == DECODE and not w.switching]
+        held = sum(w.decode_running + w.decode_waiting for w in dec)
+        return held > (len(dec) - leaving) * seats
 
     def _pick(self, ws: Mapping[str, WorkerLoad], role: Mapping[str, str], movable: set[str],
               donor: str) -> list[str]:

@@ -278,3 +278,16 @@ def test_invariants_randomized():
     # Not vacuous: both paths and both directions were exercised.
     assert sum(c.emergency for c in seen) > 20 and sum(not c.emergency for c in seen) > 20
     assert {c.to_role for c in seen} == {PREFILL, DECODE}
+
+
+def test_a_decode_worker_leaves_only_while_the_rest_can_seat_its_requests():
+    seats = {"decode_c_max": 8}  # requests a decode worker runs within the TPOT SLO (split.decode_need)
+    # Prefill is pressed, but the two decode workers hold 14 requests: one alone would run 14 > 8.
+    ws = [P("a", tokens=5000), D("c", running=7), D("d", running=7)]
+    assert pol(**EMERG).decide(0.0, ws, Split(1, 2, detail=seats)) == []
+    ws = [P("a", tokens=5000), D("c", running=4), D("d", running=3, waiting=1)]  # 8: fits
+    assert ids(pol(**EMERG).decide(0.0, ws, Split(1, 2, detail=seats))) == [("c", PREFILL)]
+    # Forecast moves too: the target wants two decode workers to go, the 12 requests fit in two.
+    ws = [P("a"), D("c", running=4), D("d", running=4), D("e", running=4)]
+    assert len(pol(max_switches_per_interval=5).decide(0.0, ws, Split(3, 1, detail=seats))) == 1
+    assert len(pol(max_switches_per_interval=5).decide(0.0, ws, Split(3, 1))) == 2  # no seats known: no limit
