@@ -116,11 +116,29 @@ def describe(args, name: str, rate: float, duration: float, requests, outcome, c
           f"refused {len(refused)} (RESOURCE_EXHAUSTED); other failures {len(other)} {doc['other_errors']}")
     print(f"  refusals came after p50 {fmt_ms(doc['refusal_p50_s'])}, p99 {fmt_ms(doc['refusal_p99_s'])}, "
           f"max {fmt_ms(doc['refusal_max_s'])} (profile time; x{args.time_scale:g} on the wall clock)")
+    doc["refusals_by_reason"] = refusal_reasons(refused)
+    for reason, f in doc["refusals_by_reason"].items():
+        print(f"    {f['count']:4d} x {reason}: after p50 {fmt_ms(f['p50_s'])}, max {fmt_ms(f['max_s'])}")
     att = doc["admitted_attainment"]
     print(f"  admitted requests within both SLOs: {'-' if att is None else f'{att:.1%}'}; p90 TTFT "
           f"{fmt_ms(doc['ttft_p90_s'])} (SLO {args.slo_ttft:g} ms), p90 TPOT {fmt_ms(doc['tpot_p90_s'])} "
           f"(SLO {args.slo_tpot:g} ms); goodput {doc['goodput']:.2f} req/s")
     return doc
+
+
+def refusal_reasons(refused) -> dict:
+    """The refusals grouped by what the server said (its message up to the first figure or colon
+    clause: the kind of refusal, not its numbers), each with how many and how fast."""
+    groups: dict[str, list[float]] = {}
+    for r in refused:
+        words = []
+        for word in (r.error_detail or "(no message)").split():
+            if any(ch.isdigit() for ch in word):
+                break
+            words.append(word)
+        groups.setdefault(" ".join(words).rstrip(":;,") or "(numbers only)", []).append(r.error_after or 0.0)
+    return {reason: {"count": len(ts), "p50_s": pct(ts, 50), "max_s": max(ts)}
+            for reason, ts in sorted(groups.items(), key=lambda kv: -len(kv[1]))}
 
 
 def memory_table(before: dict, after: dict) -> dict:

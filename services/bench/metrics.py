@@ -40,6 +40,7 @@ class RequestResult:
     ok: bool = True
     error: str | None = None
     error_after: float | None = None  # a failed request: seconds from its send to its error
+    error_detail: str | None = None  # what the server said with the error, where it said it
 
     @property
     def tpot(self) -> float | None:

@@ -40,7 +40,12 @@ STATUS_OF_HTTP = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOU
 
 
 class RequestFailed(Exception):
-    """A request ended in an error; the message is the code results.json counts it under."""
+    """A request ended in an error; the message is the code results.json counts it under, and
+    `detail` what the server said (gRPC only)."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(code)
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ class _Run:
                 yield Piece(len(msg.token_ids), finish, msg.usage.prompt_tokens if finish else 0,
                             msg.usage.completion_tokens if finish else 0)
         except grpc.aio.AioRpcError as exc:
-            raise RequestFailed(exc.code().name) from exc
+            raise RequestFailed(exc.code().name, exc.details() or "") from exc
         finally:
             call.cancel()  # no-op once the stream has ended
 
@@ -189,7 +194,7 @@ class _Run:
                 r.ttft, r.e2e = (first - sent) / scale, (end - sent) / scale
                 self.length_mismatch += r.output_tokens != req.output_tokens
         except RequestFailed as exc:
-            r.ok, r.error = False, str(exc)
+            r.ok, r.error, r.error_detail = False, str(exc), exc.detail or None
         except asyncio.CancelledError:  # the run's deadline (we cancel only then)
             r.ok, r.error = False, "HARNESS_DEADLINE"
         except Exception as exc:  # noqa: BLE001 - a request's failure is data, not the end of the run

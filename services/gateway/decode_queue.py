@@ -1,4 +1,5 @@
-"""Requests that found every decode worker out of KV blocks wait here for room, first come first
+"""Requests that found every decode worker out of KV blocks (or, under admission control, out of
+seats within the TPOT SLO) wait here for room, first come first
 served, in a bounded queue, instead of being refused at once (a burst the cluster can serve
 within the deadline is served) or queued forever (overload is refused at once).
 
@@ -58,7 +59,7 @@ class DecodeQueue:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ResourceExhausted(f"no decode KV freed up within {budget_s:.2f} s in the queue; {why}")
+                    raise ResourceExhausted(f"no decode KV or seat freed up within {budget_s:.2f} s in the queue; {why}")
                 try:
                     await asyncio.wait_for(self._changed.wait(), min(left, self.poll_s))
                 except TimeoutError:

@@ -28,6 +28,7 @@ import logging
 import time
 import uuid
 from collections import Counter as Tally
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -115,6 +116,8 @@ class RequestCore:
         self.prefill_ledger = PrefillLedger()  # prompts sent to each prefill worker, first token not back
         self.outstanding_decode: Tally[str] = Tally()
         self.decode_context: Tally[str] = Tally()  # the sum of mean_context over outstanding_decode
+        # worker id -> request id -> tokens it has still to make there (when its seat frees)
+        self.tokens_left: defaultdict[str, dict[str, int]] = defaultdict(dict)
         self.running = 0
         self.mode = mode or serving_mode("static")
         # The scheduling policy's thresholds follow the planner's forecast (policy_for); until
@@ -270,6 +273,9 @@ class RequestCore:
         stream, which frees the try's blocks."""
         stream = decode_worker = None
         local = path is Path.ULTRA_SHORT
+        if policy is not None and not first:
+            # A replay was admitted already: it is served, seated or not, and waits up to its deadline.
+            policy = replace(policy, admission=False)
         try:
             try:
                 stream, decode_worker = await self._reserve_decode(req, remaining, policy, local,
@@ -302,6 +308,7 @@ class RequestCore:
                         raise ServiceError(f"token stream out of order: expected token {n_tokens}, "
                                            f"got {event.start_index}")
                     n_tokens += len(event.token_ids)
+                    self.tokens_left[decode_worker.worker_id][req.worker_request_id] = req.params.max_tokens - n_tokens
                     yield event.token_ids
                 elif isinstance(event, Finished):
                     yield event.reason
@@ -353,6 +360,10 @@ class RequestCore:
         """`req` joins (+1) or leaves (-1) `worker`'s decode batch, as this gateway counts it."""
         self.outstanding_decode[worker.worker_id] += sign
         self.decode_context[worker.worker_id] += sign * mean_context(len(req.prompt), req.params.max_tokens)
+        if sign > 0:
+            self.tokens_left[worker.worker_id][req.worker_request_id] = req.params.max_tokens
+        else:
+            self.tokens_left[worker.worker_id].pop(req.worker_request_id, None)
 
     async def _wait_for_workers(self, waited_since: float, remaining, what: str) -> None:
         """Roles may be changing: wait for a new topology, unless we waited long enough already."""
@@ -450,8 +461,11 @@ class RequestCore:
         and prefills the prompt there). When every worker refused because roles are changing
         (not for want of KV), wait for a new topology. When they are out of KV, wait in the
         decode queue (first come first served, bounded) for at most `wait_budget_s`; a request
-        that arrives while others wait there joins behind them."""
+        that arrives while others wait there joins behind them. Under admission control, a
+        request that finds no seat is refused at once when a seat is not predicted to free for it
+        within that budget (SchedulingPolicy.seat_wait_s)."""
         if len(self.decode_queue):
+            self._refuse_hopeless_seat_wait(req, policy, wait_budget_s)
             return await self._queue_for_decode(req, remaining, policy, local, wait_budget_s,
                                                 "requests that came first are waiting for KV")
         since = time.monotonic()
@@ -461,11 +475,30 @@ class RequestCore:
                 return got
             if full:
                 if refusals and refusals[0].startswith(NO_SEAT):
+                    self._refuse_hopeless_seat_wait(req, policy, wait_budget_s)
                     metrics.SEAT_WAITS.inc()
                 return await self._queue_for_decode(req, remaining, policy, local, wait_budget_s,
                                                     "no decode worker can hold this request: " + "; ".join(refusals))
             await self._wait_for_workers(since, remaining, "no decode worker is serving" + (
                 ": " + "; ".join(refusals) if refusals else ""))
+
+    def _refuse_hopeless_seat_wait(self, req: GenerationRequest, policy: SchedulingPolicy | None,
+                                   budget_s: float) -> None:
+        """RESOURCE_EXHAUSTED now, rather than after the wait, when no decode worker has a seat
+        for `req` and none is predicted to free for it (behind those queued) within `budget_s`."""
+        if policy is None:
+            return
+        workers = [replace(self._decode_candidate(w), tokens_left=tuple(self.tokens_left[w.worker_id].values()))
+                   for w in self.backend.workers("decode")]
+        context = mean_context(len(req.prompt), req.params.max_tokens)
+        if not workers or any(policy.has_seat(w, context) for w in workers):
+            return
+        wait = policy.seat_wait_s(workers, len(self.decode_queue)) * self.time_scale
+        if wait > budget_s:
+            metrics.ADMISSION_REFUSED.inc()
+            raise ResourceExhausted(f"overloaded: {NO_SEAT} ({policy.slo.tpot_s * 1e3:.0f} ms), and with "
+                                    f"{len(self.decode_queue)} requests queued ahead a seat is predicted to free "
+                                    f"in {wait:.2f} s, past the {max(0.0, budget_s):.2f} s this request may wait")
 
     async def _try_reserve(self, req: GenerationRequest, remaining, policy: SchedulingPolicy | None,
                            local: bool) -> tuple[tuple[DecodeStream, WorkerView] | None, bool, list[str]]:

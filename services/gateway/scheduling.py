@@ -59,6 +59,7 @@ class DecodeCandidate:
     block_size: int
     batch_size: int  # requests it decodes now
     context_tokens: float = 0.0  # the sum of their `mean_context`s
+    tokens_left: tuple[int, ...] = ()  # what each has still to make, where known (SchedulingPolicy.seat_wait_s)
 
 
 def mean_context(prompt_tokens: int, max_tokens: int) -> float:
@@ -78,6 +79,7 @@ class SchedulingPolicy:
     # The profile's decode steps made monotone in the batch (LatencyProfile.batch_monotone): what
     # seats are judged by.
     seat_steps: LatencyProfile | None = None
+    mean_output: float = 0.0  # predicted output tokens a request (how long it holds its seat)
 
     @classmethod
     def for_forecast(cls, forecast: LoadForecast, profile: LatencyProfile, slo: SLO, batch_token_cap: int,
@@ -96,7 +98,7 @@ class SchedulingPolicy:
         long_above = min(prompt.mean, saturating_prompt(profile))
         return cls(long_above=long_above, ultra_short_up_to=min(prompt.quantile(ULTRA_SHORT_QUANTILE), fits),
                    batch_token_cap=batch_token_cap, batch_wait_cap_s=wait_cap, slo=slo, profile=profile,
-                   admission=admission, seat_steps=profile.batch_monotone())
+                   admission=admission, seat_steps=profile.batch_monotone(), mean_output=forecast.output.mean)
 
     def path(self, prompt_tokens: int) -> Path:
         if prompt_tokens <= self.ultra_short_up_to:
@@ -121,6 +123,28 @@ class SchedulingPolicy:
         steps = self.seat_steps or self.profile
         batch = worker.batch_size + 1
         return steps.decode_step_time(batch, (worker.context_tokens + context) / batch) <= self.slo.tpot_s
+
+    def seat_wait_s(self, workers: Sequence[DecodeCandidate], ahead: int) -> float:
+        """Seconds until a seat frees for a request with `ahead` others queued before it, when
+        every seat is taken: it gets the (ahead + 1)-th seat to free. A seat frees when its holder
+        has made its `tokens_left`, one a step of its worker's batch. Past the seats held now (or
+        where what is left is not known), seats free at the steady rate: a request holds its seat
+        for the mean output's steps, so a worker frees batch / (mean output x its step) a second."""
+        steps = self.seat_steps or self.profile
+        frees: list[float] = []  # seconds until each seat held now frees
+        rate = 0.0
+        for w in workers:
+            if w.batch_size <= 0:
+                continue
+            step = steps.decode_step_time(w.batch_size, w.context_tokens / w.batch_size)
+            frees += [left * step for left in w.tokens_left]
+            if self.mean_output > 0:
+                rate += w.batch_size / (self.mean_output * step)
+        frees.sort()
+        if ahead < len(frees):
+            return frees[ahead]
+        last = frees[-1] if frees else 0.0
+        return last + (ahead + 1 - len(frees)) / rate if rate > 0 else last
 
     def predicted_ttft(self, prompt_tokens: int, path: Path, queued_tokens: int, busy_s: float = 0.0) -> float:
         """Seconds to the first token: the prefill of the work queued ahead on the least loaded

@@ -126,7 +126,7 @@ async def test_out_of_blocks(tiny_cluster):
         with pytest.raises(grpc.aio.AioRpcError) as gw_err:
             await generate(ch, list(range(3, 1003)), max_tokens=1000, timeout=3)
         assert gw_err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "no decode KV freed up within" in gw_err.value.details()
+        assert "no decode KV or seat freed up within" in gw_err.value.details()
         assert "no decode worker can hold" in gw_err.value.details()
     for _, call in held:
         call.cancel()

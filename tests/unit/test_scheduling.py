@@ -152,3 +152,24 @@ def test_batch_monotone_steps_never_fall_as_the_batch_grows():
         assert times == sorted(times)
         assert all(t >= cpu.decode_step_time(b, context) for b, t in enumerate(times, 1) if b <= 32)
     assert PROFILE.batch_monotone() == PROFILE  # a grid already monotone is kept as it is
+
+
+def test_the_wait_for_a_seat_is_predicted_from_how_fast_the_batches_free_theirs():
+    cpu = load_profile("smollm2-cpu2")
+    p = SchedulingPolicy.for_forecast(forecast([100], output=50), cpu, SLO(5.0, 0.3), 512, 1)
+    assert p.mean_output == 50
+    steps = cpu.batch_monotone()
+    full = [DecodeCandidate("a", 1000, 16, 13, 13 * 512.0), DecodeCandidate("b", 1000, 16, 10, 10 * 1024.0)]
+    # Each request holds its seat for 50 steps: a frees 13 / (50 x its step) seats a second, b 10 / (...).
+    rate = 13 / (50 * steps.decode_step_time(13, 512)) + 10 / (50 * steps.decode_step_time(10, 1024))
+    assert p.seat_wait_s(full, ahead=0) == pytest.approx(1 / rate)
+    assert p.seat_wait_s(full, ahead=4) == pytest.approx(5 / rate)  # behind 4 others: the 5th seat
+    assert p.seat_wait_s([DecodeCandidate("idle", 1000, 16, 0, 0.0)], ahead=0) == 0.0
+    # Where the gateway knows what each holder has left, the seats free as those finish, soonest
+    # first; past them, at the steady rate.
+    known = [DecodeCandidate("a", 1000, 16, 2, 2 * 512.0, tokens_left=(30, 4)),
+             DecodeCandidate("b", 1000, 16, 1, 1024.0, tokens_left=(10,))]
+    step_a, step_b = steps.decode_step_time(2, 512), steps.decode_step_time(1, 1024)
+    assert [p.seat_wait_s(known, ahead=k) for k in range(3)] == pytest.approx([4 * step_a, 10 * step_b, 30 * step_a])
+    steady = 2 / (50 * step_a) + 1 / (50 * step_b)
+    assert p.seat_wait_s(known, ahead=4) == pytest.approx(30 * step_a + 2 / steady)
