@@ -232,7 +232,8 @@ def run_services(args, mode: str, split: tuple[int, int] | None, out: Path) -> R
                        kv_blocks=args.kv_blocks or ClusterSpec.kv_blocks, time_scale=args.time_scale,
                        planner="dynamic" if m.switching else "static", mode=mode,
                        predictor=args.predictor or "arima",
-                       slo_ttft_ms=args.slo_ttft, slo_tpot_ms=args.slo_tpot, extra_env=extra)
+                       slo_ttft_ms=args.slo_ttft, slo_tpot_ms=args.slo_tpot, extra_env=extra,
+                       torch_threads=args.torch_threads)
     cluster = Cluster(spec)
     cluster.start()
     try:
@@ -421,6 +422,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=int)
     g.add_argument("--prefill-token-budget", type=int)
     g.add_argument("--chunk-tokens", type=int, help="tokens a step where a worker prefills its own prompts")
+    g.add_argument("--torch-threads", type=int, default=0,
+                   help="sim engine or model: torch threads per worker (default: cores / workers)")
     g.add_argument("--predictor", help="the planner's predictor")
     g.add_argument("--sweep-from", type=float, help="des: also each mode's DistServe goodput, by a rate search "
                                                     "from this rate")

@@ -59,7 +59,8 @@ class DecodeQueue:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ResourceExhausted(f"no decode KV or seat freed up within {budget_s:.2f} s in the queue; {why}")
+                    raise ResourceExhausted(f"no decode KV or seat freed up within {budget_s:.2f} s in the queue; "
+                                            f"{why}")
                 try:
                     await asyncio.wait_for(self._changed.wait(), min(left, self.poll_s))
                 except TimeoutError:
