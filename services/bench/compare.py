@@ -221,6 +221,8 @@ def run_services(args, mode: str, split: tuple[int, int] | None, out: Path) -> R
     p, d = split if split is not None else default_split(args.workers)  # aggregated: all decode anyway
     model = f"sim:{args.profile}" if args.engine == "sim" else args.model
     extra = {"DOPD_KV_TIMEOUT_S": str(30 * args.time_scale)}
+    if args.engine != "sim" and args.profile:  # a real model: the profile the planner and policy reason with
+        extra["DOPD_PLANNER_PROFILE"] = args.profile
     if args.max_batch_size is not None:
         extra["DOPD_MAX_BATCH_SIZE"] = str(args.max_batch_size)
     if args.prefill_token_budget is not None:
@@ -333,7 +335,7 @@ def engine_label(args) -> str:
     if args.engine == "des":
         return f"virtual time (dopd simulate), profile {args.profile}"
     if args.model:
-        return f"real services, model {args.model}"
+        return f"real services, model {args.model}" + (f", planner profile {args.profile}" if args.profile else "")
     return f"real services on the sim engine, profile {args.profile}, time scale {args.time_scale:g}"
 
 
@@ -410,7 +412,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated, of: {', '.join(MODES)} (default %(default)s)")
     g.add_argument("--engine", choices=("des", "sim"), default="des",
                    help="des: the virtual-time simulator; sim: the real services on the sim engine")
-    g.add_argument("--profile", help="latency profile (des, sim)")
+    g.add_argument("--profile", help="latency profile (des, sim; with --model: the one the planner and the "
+                                     "policy reason with, default smollm2-cpu2)")
     g.add_argument("--model", help="a real model: the real services with it (e.g. smollm2)")
     g.add_argument("--workers", type=int, help="workers in each cluster")
     g.add_argument("--split", type=lambda s: tuple(int(x) for x in s.split(":")),

@@ -74,9 +74,14 @@ def dopd_cluster(redis_url, redis_prefix, tmp_path_factory):
     # smollm2-cpu2 is the profile the policy reasons with here: a 1000-token prompt's prefill is
     # predicted at 1.65 s, past the 1 s TTFT SLO; a 4-token one is the shortest tenth of the
     # prompts below and fits a decode step's slack under the 500 ms TPOT SLO: ultra-short.
-    handle = start_cluster("tiny-random", tmp_path_factory.mktemp("dopd"), redis_url, redis_prefix + "dopd:",
-                           prefill=1, decode=1, mode="dopd", planner="static", slo_ttft_ms=1000.0,
-                           slo_tpot_ms=500.0)
+    yield from dopd_1p1d(redis_url, redis_prefix, tmp_path_factory, "dopd", slo_ttft_ms=1000.0, slo_tpot_ms=500.0)
+
+
+def dopd_1p1d(redis_url, redis_prefix, tmp_path_factory, name: str, **slos):
+    """A dopd-mode cluster of 1 prefill and 1 decode worker on tiny-random under these SLOs,
+    with a static planner (it forecasts, it does not switch), stopped cleanly after."""
+    handle = start_cluster("tiny-random", tmp_path_factory.mktemp(name), redis_url, f"{redis_prefix}{name}:",
+                           prefill=1, decode=1, mode="dopd", planner="static", **slos)
     yield handle
     codes = handle.cluster.stop()
     assert all(code == 0 for code in codes.values()), codes
@@ -112,12 +117,7 @@ async def test_dopd_policy_prefills_ultra_short_prompts_where_they_decode_and_re
 def seated_cluster(redis_url, redis_prefix, tmp_path_factory):
     # Under a 100-ms TPOT SLO, smollm2-cpu2 (the profile the policy reasons with) steps one
     # request in 59 ms and two in 105 ms: a decode worker has one seat.
-    handle = start_cluster("tiny-random", tmp_path_factory.mktemp("seated"), redis_url, redis_prefix + "seated:",
-                           prefill=1, decode=1, mode="dopd", planner="static", slo_ttft_ms=60_000.0,
-                           slo_tpot_ms=100.0)
-    yield handle
-    codes = handle.cluster.stop()
-    assert all(code == 0 for code in codes.values()), codes
+    yield from dopd_1p1d(redis_url, redis_prefix, tmp_path_factory, "seated", slo_ttft_ms=60_000.0, slo_tpot_ms=100.0)
 
 
 async def test_dopd_admission_seats_a_decode_batch_within_the_tpot_slo_and_queues_the_rest(seated_cluster):
