@@ -14,7 +14,8 @@ GENERATION_TOKENS = Counter("dopd_generation_tokens_total", "Tokens streamed bac
 PATHS = Counter("dopd_gateway_paths_total", "Requests by the path they took (long, short, ultra-short: prefilled on "
                                             "the decode worker; every request in aggregated mode)", ["path"])
 ADMISSION_REFUSED = Counter("dopd_admission_refused_total",
-                            "Requests refused at once because their predicted TTFT was past the SLO")
+                            "Requests refused at once because their predicted TTFT was past the SLO, or because "
+                            "no decode seat within the TPOT SLO was predicted to free for them in time")
 SHORT_HELD = Gauge("dopd_gateway_short_prompts_held",
                    "Short prompts held for a batch while every prefill worker is busy")
 HTTP_REQUESTS = Counter("dopd_http_requests_total", "OpenAI API requests by endpoint and HTTP status",
