@@ -30,9 +30,10 @@ Rules, in the order decide() applies them:
 
 Seats (any move, emergency included): a decode worker leaves only while the decode workers that
 stay can seat every request the decode workers hold (running and waiting) within the TPOT SLO,
-at most the target's `decode_c_max` each (services/planner/split.py). Otherwise its requests would
+at most the target's `decode_c_tpot` each (services/planner/split.py). Otherwise its requests would
 migrate onto batches too big to meet the SLO: admitted requests would miss it, the very thing
-admission control refuses others to prevent.
+admission control refuses others to prevent. (KV is not counted here: a migration without room
+fails and the request stays, and KV pressure has its emergency rule.)
 
 Which worker: decode -> prefill takes the decode worker with the fewest running + waiting
 requests (least KV to migrate); prefill -> decode the prefill worker with the least queued prefill
@@ -224,7 +225,7 @@ class ReconfigPolicy:
     def _decode_seats_short(ws: Mapping[str, WorkerLoad], donor: str, leaving: int, target: Split) -> bool:
         """Whether `leaving` decode workers going would leave the rest too few seats within the TPOT
         SLO for the requests the decode workers hold (the module docstring's rule on seats)."""
-        seats = target.detail.get("decode_c_max")
+        seats = target.detail.get("decode_c_tpot")
         if donor != DECODE or not seats:
             return False
         dec = [w for w in ws.values() if w.role == DECODE and not w.switching]

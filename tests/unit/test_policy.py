@@ -281,7 +281,7 @@ def test_invariants_randomized():
 
 
 def test_a_decode_worker_leaves_only_while_the_rest_can_seat_its_requests():
-    seats = {"decode_c_max": 8}  # requests a decode worker runs within the TPOT SLO (split.decode_need)
+    seats = {"decode_c_tpot": 8}  # requests a decode worker runs within the TPOT SLO (split.decode_need)
     # Prefill is pressed, but the two decode workers hold 14 requests: one alone would run 14 > 8.
     ws = [P("a", tokens=5000), D("c", running=7), D("d", running=7)]
     assert pol(**EMERG).decide(0.0, ws, Split(1, 2, detail=seats)) == []
