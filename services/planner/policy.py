@@ -16,10 +16,13 @@ Rules, in the order decide() applies them:
      direction, for persist_intervals consecutive calls. A flip of direction restarts the count.
   2. Emergency (bypasses hysteresis and cooldown): a role under pressure (prefill: queued prompt
      tokens per prefill worker above emergency_prefill_queue_tokens; decode: KV usage above
-     emergency_kv_usage; either: no worker of the role at all) gets one worker from the other
-     role at once, unless an emergency move toward it is still under way. If both roles are under
-     pressure, nothing moves: a move would only shift the overload. An emergency call returns
-     only the emergency change.
+     emergency_kv_usage; either: no worker of the role at all, on two calls in a row) gets one
+     worker from the other role at once, unless an emergency move toward it is still under way. If
+     both roles are under pressure, nothing moves: a move would only shift the overload. An
+     emergency call returns only the emergency change.
+     A role missing on one call only changes nothing at all: at start the workers' first
+     heartbeats arrive one by one, and a planner that saw the decode workers a moment before the
+     prefill worker once turned a decode worker into a second prefill worker.
   3. Cooldown: no forecast move while a switch is under way (one we issued, or a worker reports
      `switching`), nor within cooldown_s of the last completed switch.
   4. Forecast move: up to max_switches_per_interval workers toward the target; when the role it
@@ -120,6 +123,7 @@ class ReconfigPolicy:
         self._last_switch_at: float | None = None
         self._direction = 0  # +1: target wants more prefill, -1: more decode, 0: close enough
         self._streak = 0  # consecutive calls with that direction
+        self._missing_calls = 0  # consecutive calls that saw a role with no worker
 
     @property
     def pending(self) -> Mapping[str, str]:
@@ -152,6 +156,9 @@ class ReconfigPolicy:
         diff = desired - count[PREFILL] if desired is not None else 0
         self._update_streak(diff)
 
+        self._missing_calls = self._missing_calls + 1 if ws and min(count.values()) == 0 else 0
+        if self._missing_calls == 1:
+            return []  # perhaps a heartbeat not in yet: look again next call before acting
         emergency = self._emergency(ws, role, count, serving, movable, target)
         if emergency is not None:
             return self._issue(now, [emergency])

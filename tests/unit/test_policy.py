@@ -202,11 +202,19 @@ def test_both_roles_pressed_moves_nothing():
     assert pol(**EMERG).decide(0.0, ws, Split(2, 2)) == []
 
 
-def test_missing_role_is_an_emergency():
+def test_missing_role_is_an_emergency_once_seen_twice():
     p = pol(**EMERG)
     ws = [D("a", kv_used=99), D("b", kv_used=99, running=3), D("c", kv_used=99, running=1)]
-    assert ids(p.decide(0.0, ws, Split(1, 2))) == [("a", PREFILL)]  # outranks the KV pressure
-    assert p.decide(1.0, ws, Split(1, 2)) == []  # a counts as prefill while it switches
+    # Once only, a missing role may be a heartbeat not in yet (a worker starting): nothing moves,
+    # not even for the KV pressure.
+    assert p.decide(0.0, ws, Split(1, 2)) == []
+    assert ids(p.decide(1.0, ws, Split(1, 2))) == [("a", PREFILL)]  # outranks the KV pressure
+    assert p.decide(2.0, ws, Split(1, 2)) == []  # a counts as prefill while it switches
+    # A prefill worker seen in between restarts the count.
+    q = pol(**EMERG)
+    assert q.decide(0.0, ws, Split(1, 2)) == []
+    q.decide(1.0, [P("p"), *ws], Split(1, 3))
+    assert q.decide(2.0, ws, Split(1, 2)) == []
 
 
 def test_emergency_never_takes_the_last_serving_worker_nor_a_switching_one():
