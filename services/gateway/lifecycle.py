@@ -27,8 +27,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import Counter as Tally
-from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -38,12 +36,13 @@ from common.kv.block_pool import kv_tokens_for
 from common.modes import ServingMode, serving_mode
 from common.types import SamplingParams
 from services.gateway import metrics
+from services.gateway.decode_load import DecodeLoad
 from services.gateway.decode_queue import DecodeQueue
 from services.gateway.detokenizer import Detokenizer
 from services.gateway.events import DecodeEvent, Finished, Moved, TokenEvent, Tokens
 from services.gateway.load_recorder import LoadRecorder
 from services.gateway.routing import WorkerView, decode_preference, pick_prefill
-from services.gateway.scheduling import DecodeCandidate, Path, PrefillLedger, SchedulingPolicy, mean_context
+from services.gateway.scheduling import Path, PrefillLedger, SchedulingPolicy, mean_context
 from services.gateway.short_gate import ShortGate
 from services.planner.load import SLO, LoadForecast
 
@@ -114,10 +113,7 @@ class RequestCore:
         self.tokenizer = tokenizer
         self.recorder = recorder or LoadRecorder()
         self.prefill_ledger = PrefillLedger()  # prompts sent to each prefill worker, first token not back
-        self.outstanding_decode: Tally[str] = Tally()
-        self.decode_context: Tally[str] = Tally()  # the sum of mean_context over outstanding_decode
-        # worker id -> request id -> tokens it has still to make there (when its seat frees)
-        self.tokens_left: defaultdict[str, dict[str, int]] = defaultdict(dict)
+        self.decode_load = DecodeLoad()  # this gateway's requests on each decode worker
         self.running = 0
         self.mode = mode or serving_mode("static")
         # The scheduling policy's thresholds follow the planner's forecast (policy_for); until
@@ -308,7 +304,8 @@ class RequestCore:
                         raise ServiceError(f"token stream out of order: expected token {n_tokens}, "
                                            f"got {event.start_index}")
                     n_tokens += len(event.token_ids)
-                    self.tokens_left[decode_worker.worker_id][req.worker_request_id] = req.params.max_tokens - n_tokens
+                    self.decode_load.made(decode_worker.worker_id, req.worker_request_id,
+                                          req.params.max_tokens - n_tokens)
                     yield event.token_ids
                 elif isinstance(event, Finished):
                     yield event.reason
@@ -358,12 +355,11 @@ class RequestCore:
 
     def _count_decode(self, worker: WorkerView, req: GenerationRequest, sign: int) -> None:
         """`req` joins (+1) or leaves (-1) `worker`'s decode batch, as this gateway counts it."""
-        self.outstanding_decode[worker.worker_id] += sign
-        self.decode_context[worker.worker_id] += sign * mean_context(len(req.prompt), req.params.max_tokens)
         if sign > 0:
-            self.tokens_left[worker.worker_id][req.worker_request_id] = req.params.max_tokens
+            self.decode_load.join(worker.worker_id, req.worker_request_id,
+                                  mean_context(len(req.prompt), req.params.max_tokens), req.params.max_tokens)
         else:
-            self.tokens_left[worker.worker_id].pop(req.worker_request_id, None)
+            self.decode_load.leave(worker.worker_id, req.worker_request_id)
 
     async def _wait_for_workers(self, waited_since: float, remaining, what: str) -> None:
         """Roles may be changing: wait for a new topology, unless we waited long enough already."""
@@ -431,20 +427,16 @@ class RequestCore:
         workers = self.backend.workers("decode")
         needed = kv_tokens_for(len(req.prompt), req.params.max_tokens)
         if policy is None:
-            order = decode_preference(workers, self.outstanding_decode, needed)
+            order = decode_preference(workers, self.decode_load.counts, needed)
         else:
             context = mean_context(len(req.prompt), req.params.max_tokens)
-            candidates = {w.worker_id: self._decode_candidate(w) for w in workers}
+            candidates = {w.worker_id: self.decode_load.candidate(w) for w in workers}
             by_id = {w.worker_id: w for w in workers}
             order = [by_id[c.worker_id] for c in policy.decode_workers(list(candidates.values()), needed, context)]
-            order += [w for w in decode_preference(workers, self.outstanding_decode, needed)
+            order += [w for w in decode_preference(workers, self.decode_load.counts, needed)
                       if w not in order and policy.has_seat(candidates[w.worker_id], context)]
         # Workers whose streams broke lately go last (stable: the order is kept otherwise).
         return sorted(order, key=lambda w: self._recently_lost(w.worker_id))
-
-    def _decode_candidate(self, w: WorkerView) -> DecodeCandidate:
-        return DecodeCandidate(w.worker_id, w.kv_free_blocks, w.block_size, self.outstanding_decode[w.worker_id],
-                               self.decode_context[w.worker_id])
 
     def _recently_lost(self, worker_id: str) -> bool:
         until = self._lost_until.get(worker_id)
@@ -488,8 +480,7 @@ class RequestCore:
         for `req` and none is predicted to free for it (behind those queued) within `budget_s`."""
         if policy is None:
             return
-        workers = [replace(self._decode_candidate(w), tokens_left=tuple(self.tokens_left[w.worker_id].values()))
-                   for w in self.backend.workers("decode")]
+        workers = [self.decode_load.candidate(w, with_tokens_left=True) for w in self.backend.workers("decode")]
         context = mean_context(len(req.prompt), req.params.max_tokens)
         if not workers or any(policy.has_seat(w, context) for w in workers):
             return
@@ -511,7 +502,7 @@ class RequestCore:
             return None, True, no_seat
         context = mean_context(len(req.prompt), req.params.max_tokens)
         for worker in order:
-            if policy is not None and not policy.has_seat(self._decode_candidate(worker), context):
+            if policy is not None and not policy.has_seat(self.decode_load.candidate(worker), context):
                 continue  # taken while this request tried another worker
             # Counted before the call: requests reserving at the same time see the seat taken.
             self._count_decode(worker, req, +1)

@@ -31,6 +31,7 @@ constant: `SchedulingPolicy.for_forecast` derives them each interval.
 from __future__ import annotations
 
 import enum
+import functools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -76,9 +77,6 @@ class SchedulingPolicy:
     slo: SLO
     profile: LatencyProfile
     admission: bool = True
-    # The profile's decode steps made monotone in the batch (LatencyProfile.batch_monotone): what
-    # seats are judged by.
-    seat_steps: LatencyProfile | None = None
     mean_output: float = 0.0  # predicted output tokens a request (how long it holds its seat)
 
     @classmethod
@@ -98,7 +96,7 @@ class SchedulingPolicy:
         long_above = min(prompt.mean, saturating_prompt(profile))
         return cls(long_above=long_above, ultra_short_up_to=min(prompt.quantile(ULTRA_SHORT_QUANTILE), fits),
                    batch_token_cap=batch_token_cap, batch_wait_cap_s=wait_cap, slo=slo, profile=profile,
-                   admission=admission, seat_steps=profile.batch_monotone(), mean_output=forecast.output.mean)
+                   admission=admission, mean_output=forecast.output.mean)
 
     def path(self, prompt_tokens: int) -> Path:
         if prompt_tokens <= self.ultra_short_up_to:
@@ -114,15 +112,20 @@ class SchedulingPolicy:
         fit = [c for c in candidates if c.free_blocks * c.block_size >= kv_tokens and self.has_seat(c, context)]
         return sorted(fit, key=lambda c: (c.batch_size, -c.free_blocks, c.worker_id))
 
+    @functools.cached_property
+    def seat_steps(self) -> LatencyProfile:
+        """The profile's decode steps made monotone in the batch (LatencyProfile.batch_monotone):
+        what seats are judged by."""
+        return self.profile.batch_monotone()
+
     def has_seat(self, worker: DecodeCandidate, context: float) -> bool:
         """Whether `worker` may take a request of mean `context` (`mean_context`) and still step
         within the TPOT SLO: always without admission control, and while it decodes nothing (one
         request alone is served however slow)."""
         if not self.admission or worker.batch_size <= 0:
             return True
-        steps = self.seat_steps or self.profile
         batch = worker.batch_size + 1
-        return steps.decode_step_time(batch, (worker.context_tokens + context) / batch) <= self.slo.tpot_s
+        return self.seat_steps.decode_step_time(batch, (worker.context_tokens + context) / batch) <= self.slo.tpot_s
 
     def seat_wait_s(self, workers: Sequence[DecodeCandidate], ahead: int) -> float:
         """Seconds until a seat frees for a request with `ahead` others queued before it, when
@@ -130,7 +133,7 @@ class SchedulingPolicy:
         has made its `tokens_left`, one a step of its worker's batch. Past the seats held now (or
         where what is left is not known), seats free at the steady rate: a request holds its seat
         for the mean output's steps, so a worker frees batch / (mean output x its step) a second."""
-        steps = self.seat_steps or self.profile
+        steps = self.seat_steps
         frees: list[float] = []  # seconds until each seat held now frees
         rate = 0.0
         for w in workers:
