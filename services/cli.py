@@ -157,7 +157,8 @@ def _status(args) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    table = Table(title=f"model {status['model']}, topology v{status['topology_version']}")
+    table = Table(title=f"model {status['model']}, mode {status['serving_mode']}, "
+                        f"topology v{status['topology_version']}")
     for col in ("service", "role", "gRPC", "metrics", "health", "running", "KV blocks"):
         table.add_column(col)
     for s in status["services"]:

@@ -93,7 +93,8 @@ async def cluster_status(target: str, timeout: float = 5.0) -> dict:
     if plan is not None:
         roles = [ROLE_FROM_PB.get(w.role) for w in status.topology.workers]
         plan["split_now"] = f"{roles.count(Role.PREFILL)}P:{roles.count(Role.DECODE)}D"
-    return {"model": status.model, "topology_version": status.topology.version, "services": services, "plan": plan}
+    return {"model": status.model, "serving_mode": status.serving_mode, "topology_version": status.topology.version,
+            "services": services, "plan": plan}
 
 
 def _pb_dict(message) -> dict:

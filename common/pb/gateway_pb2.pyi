@@ -68,17 +68,19 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("gateway_address", "gateway_metrics_address", "planner_address", "model", "topology", "running_requests")
+    __slots__ = ("gateway_address", "gateway_metrics_address", "planner_address", "model", "topology", "running_requests", "serving_mode")
     GATEWAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PLANNER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_MODE_FIELD_NUMBER: _ClassVar[int]
     gateway_address: str
     gateway_metrics_address: str
     planner_address: str
     model: str
     topology: _planner_pb2.Topology
     running_requests: int
-    def __init__(self, gateway_address: _Optional[str] = ..., gateway_metrics_address: _Optional[str] = ..., planner_address: _Optional[str] = ..., model: _Optional[str] = ..., topology: _Optional[_Union[_planner_pb2.Topology, _Mapping]] = ..., running_requests: _Optional[int] = ...) -> None: ...
+    serving_mode: str
+    def __init__(self, gateway_address: _Optional[str] = ..., gateway_metrics_address: _Optional[str] = ..., planner_address: _Optional[str] = ..., model: _Optional[str] = ..., topology: _Optional[_Union[_planner_pb2.Topology, _Mapping]] = ..., running_requests: _Optional[int] = ..., serving_mode: _Optional[str] = ...) -> None: ...

@@ -211,7 +211,7 @@ def run_bench(args) -> int:
         if args.target:
             status = asyncio.run(_status(args.target))
             model = status.model
-            kv = kv_cost(model, [list(w.kv_transports) for w in status.topology.workers])
+            kv = kv_cost(model, [list(w.kv_transports) for w in status.topology.workers], status.serving_mode)
         else:
             model = _served_model(args.base_url, args.api_key)
     except grpc.aio.AioRpcError as exc:

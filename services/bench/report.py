@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,37 +42,67 @@ def peak_wall_rates(results: Sequence[RequestResult], time_scale: float) -> tupl
 
 @dataclass(frozen=True)
 class KVCost:
-    """What a prompt's hand-off costs the harness: its KV bytes a token, and the transport that
-    carries them (the ceiling differs: benchmarks/bench_overhead.py measures both)."""
+    """What a prompt's hand-off costs the harness: its KV bytes a token, the transport that carries
+    them (the ceiling differs: benchmarks/bench_overhead.py measures both), and how long the
+    profile takes to prefill a prompt alone (seconds; the hand-off streams layer by layer over it)."""
 
     bytes_per_token: int
     transport: str  # grpc or nixl
+    prefill_time: Callable[[int], float] | None = field(default=None, compare=False)
 
 
-def kv_cost(model: str, workers_transports: Sequence[Sequence[str]]) -> KVCost | None:
-    """A sim cluster's KV cost (model "sim:PROFILE"): None for another model, or a profile this
-    machine cannot load. NIXL's ceiling where every worker reads NIXL, else gRPC's (the lower)."""
+def kv_cost(model: str, workers_transports: Sequence[Sequence[str]], serving_mode: str = "") -> KVCost | None:
+    """A sim cluster's KV cost (model "sim:PROFILE"): None for another model, a profile this
+    machine cannot load, or a serving mode that hands no KV between workers (aggregated). NIXL's
+    ceiling where every worker reads NIXL, else gRPC's (the lower)."""
     if not model.startswith("sim:"):
+        return None
+    if serving_mode and not _hands_off_kv(serving_mode):
         return None
     from common.modeling.sim_runner import profile_layout
     from common.profile import load_profile
 
     try:
-        layout = profile_layout(load_profile(model.removeprefix("sim:")))
+        profile = load_profile(model.removeprefix("sim:"))
+        layout = profile_layout(profile)
     except (OSError, ValueError, KeyError):
         return None
     nixl = bool(workers_transports) and all("nixl" in t for t in workers_transports)
-    return KVCost(layout.bytes_for(1), "nixl" if nixl else "grpc")
+    return KVCost(layout.bytes_for(1), "nixl" if nixl else "grpc", profile.prefill_time)
 
 
-def peak_kv_wall_rate(results: Sequence[RequestResult], time_scale: float, bytes_per_token: int) -> int:
-    """Most KV bytes handed off in one wall-clock second, each prompt's at its first token (its
-    KV has reached the decode worker by then)."""
+def _hands_off_kv(mode_name: str) -> bool:
+    from common.modes import serving_mode
+
+    try:
+        return serving_mode(mode_name).disaggregated
+    except ValueError:  # a gateway newer than this client: assume it does
+        return True
+
+
+def peak_kv_wall_rate(results: Sequence[RequestResult], time_scale: float, kv: KVCost) -> int:
+    """Most KV bytes handed off in one wall-clock second. A prompt's bytes stream layer by layer
+    while it is prefilled, and have all reached the decode worker at its first token: they are
+    spread evenly over the wall window [first token - its prefill time alone, first token]. The
+    prefill time alone is the shortest its prefill can take (in a batch it takes longer), so the
+    spread is the narrowest one and the peak an upper bound; without a prefill time every byte
+    counts in its first token's second."""
     by_second: Counter[int] = Counter()
     for r in results:
-        if r.ok and r.ttft is not None:
-            by_second[int((r.t_sent + r.ttft) * time_scale)] += r.prompt_tokens * bytes_per_token
-    return max(by_second.values(), default=0)
+        if not (r.ok and r.ttft is not None):
+            continue
+        nbytes = r.prompt_tokens * kv.bytes_per_token
+        end = (r.t_sent + r.ttft) * time_scale
+        span = min(kv.prefill_time(r.prompt_tokens), r.ttft) * time_scale if kv.prefill_time else 0.0
+        if span <= 0:
+            by_second[int(end)] += nbytes
+            continue
+        start = end - span
+        for second in range(int(start), int(end) + 1):
+            overlap = min(end, second + 1) - max(start, second)
+            if overlap > 0:
+                by_second[second] += nbytes * overlap / span
+    return int(max(by_second.values(), default=0))
 
 
 def load_ceiling(path: Path = CEILING_FILE) -> dict | None:
@@ -105,7 +135,7 @@ def harness_report(outcome: RunOutcome, schedule_duration: float, time_scale: fl
         if not under:
             reasons.append(f"peak {peak_tokens} tokens/s, {peak_requests} requests/s (wall) not under "
                            f"{CEILING_MARGIN:.0%} of the gateway's ceiling")
-    peak_kv = peak_kv_wall_rate(outcome.results, time_scale, kv.bytes_per_token) if kv else None
+    peak_kv = peak_kv_wall_rate(outcome.results, time_scale, kv) if kv else None
     kv_ceiling = (ceiling or {}).get("kv_bytes_per_s", {}).get(kv.transport) if kv else None
     if peak_kv is not None and kv_ceiling and peak_kv >= CEILING_MARGIN * kv_ceiling:
         under = False

@@ -205,7 +205,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             gateway_address=f"{self.settings.public_host}:{self.settings.gateway_port}",
             gateway_metrics_address=f"{self.settings.public_host}:{self.settings.gateway_metrics_port}",
             planner_address=self.settings.planner_address, model=self.settings.model,
-            topology=self.topology, running_requests=self.core.running if self.core else 0)
+            topology=self.topology, running_requests=self.core.running if self.core else 0,
+            serving_mode=self.settings.mode)
 
 
 async def main() -> None:

@@ -53,6 +53,7 @@ def test_dopd_status_json(tiny_cluster):
     out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--target", tiny_cluster.gateway, "--json"],
                          capture_output=True, text=True, timeout=60, check=True)
     status = json.loads(out.stdout)
+    assert status["serving_mode"] == "static"  # the launcher's default mode, as the gateway serves it
     roles = sorted(s["role"] for s in status["services"])
     assert roles == ["decode", "gateway", "planner", "prefill"]
     assert all(s["health"] == "SERVING" for s in status["services"])

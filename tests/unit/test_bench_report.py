@@ -96,7 +96,7 @@ def test_the_harness_checks_kv_bytes_against_the_ceiling_of_the_transport_in_use
     results = [RequestResult(n, t, ttft=0.1, e2e=0.1, prompt_tokens=p, output_tokens=1)
                for n, t, p in (("a", 0.0, 100), ("b", 0.2, 300), ("c", 0.5, 50))]
     results.append(RequestResult("d", 0.0, ttft=None, ok=False, prompt_tokens=10_000, error="UNAVAILABLE"))
-    assert peak_kv_wall_rate(results, 2.0, bytes_per_token=1000) == 400_000
+    assert peak_kv_wall_rate(results, 2.0, KVCost(1000, "grpc")) == 400_000  # no prefill time: at the first token
     ceiling = {"requests_per_s": 100, "tokens_per_s": 1000, "kv_bytes_per_s": {"grpc": 700_000, "nixl": 900_000}}
     run = outcome(results=results, sent=len(results))
     by_grpc = harness_report(run, 10.0, 2.0, ceiling, KVCost(1000, "grpc"))  # 400 kB/s >= half of 700
@@ -109,3 +109,23 @@ def test_the_harness_checks_kv_bytes_against_the_ceiling_of_the_transport_in_use
     assert llama == KVCost(131072, "nixl")  # 32 layers x 8 heads x 128 x K and V x 2 bytes
     assert kv_cost("sim:llama3-8b-h100", [["nixl"], []]).transport == "grpc"  # not every worker reads NIXL
     assert kv_cost("smollm2", [["nixl"]]) is None and kv_cost("sim:/no/such/profile.json", []) is None
+    assert kv_cost("sim:llama3-8b-h100", [["nixl"]], "aggregated") is None  # no worker hands KV to another
+    assert kv_cost("sim:llama3-8b-h100", [["nixl"]], "dopd") == llama
+
+
+def test_a_prompts_kv_is_spread_over_its_prefill_before_the_first_token():
+    from services.bench.metrics import RequestResult
+    from services.bench.report import KVCost, peak_kv_wall_rate
+
+    # 1000 tokens x 1000 B, prefilled in 1 s (profile) alone, first token at 2.5 s: at time scale 2
+    # the bytes stream over wall [3, 5), 500 kB in each of wall seconds 3 and 4.
+    one = [RequestResult("a", 0.0, ttft=2.5, e2e=2.5, prompt_tokens=1000, output_tokens=1)]
+    kv = KVCost(1000, "nixl", prefill_time=lambda tokens: tokens / 1000)
+    assert peak_kv_wall_rate(one, 2.0, kv) == 500_000
+    # Its window straddles seconds: first token at 2.25 s -> wall [2.5, 4.5): 250, 500, 250 kB.
+    late = [RequestResult("b", 0.0, ttft=2.25, e2e=2.25, prompt_tokens=1000, output_tokens=1)]
+    assert peak_kv_wall_rate(late, 2.0, kv) == 500_000
+    assert peak_kv_wall_rate(late + one, 2.0, kv) == 1_000_000  # wall second 3 (or 4): 500 + 500 kB
+    # A TTFT shorter than the prefill alone (the profile is pessimistic): spread over the TTFT only.
+    quick = [RequestResult("c", 0.0, ttft=0.5, e2e=0.5, prompt_tokens=1000, output_tokens=1)]
+    assert peak_kv_wall_rate(quick, 2.0, kv) == 1_000_000  # wall [0, 1): all of it
