@@ -39,6 +39,7 @@ from pathlib import Path
 from common.modes import MODES, serving_mode
 from services.bench.compare_report import markdown, plot
 from services.bench.metrics import RequestResult
+from services.bench.outcome import StatusSample
 from services.simulate.sim import default_split
 
 BASELINES = ("static", "aggregated")
@@ -57,7 +58,7 @@ class Run:
     split: tuple[int, int] | None  # at the start (dopd modes switch from it); None: aggregated
     results: dict
     requests: list[RequestResult] = field(default_factory=list)
-    samples: list = field(default_factory=list)  # status samples (simulator runs), for the split plot
+    samples: list = field(default_factory=list)  # status samples over the run, for the split plot
     engine: str = "des"
 
     def figures(self) -> dict:
@@ -252,8 +253,13 @@ def run_services(args, mode: str, split: tuple[int, int] | None, out: Path) -> R
     results["switches"] = switches
     with open(out / "requests.jsonl") as f:
         requests = [RequestResult(**json.loads(line)) for line in f]
-    return Run(mode, (p, d) if m.disaggregated else None, results, requests, [],
+    return Run(mode, (p, d) if m.disaggregated else None, results, requests, status_samples(results),
                args.engine if args.model is None else "real")
+
+
+def status_samples(results: dict) -> list[StatusSample]:
+    """The gateway status samples `dopd bench` took during a run (results.json's timeline)."""
+    return [StatusSample(**s) for s in results.get("timeline", {}).get("samples", [])]
 
 
 def role_switches(metrics_address: str) -> int | None:

@@ -24,3 +24,5 @@ async def test_compare_on_the_sim_engine_brings_up_each_mode_and_counts_switches
         assert f["completed"] + f["refused"] + f["failed"] == f["requests"], mode
     # Counted from the planner's metric (0 is a count; None would mean it was not read).
     assert isinstance(doc["modes"]["dopd"]["switches"], int)
+    # dopd's split over time, from the gateway status samples the benchmark took.
+    assert (out / "dopd_split.png").stat().st_size > 0
