@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.profile import load_profile  # noqa: E402
+from services.gateway.scheduling import mean_context  # noqa: E402
 from services.launcher import Cluster, ClusterSpec, free_port  # noqa: E402
 
 SERIES = re.compile(r"^(dopd_decode_step_seconds|dopd_decode_batch_size)_(sum|count) (\S+)$", re.M)
@@ -77,14 +78,15 @@ def main() -> int:
     with open(args.out / "requests.jsonl") as f:
         requests = [json.loads(line) for line in f]
     done = [r for r in requests if r.get("ok") and r.get("output_tokens")]
-    mean_context = (sum(r["prompt_tokens"] + r["output_tokens"] / 2 for r in done) / len(done)) if done else 0.0
+    # What the decode seats count a request as (its prompt and half its output), over the served ones.
+    context = sum(mean_context(r["prompt_tokens"], r["output_tokens"]) for r in done) / len(done) if done else 0.0
     steps = decode["dopd_decode_step_seconds_count"]
     mean_step = decode["dopd_decode_step_seconds_sum"] / steps if steps else float("nan")
     mean_batch = decode["dopd_decode_batch_size_sum"] / steps if steps else float("nan")
     profile = load_profile(args.profile).batch_monotone()
-    predicted = profile.decode_step_time(max(1, round(mean_batch)), mean_context) if steps else float("nan")
+    predicted = profile.decode_step_time(max(1, round(mean_batch)), context) if steps else float("nan")
     print(f"decode steps {steps:.0f}: mean {mean_step * 1e3:.1f} ms at a mean batch of {mean_batch:.2f}; "
-          f"profile {args.profile} (monotone) at batch {round(mean_batch)} and mean context {mean_context:.0f}: "
+          f"profile {args.profile} (monotone) at batch {round(mean_batch)} and mean context {context:.0f}: "
           f"{predicted * 1e3:.1f} ms")
     print(f"TPOT ms: median {results['median_tpot_ms']:.1f}, p90 {results['p90_tpot_ms']:.1f}; "
           f"CPU seconds: decode worker {decode['cpu_s']:.1f}, prefill worker {prefill_cpu:.1f}")

@@ -58,7 +58,7 @@ class Run:
     split: tuple[int, int] | None  # at the start (dopd modes switch from it); None: aggregated
     results: dict
     requests: list[RequestResult] = field(default_factory=list)
-    samples: list = field(default_factory=list)  # status samples over the run, for the split plot
+    samples: list[StatusSample] = field(default_factory=list)  # status samples over the run, for the split plot
     engine: str = "des"
 
     def figures(self) -> dict:

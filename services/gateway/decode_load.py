@@ -3,8 +3,8 @@ requests (`counts`, what routing.decode_preference balances), the sum of their m
 SchedulingPolicy.has_seat adds a newcomer to) and the tokens each has still to make there (when
 its seat frees: SchedulingPolicy.seat_wait_s). Pure bookkeeping, no I/O.
 
-Invariant: for every worker, counts[w] == len(what it holds) and the context sum is that of the
-requests it holds (a request leaves with the context it joined with).
+One record per request held (its context as it joined, its tokens left); the counts and context
+sums are read off those records, so they cannot drift from what is held.
 """
 
 from __future__ import annotations
@@ -18,19 +18,18 @@ from services.gateway.scheduling import DecodeCandidate
 
 class DecodeLoad:
     def __init__(self) -> None:
-        self.counts: Tally[str] = Tally()
-        self._context: Tally[str] = Tally()
         self._held: defaultdict[str, dict[str, tuple[float, int]]] = defaultdict(dict)  # id -> (context, left)
 
+    @property
+    def counts(self) -> Tally[str]:
+        """Requests held per worker (0 for a worker holding none)."""
+        return Tally({worker_id: len(held) for worker_id, held in self._held.items()})
+
     def join(self, worker_id: str, request_id: str, context: float, tokens: int) -> None:
-        self.counts[worker_id] += 1
-        self._context[worker_id] += context
         self._held[worker_id][request_id] = (context, tokens)
 
     def leave(self, worker_id: str, request_id: str) -> None:
-        context, _ = self._held[worker_id].pop(request_id)
-        self.counts[worker_id] -= 1
-        self._context[worker_id] -= context
+        del self._held[worker_id][request_id]
 
     def made(self, worker_id: str, request_id: str, tokens_left: int) -> None:
         """`request_id` has `tokens_left` to make on `worker_id` now."""
@@ -39,6 +38,7 @@ class DecodeLoad:
             held[request_id] = (held[request_id][0], tokens_left)
 
     def candidate(self, w: WorkerView, with_tokens_left: bool = False) -> DecodeCandidate:
-        left = tuple(t for _, t in self._held[w.worker_id].values()) if with_tokens_left else ()
-        return DecodeCandidate(w.worker_id, w.kv_free_blocks, w.block_size, self.counts[w.worker_id],
-                               self._context[w.worker_id], left)
+        held = self._held[w.worker_id].values()
+        left = tuple(t for _, t in held) if with_tokens_left else ()
+        return DecodeCandidate(w.worker_id, w.kv_free_blocks, w.block_size, len(held),
+                               sum(c for c, _ in held), left)
