@@ -17,8 +17,15 @@ calls `paged_attention(...)` with its query and this step's key/value (RoPE appl
 Kernels, chosen at run time: with flash-attn on CUDA, `flash_attn_varlen_func` for prefill and
 `flash_attn_with_kvcache(block_table=...)` for decode (it reads blocks in place). Otherwise torch
 SDPA through transformers' own `sdpa_attention_forward`, so the arithmetic is the same as
-`model.generate()`'s; for decode the context is gathered through the block tables into one
-padded batch per layer (an index read, reused by no step after it).
+`model.generate()`'s. For decode the context is gathered through the block tables (an index read,
+reused by no step after it), in one of two shapes that `ragged_decode` picks per step:
+
+- padded: one [batch, max_context] batch and a mask, one SDPA call per layer. Each request costs
+  as much as the longest, which is fine when the contexts are alike.
+- ragged: the requests' contexts packed end to end with no padding, then one SDPA call per
+  request on its slice. Each call has a fixed cost, but a batch of chat turns no longer pays for
+  the one long document among them. On 1 CPU thread (SmolLM2), 14 requests at 200 tokens and 2 at
+  2,000 take 266 ms a step ragged against 616 ms padded; 16 alike at 512 take 259 against 246.
 """
 
 from __future__ import annotations
@@ -52,9 +59,22 @@ class DecodeBatch:
     slot_mapping: torch.Tensor  # [batch] slot of each request's new token
     context_lens: torch.Tensor  # [batch] int32, tokens in context after this step's token
     block_tables: torch.Tensor  # [batch, max_blocks] int32 (padded with 0)
-    gather_slots: torch.Tensor | None  # [batch, max_context] slots to read (SDPA path)
+    # SDPA path: slots to read, [batch, max_context] padded or [sum of contexts] ragged.
+    gather_slots: torch.Tensor | None
     attn_mask: torch.Tensor | None  # [batch, 1, 1, max_context] bool; None when no padding
     use_flash: bool = False
+    # Ragged: request i's context is gather_slots[bounds[i]:bounds[i + 1]] (host ints: no sync per layer).
+    ragged_bounds: list[int] | None = None
+
+
+# Go ragged when padding would make the batch read this much more KV than it holds: the per-call
+# cost of the ragged loop is then well paid (measured as in the module docstring).
+RAGGED_PADDING_FACTOR = 1.25
+
+
+def ragged_decode(context_lens: list[int]) -> bool:
+    """Whether a decode step on the SDPA path should read its contexts ragged rather than padded."""
+    return len(context_lens) * max(context_lens) > RAGGED_PADDING_FACTOR * sum(context_lens)
 
 
 def _prefill_attention(module, query, key, value, scaling, batch: PrefillBatch):
@@ -119,11 +139,28 @@ def _decode_attention(module, query, key, value, scaling, batch: DecodeBatch):
             query.transpose(1, 2), store.k[layer], store.v[layer], cache_seqlens=batch.context_lens,
             block_table=batch.block_tables, softmax_scale=scaling, causal=True)
         return out, None
+    if batch.ragged_bounds is not None:
+        return _ragged_decode_attention(module, query, scaling, batch), None
     bsz, max_ctx = batch.gather_slots.shape
     k = store.flat_k(layer)[batch.gather_slots.view(-1)].view(bsz, max_ctx, -1, key.shape[-1])
     v = store.flat_v(layer)[batch.gather_slots.view(-1)].view(bsz, max_ctx, -1, value.shape[-1])
     return sdpa_attention_forward(
         module, query, k.transpose(1, 2), v.transpose(1, 2), batch.attn_mask, scaling=scaling)
+
+
+def _ragged_decode_attention(module, query, scaling, batch: DecodeBatch) -> torch.Tensor:
+    # One unmasked SDPA call per request on its own context: [batch, 1, heads, dim] out.
+    layer = module.layer_idx
+    k_all = batch.store.flat_k(layer)[batch.gather_slots]  # [sum of contexts, kv_heads, dim]
+    v_all = batch.store.flat_v(layer)[batch.gather_slots]
+    bounds = batch.ragged_bounds
+    outputs = []
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        out, _ = sdpa_attention_forward(
+            module, query[i:i + 1], k_all[start:end].transpose(0, 1).unsqueeze(0),
+            v_all[start:end].transpose(0, 1).unsqueeze(0), None, scaling=scaling)
+        outputs.append(out)
+    return torch.cat(outputs, dim=0)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -6,6 +6,7 @@ about requests comes in as plain lists, so the engines own all scheduling state.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -17,7 +18,7 @@ from common.kv.wire import KVLayout, dtype_from_name
 from common.modeling import paged_attention
 from common.modeling.base import DecodeInputs, LayerKVHook, PromptChunk, Runner, mixed_one_after_the_other
 from common.modeling.loader import LoadedModel, load_model
-from common.modeling.paged_attention import ChunkBatch, DecodeBatch, PrefillBatch, chunk_mask
+from common.modeling.paged_attention import ChunkBatch, DecodeBatch, PrefillBatch, chunk_mask, ragged_decode
 from common.modeling.registry import BuiltRunner, RunnerSpec, register_runner
 from common.sampling import sample_batch
 from common.types import SamplingParams
@@ -75,19 +76,23 @@ class ModelRunner:
                               dtype=torch.int64)
         pos = torch.tensor(positions, dtype=torch.int64)
         slot_mapping = tables.gather(1, (pos // bs).unsqueeze(1)).squeeze(1) * bs + pos % bs
-        gather_slots = attn_mask = None
+        gather_slots = attn_mask = ragged_bounds = None
         if not self.use_flash_decode:
             max_ctx = max(context_lens)
             slots = (tables.unsqueeze(2) * bs + torch.arange(bs)).view(len(tokens), -1)[:, :max_ctx]
             valid = torch.arange(max_ctx).unsqueeze(0) < torch.tensor(context_lens).unsqueeze(1)
-            gather_slots = torch.where(valid, slots, self.store.null_slot).to(self.device)
-            if min(context_lens) != max_ctx:
-                attn_mask = valid[:, None, None, :].to(self.device)
+            if ragged_decode(context_lens):
+                gather_slots = slots[valid].to(self.device)  # row-major: each request's slots in order
+                ragged_bounds = list(itertools.accumulate(context_lens, initial=0))
+            else:
+                gather_slots = torch.where(valid, slots, self.store.null_slot).to(self.device)
+                if min(context_lens) != max_ctx:
+                    attn_mask = valid[:, None, None, :].to(self.device)
         batch = DecodeBatch(
             store=self.store, slot_mapping=slot_mapping.to(self.device),
             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=self.device),
             block_tables=tables.to(torch.int32).to(self.device), gather_slots=gather_slots,
-            attn_mask=attn_mask, use_flash=self.use_flash_decode)
+            attn_mask=attn_mask, use_flash=self.use_flash_decode, ragged_bounds=ragged_bounds)
         out = self.model(input_ids=torch.tensor(tokens, device=self.device).unsqueeze(1),
                          position_ids=pos.to(self.device).unsqueeze(1), use_cache=False, dopd_batch=batch)
         return out.logits[:, -1].float()
