@@ -251,10 +251,34 @@ def run_services(args, mode: str, split: tuple[int, int] | None, out: Path) -> R
         raise RuntimeError(f"{mode}: dopd bench failed ({rc}); logs in {spec.log_dir}")
     results = json.loads((out / "results.json").read_text())
     results["switches"] = switches
+    (out / "results.json").write_text(json.dumps(results, indent=2))  # with the switches, for --reuse
+    return load_services_run(args, mode, (p, d) if m.disaggregated else None, out, results)
+
+
+def load_services_run(args, mode: str, split: tuple[int, int] | None, out: Path, results: dict) -> Run:
     with open(out / "requests.jsonl") as f:
         requests = [RequestResult(**json.loads(line)) for line in f]
-    return Run(mode, (p, d) if m.disaggregated else None, results, requests, status_samples(results),
-               args.engine if args.model is None else "real")
+    return Run(mode, split, results, requests, status_samples(results), args.engine if args.model is None else "real")
+
+
+def reused_run(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run | None:
+    """`--reuse`: the run already under `out` (results.json and requests.jsonl of `dopd bench`),
+    when there is one; it must have served this comparison's workload at its SLOs and scale, or
+    reusing it would mix runs of different workloads in one table (ValueError)."""
+    if not (out / "results.json").exists() or not (out / "requests.jsonl").exists():
+        return None
+    results = json.loads((out / "results.json").read_text())
+    config = results.get("config", {})
+    want = {"model": f"sim:{args.profile}" if args.engine == "sim" else args.model, "workload": args.workload,
+            "rate": args.rate, "burstiness": args.burstiness, "duration_s": args.duration, "seed": args.seed,
+            "max_context": args.max_context, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
+            "time_scale": args.time_scale}
+    for key, value in want.items():
+        if value is not None and config.get(key) != value:
+            raise ValueError(f"--reuse: {out} served {key}={config.get(key)!r}, this comparison asks for {value!r}")
+    if args.trace and [Path(t).name for t in config.get("trace") or []] != [Path(t).name for t in args.trace]:
+        raise ValueError(f"--reuse: {out} served the traces {config.get('trace')}, not {args.trace}")
+    return load_services_run(args, mode, split if serving_mode(mode).disaggregated else None, out, results)
 
 
 def status_samples(results: dict) -> list[StatusSample]:
@@ -300,7 +324,12 @@ def static_plan(args) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int
 
 
 def compare(args, progress: Callable[[str], None] = lambda _: None) -> tuple[dict, dict[str, Run]]:
-    engine = run_des if args.engine == "des" else run_services
+    run_engine = run_des if args.engine == "des" else run_services
+
+    def engine(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run:
+        reused = reused_run(args, mode, split, out) if getattr(args, "reuse", False) and args.engine != "des" else None
+        return reused or run_engine(args, mode, split, out)
+
     runs: dict[str, list[Run]] = {}
     rank, splits, k = static_plan(args) if "static" in args.modes else ([], [], 0)
     rank_runs: list[Run] = []
@@ -438,3 +467,6 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                                                     "from this rate")
     g.add_argument("--sweep-target", type=float, default=0.9, help="attainment the goodput rate must keep")
     g.add_argument("--sweep-runs", type=int, default=10, help="runs per rate search at most")
+    g.add_argument("--reuse", action="store_true",
+                   help="real services: take a mode's run already under --out (same workload, SLOs and scale) "
+                        "instead of serving it again, e.g. to add modes to an earlier comparison")

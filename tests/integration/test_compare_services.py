@@ -26,3 +26,18 @@ async def test_compare_on_the_sim_engine_brings_up_each_mode_and_counts_switches
     assert isinstance(doc["modes"]["dopd"]["switches"], int)
     # dopd's split over time, from the gateway status samples the benchmark took.
     assert (out / "dopd_split.png").stat().st_size > 0
+
+    # --reuse adds a mode to the same comparison: static and dopd are read back, not served again.
+    served = {mode: (out / d / "requests.jsonl").stat().st_mtime_ns for mode, d in (("static", "static-1p1d"),
+                                                                                 ("dopd", "dopd"))}
+    more = [*argv[:3], "static,dopd,dopd-no-planner", *argv[4:], "--reuse"]
+    assert await asyncio.to_thread(dopd, more) == 0
+    again = json.loads((out / "compare.json").read_text())
+    assert list(again["modes"]) == ["static", "dopd", "dopd-no-planner"]
+    for mode, d in (("static", "static-1p1d"), ("dopd", "dopd")):
+        assert (out / d / "requests.jsonl").stat().st_mtime_ns == served[mode]
+        assert again["modes"][mode] == doc["modes"][mode], mode
+    assert again["modes"]["dopd-no-planner"]["requests"] == doc["modes"]["dopd"]["requests"]
+    # ... and only runs of the same workload: another rate is refused (bad arguments: 2).
+    other = [*more[:more.index("--rate") + 1], "3", *more[more.index("--rate") + 2:]]
+    assert await asyncio.to_thread(dopd, other) == 2
