@@ -25,7 +25,8 @@ reused by no step after it), in one of two shapes that `ragged_decode` picks per
 - ragged: the requests' contexts packed end to end with no padding, then one SDPA call per
   request on its slice. Each call has a fixed cost, but a batch of chat turns no longer pays for
   the one long document among them. On 1 CPU thread (SmolLM2), 14 requests at 200 tokens and 2 at
-  2,000 take 266 ms a step ragged against 616 ms padded; 16 alike at 512 take 259 against 246.
+  2,000 take 232 ms a step ragged against 615 ms padded; 16 alike at 512 take 254 against 232
+  (benchmarks/bench_decode_ragged.py, docs/results/bench_decode_ragged.txt).
 """
 
 from __future__ import annotations
