@@ -108,14 +108,30 @@ def _port_free(host: str, port: int) -> bool:
             return False
 
 
-def _ports(host: str, start: int, count: int) -> list[int]:
-    """`count` free ports from `start` upwards (the gateway keeps `start` itself)."""
+def _ports(host: str, start: int, count: int, taken: set[int]) -> list[int]:
+    """`count` free ports from `start` upwards, none of them in `taken`, which then holds them too.
+
+    Every port a cluster hands out goes through one `taken` set: a port only checked free (nothing
+    binds it until its service starts) may otherwise be handed out twice, e.g. a caller's randomly
+    chosen HTTP port landing inside the gateway's range of worker ports (a flaky CI bind error)."""
     out, port = [], start
     while len(out) < count:
-        if _port_free(host, port):
+        if port not in taken and _port_free(host, port):
             out.append(port)
+            taken.add(port)
         port += 1
     return out
+
+
+def cluster_ports(host: str, gateway_port: int, http_port: int, n_workers: int
+                  ) -> tuple[list[int], list[int], int]:
+    """The ports of a cluster whose gateway listens on `gateway_port`: gRPC (planner, then each
+    worker) from gateway_port + 1, metrics (planner, gateway, each worker) from gateway_port + 1000,
+    and the OpenAI API's from `http_port` (0: none). All distinct and free when chosen."""
+    taken = {gateway_port}
+    grpc_ports = _ports(host, gateway_port + 1, 1 + n_workers, taken)
+    metrics_ports = _ports(host, gateway_port + 1000, 2 + n_workers, taken)
+    return grpc_ports, metrics_ports, (_ports(host, http_port, 1, taken)[0] if http_port else 0)
 
 
 # glibc's allocator, for services that allocate large short-lived buffers (whole-prompt KV
@@ -294,9 +310,7 @@ class Cluster:
             self.redis, self.redis_url = start_redis(s.host, s.log_dir)
             self.supervisor.started("redis", time.monotonic())
         n_workers = s.prefill + s.decode
-        grpc_ports = _ports(s.host, s.port + 1, 1 + n_workers)
-        metrics_ports = _ports(s.host, s.port + 1000, 2 + n_workers)
-        self.http_port = _ports(s.host, s.http_port, 1)[0] if s.http_port else 0
+        grpc_ports, metrics_ports, self.http_port = cluster_ports(s.host, s.port, s.http_port, n_workers)
         planner_address = f"{s.host}:{grpc_ports[0]}"
         # The internal plane's credential (common/rpc/auth.py): this process's, or a new one,
         # which this process then uses too (its own calls to the workers and the planner); the
