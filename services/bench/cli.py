@@ -26,6 +26,7 @@ from pathlib import Path
 
 DEFAULT_RATE = 1.0
 DEFAULT_DURATION = 60.0
+DEFAULT_MAX_CONTEXT = 2048  # workloads only: a trace is cut only to a --max-context given
 
 
 def _rates(text: str) -> list[float]:
@@ -69,7 +70,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="directory for results.json and the plots")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="send at t x F wall seconds; latencies are divided by F (results in profile time)")
-    p.add_argument("--max-context", type=int, default=2048, help="workloads: prompt + output tokens at most")
+    p.add_argument("--max-context", type=int, default=None,
+                   help=f"prompt + output tokens at most, the prompt cut first (workloads: default "
+                        f"{DEFAULT_MAX_CONTEXT}; traces: as they are unless given)")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds (profile time) per request")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     sweep = p.add_argument_group("sweep")
@@ -86,18 +89,27 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def max_context_of(args) -> int | None:
+    """The run's context limit: --max-context, else the workloads' default; None: a trace as it is."""
+    if args.max_context is not None:
+        return args.max_context
+    return DEFAULT_MAX_CONTEXT if args.workload else None
+
+
 def build_requests(args, rate: float | None):
     """The run's requests and its schedule's duration: a seeded workload, or the trace files
     merged onto one clock (rescaled to `rate` when given, cut at --duration)."""
-    from services.bench.trace import read_traces, scale_to_rate
+    from services.bench.trace import clamp_trace, read_traces, scale_to_rate
     from services.bench.workloads import generate
 
     if args.workload:
         duration = args.duration if args.duration is not None else DEFAULT_DURATION
         reqs = generate(args.workload, rate=rate or DEFAULT_RATE, duration=duration, seed=args.seed,
-                        burstiness=args.burstiness, max_context=args.max_context)
+                        burstiness=args.burstiness, max_context=max_context_of(args))
         return reqs, duration
     reqs = read_traces(args.trace)
+    if args.max_context is not None:
+        reqs = clamp_trace(reqs, args.max_context)
     if rate is not None:
         reqs = scale_to_rate(reqs, rate)
     if args.duration is not None:
@@ -136,7 +148,7 @@ def run_config(args, rate: float | None, model: str, duration: float, requests: 
             "rate": rate if rate is not None else (DEFAULT_RATE if args.workload else None),
             "burstiness": args.burstiness, "duration_s": duration, "seed": args.seed,
             "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "time_scale": args.time_scale,
-            "max_context": args.max_context, "request_timeout_s": args.request_timeout, "requests": requests}
+            "max_context": max_context_of(args), "request_timeout_s": args.request_timeout, "requests": requests}
 
 
 def _run_once(args, rate: float | None, out_dir: Path, model: str, kv=None) -> dict:

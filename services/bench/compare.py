@@ -189,8 +189,10 @@ def source_argv(args) -> list[str]:
         argv += ["--rate", str(args.rate)]
     if args.duration is not None:
         argv += ["--duration", str(args.duration)]
-    return argv + ["--burstiness", str(args.burstiness), "--seed", str(args.seed), "--max-context",
-                   str(args.max_context), "--request-timeout", str(args.request_timeout)]
+    if args.max_context is not None:
+        argv += ["--max-context", str(args.max_context)]
+    return argv + ["--burstiness", str(args.burstiness), "--seed", str(args.seed),
+                   "--request-timeout", str(args.request_timeout)]
 
 
 def run_des(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run:
@@ -267,11 +269,13 @@ def reused_run(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run
     reusing it would mix runs of different workloads in one table (ValueError)."""
     if not (out / "results.json").exists() or not (out / "requests.jsonl").exists():
         return None
+    from services.bench.cli import max_context_of
+
     results = json.loads((out / "results.json").read_text())
     config = results.get("config", {})
     want = {"model": f"sim:{args.profile}" if args.engine == "sim" else args.model, "workload": args.workload,
             "rate": args.rate, "burstiness": args.burstiness, "duration_s": args.duration, "seed": args.seed,
-            "max_context": args.max_context, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
+            "max_context": max_context_of(args), "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
             "time_scale": args.time_scale}
     for key, value in want.items():
         if value is not None and config.get(key) != value:

@@ -26,10 +26,11 @@ import heapq
 import json
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from services.bench.workloads import BenchRequest
+from services.bench.workloads import BenchRequest, clamp_to_context
 
 _KEYS = {"t", "prompt_tokens", "prompt", "output_tokens"}
 
@@ -109,6 +110,20 @@ def scale_to_rate(requests: list[BenchRequest], rate: float) -> list[BenchReques
 
 
 AZURE_HEADER = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
+
+
+def clamp_trace(requests: Sequence[BenchRequest], max_context: int) -> list[BenchRequest]:
+    """The trace with each request fitted into `max_context` tokens as the workloads are
+    (`workloads.clamp_to_context`: the prompt is cut first); times are kept. A request with a text
+    prompt keeps its text (only the server's tokenizer knows its length) and its output length."""
+    out = []
+    for r in requests:
+        if r.prompt_tokens is None:
+            out.append(r)
+            continue
+        prompt, output = clamp_to_context(r.prompt_tokens, r.output_tokens, max_context)
+        out.append(replace(r, prompt_tokens=prompt, output_tokens=output))
+    return out
 
 
 def _azure_time(text: str, where: str) -> datetime:

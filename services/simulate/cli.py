@@ -52,7 +52,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape: 1 = Poisson, < 1 burstier")
     p.add_argument("--duration", type=float, help="seconds of arrivals (workloads: default 60; traces: cut here)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-context", type=int, default=2048, help="workloads: prompt + output tokens at most")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="prompt + output tokens at most, the prompt cut first (workloads: default 2048; "
+                        "traces: as they are unless given)")
     p.add_argument("--slo-ttft", type=float, required=True, metavar="MS", help="TTFT SLO in ms")
     p.add_argument("--slo-tpot", type=float, required=True, metavar="MS", help="TPOT SLO in ms")
     p.add_argument("--out", type=Path, required=True, help="directory for results.json and the plots")
@@ -111,6 +113,7 @@ def config_from_args(args):
 def results_doc(requests, outcome, cfg, args, schedule_duration: float) -> dict:
     """results.json: `dopd bench`'s (services/bench/report.build_results), with `harness` saying
     there was none and `simulation` holding what only a simulation knows."""
+    from services.bench.cli import max_context_of
     from services.bench.outcome import RunOutcome
     from services.bench.report import build_results
 
@@ -125,7 +128,7 @@ def results_doc(requests, outcome, cfg, args, schedule_duration: float) -> dict:
               "split": [p, d], "workload": args.workload, "trace": [str(t) for t in args.trace or []] or None,
               "rate": args.rate, "burstiness": args.burstiness, "duration_s": schedule_duration, "seed": args.seed,
               "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "time_scale": 1.0,
-              "max_context": args.max_context, "request_timeout_s": cfg.request_timeout_s,
+              "max_context": max_context_of(args), "request_timeout_s": cfg.request_timeout_s,
               "requests": len(requests), "interval_s": cfg.interval_s, "predictor": cfg.predictor,
               "link_gbps": cfg.link_gbps, "kv_blocks": cfg.kv_blocks, "block_size": cfg.block_size,
               "max_batch_size": cfg.max_batch_size, "prefill_token_budget": cfg.prefill_token_budget,

@@ -19,7 +19,8 @@ def parse(argv):
 def test_run_is_the_default_mode(tmp_path):
     args = parse([*BASE, "--out", str(tmp_path), "--rate", "2", "--burstiness", "0.5", "--time-scale", "4"])
     assert (args.mode, args.rate, args.burstiness, args.time_scale, args.func) == ("run", 2.0, 0.5, 4.0, run_bench)
-    assert (args.duration, args.max_context, args.request_timeout, args.seed) == (None, 2048, 60.0, 0)
+    assert (args.duration, args.max_context, args.request_timeout, args.seed) == (None, None, 60.0, 0)
+    assert run_config(args, 2.0, "m", 60.0, 1)["max_context"] == 2048  # the workloads' default
 
 
 def test_sweep_mode_and_its_rates(tmp_path):
@@ -75,6 +76,18 @@ def test_trace_takes_several_files_and_merges_them_onto_one_clock(tmp_path):
     assert duration == 2.5
     config = run_config(args, None, "m", duration, len(requests))
     assert config["trace"] == [str(csv), str(jsonl)] and config["requests"] == 4 and config["rate"] is None
+    assert config["max_context"] is None  # a trace is served as it is unless --max-context is given
+
+
+def test_max_context_cuts_a_trace_prompt_first(tmp_path):
+    csv, jsonl = two_traces(tmp_path)
+    args = parse(["bench", "--target", "127.0.0.1:1", "--trace", str(csv), str(jsonl), "--max-context", "64",
+                  "--slo-ttft", "200", "--slo-tpot", "50", "--out", str(tmp_path / "out")])
+    requests, _ = build_requests(args, None)
+    # 100+1 -> 63+1 and 300+7 -> 57+7 (the prompt cut first); 20+4 and 40+8 fit as they are.
+    assert [(r.t, r.prompt_tokens, r.output_tokens) for r in requests] == [
+        (0.0, 63, 1), (0.5, 20, 4), (2.0, 40, 8), (2.5, 57, 7)]
+    assert run_config(args, None, "m", 2.5, 4)["max_context"] == 64
 
 
 def test_a_merged_trace_is_rescaled_and_cut_as_one(tmp_path):
