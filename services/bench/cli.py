@@ -108,8 +108,8 @@ def build_requests(args, rate: float | None):
                         burstiness=args.burstiness, max_context=max_context_of(args))
         return reqs, duration
     reqs = read_traces(args.trace)
-    if args.max_context is not None:
-        reqs = clamp_trace(reqs, args.max_context)
+    if (limit := max_context_of(args)) is not None:
+        reqs = clamp_trace(reqs, limit)
     if rate is not None:
         reqs = scale_to_rate(reqs, rate)
     if args.duration is not None:

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from services.bench.cli import DEFAULT_MAX_CONTEXT
+
 
 def _split(text: str) -> tuple[int, int]:
     try:
@@ -53,8 +55,8 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="seconds of arrivals (workloads: default 60; traces: cut here)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-context", type=int, default=None,
-                   help="prompt + output tokens at most, the prompt cut first (workloads: default 2048; "
-                        "traces: as they are unless given)")
+                   help=f"prompt + output tokens at most, the prompt cut first (workloads: default "
+                        f"{DEFAULT_MAX_CONTEXT}; traces: as they are unless given)")
     p.add_argument("--slo-ttft", type=float, required=True, metavar="MS", help="TTFT SLO in ms")
     p.add_argument("--slo-tpot", type=float, required=True, metavar="MS", help="TPOT SLO in ms")
     p.add_argument("--out", type=Path, required=True, help="directory for results.json and the plots")
