@@ -166,6 +166,19 @@ def build_doc(runs_by_mode: dict[str, list[Run]], config: dict) -> dict:
     return doc
 
 
+def add_reach(doc: dict, args) -> None:
+    """doc["reach"]: whether dopd's goals against the better baseline can be met by any scheduler
+    (services/bench/reach.py), in the run and at each swept rate; nothing without a profile."""
+    from services.bench.reach_cli import run_reach, sweep_rows
+
+    verdict = doc.get("dopd_vs_best_baseline")
+    if verdict is None:
+        return
+    bounds = run_reach(args, verdict["baseline"], doc["modes"][verdict["baseline"]], args.rate)
+    if bounds is not None:
+        doc["reach"] = {"run": bounds, "sweeps": sweep_rows(args.out, args, doc["modes"])}
+
+
 # -- engines ------------------------------------------------------------------------------------
 
 def simulate_argv(args, mode: str, split: tuple[int, int] | None, out: Path) -> list[str]:
@@ -364,6 +377,7 @@ def compare(args, progress: Callable[[str], None] = lambda _: None) -> tuple[dic
     doc = build_doc(runs, config)
     if args.sweep_from:
         add_sweeps(doc, runs, args, progress)
+    add_reach(doc, args)
     if rank_runs:
         doc["static_des_ranking"] = [{"split": f"{r.split[0]}:{r.split[1]}", "goodput": r.results["goodput"],
                                       "slo_attainment": r.results["slo_attainment"]} for r in rank_runs]

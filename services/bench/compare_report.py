@@ -60,12 +60,50 @@ def markdown(doc: dict) -> str:
         lines += [f"| {m} | {_fmt(f.get('goodput_rate'))} |" for m, f in doc["modes"].items()]
         lines += ["", f"dopd against {g['baseline']}: {_ratio(g['ratio'])} (goal >= {g['goal']}x: "
                       f"{'met' if g['met'] else 'not met'})"]
+    if doc.get("reach"):
+        lines += ["", reach_markdown(doc["reach"]["run"], doc["reach"]["sweeps"]).rstrip("\n")]
     static = doc["modes"].get("static")
     if static and static.get("splits_tried"):
         lines += ["", "## static: every split tried", "", "| split | engine | goodput req/s | attainment |",
                   "| --- | --- | ---: | ---: |"]
         lines += [f"| {s['split']} | {s['engine']} | {s['goodput']:.2f} | {_fmt(s['slo_attainment'])} |"
                   for s in static["splits_tried"]]
+    return "\n".join(lines) + "\n"
+
+
+def _verdict(reachable: bool | None) -> str:
+    return "-" if reachable is None else "not ruled out" if reachable else "**no: no scheduler can**"
+
+
+def _asks_and_bound(figure: dict) -> str:
+    mark = " (out of reach)" if figure["reachable"] is False else ""
+    return f"{_fmt(figure['asks'])} / {_fmt(figure['bound'])}{mark}"
+
+
+def reach_markdown(run: dict, sweeps: list[dict] = (), title: str = "## What any scheduler could reach") -> str:
+    """reach()'s bounds for the run (and each swept rate) as tables (services/bench/reach.py)."""
+    f = run["figures"]
+    share = run["keep"] / run["requests"]
+    lines = [title, "",
+             f"Bounds from the latency profile on every request of the schedule ({run['requests']}), for a run "
+             f"that completes at least {run['keep']} of them ({share:.1%}: what the attainment goal needs). "
+             f"The goals are against {run['baseline']}. services/bench/reach.py says why each bound holds.", "",
+             "| figure | the goal asks | bound | reachable by any scheduler |", "| --- | ---: | ---: | --- |",
+             f"| goodput req/s | >= {_fmt(f['goodput']['asks'])} | <= {_fmt(f['goodput']['bound'])}: every request "
+             f"met, by the last send at {run['last_send_s']:.1f} s | {_verdict(f['goodput']['reachable'])} |",
+             f"| p90 TTFT ms | <= {_fmt(f['p90_ttft_ms']['asks'])} | >= {_fmt(f['p90_ttft_ms']['bound'])}: each prompt "
+             f"prefilled the cheapest way, alone, at once | {_verdict(f['p90_ttft_ms']['reachable'])} |",
+             f"| p90 TPOT ms | <= {_fmt(f['p90_tpot_ms']['asks'])} | >= {_fmt(f['p90_tpot_ms']['bound'])}: the "
+             f"profile's cheapest forward (a weak bound) | {_verdict(f['p90_tpot_ms']['reachable'])} |"]
+    if sweeps:
+        lines += ["", "At each rate of the goodput sweeps, against the better baseline there (by goodput):", "",
+                  "| rate req/s | baseline | its attainment | dopd's attainment | goodput asks / ceiling "
+                  "| p90 TTFT asks / floor ms | p90 TPOT asks / floor ms |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for row in sweeps:
+            pairs = " | ".join(_asks_and_bound(row["figures"][k]) for k in ("goodput", "p90_ttft_ms", "p90_tpot_ms"))
+            lines.append(f"| {row['rate']:g} | {row['baseline']} | {_fmt(row['baseline_attainment'])} | "
+                         f"{_fmt(row['dopd_attainment'])} | {pairs} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,128 @@
+"""`dopd reach DIR`: for a comparison `dopd bench compare` wrote to DIR, whether DOPD's goals
+against the better baseline can be reached by any scheduler at all (services/bench/reach.py), in
+its run and, where DIR has goodput sweeps, at each rate swept. Writes DIR/reach.json and
+DIR/reach.md and prints the latter. `dopd bench compare` adds the same to compare.json and
+compare.md as it writes them.
+
+The workload is built again from the comparison's recorded command (the same seed, rate and
+context limit give the same requests), so the bounds are over every request of the schedule,
+the ones a run failed included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from services.bench.compare import BASELINES, GOALS
+from services.bench.reach import reach
+
+
+def schedule(args, rate: float | None) -> tuple[list[int], float] | None:
+    """(each request's prompt tokens, the last send time) of the comparison's workload at `rate`;
+    None for text prompts, whose length only a tokenizer knows."""
+    from services.bench.cli import build_requests
+
+    reqs, _ = build_requests(args, rate)
+    if not reqs or any(r.prompt_tokens is None for r in reqs):
+        return None
+    return [r.prompt_tokens for r in reqs], max(r.t for r in reqs)
+
+
+def run_reach(args, baseline_name: str, baseline: dict, rate: float | None) -> dict | None:
+    """reach() for the comparison `args` describes, against `baseline`'s figures; None where there
+    is no profile to bound by or the prompts are text."""
+    from common.profile import load_profile
+
+    if not args.profile:
+        return None
+    sched = schedule(args, rate)
+    if sched is None:
+        return None
+    prompts, last_send = sched
+    out = reach(prompts, last_send, load_profile(args.profile), baseline, GOALS)
+    return {"baseline": baseline_name, "rate": rate, "last_send_s": last_send, **out}
+
+
+def recorded_args(doc: dict) -> argparse.Namespace:
+    """The arguments of the `dopd bench compare` command that wrote `doc` (compare.json)."""
+    from services.bench.cli import add_bench_parser
+
+    argv = shlex.split(doc["config"]["command"])
+    if argv[:3] != ["dopd", "bench", "compare"]:
+        raise ValueError(f"not a `dopd bench compare` command: {doc['config']['command']!r}")
+    parser = argparse.ArgumentParser(prog="dopd")
+    add_bench_parser(parser.add_subparsers())
+    return parser.parse_args(argv[1:])
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def sweep_rows(out: Path, args, modes: dict) -> list[dict]:
+    """At each rate every baseline mode's sweep ran: the better baseline there (by goodput; static
+    at its best swept split), dopd's attainment there, and reach() against that baseline."""
+    rates: dict[float, dict[str, dict]] = {}
+    for mode in (*BASELINES, "dopd"):
+        for sweep in modes.get(mode, {}).get("sweeps", []):
+            # the directories add_sweeps wrote: static's named by its split, the others by the mode
+            name = f"static-{sweep['split'].replace(':', 'p')}d" if mode == "static" else mode
+            for rate, _ in sweep["points"]:
+                results = _read(out / "sweeps" / name / f"rate-{rate:g}" / "results.json")
+                if results is not None:
+                    best = rates.setdefault(rate, {}).get(mode)
+                    if best is None or results["goodput"] > best["goodput"]:
+                        rates[rate][mode] = results
+    rows = []
+    for rate in sorted(rates):
+        found = rates[rate]
+        if not all(m in found for m in BASELINES if m in modes):
+            continue  # the baselines were not all run at this rate: no better one to judge by
+        base = max((m for m in BASELINES if m in found), key=lambda m: found[m]["goodput"])
+        row = run_reach(args, base, found[base], rate)
+        if row is not None:
+            row["baseline_attainment"] = found[base]["slo_attainment"]
+            row["dopd_attainment"] = found["dopd"]["slo_attainment"] if "dopd" in found else None
+            rows.append(row)
+    return rows
+
+
+def reach_doc(out: Path) -> dict:
+    doc = json.loads((out / "compare.json").read_text())
+    args = recorded_args(doc)
+    verdict = doc.get("dopd_vs_best_baseline")
+    if verdict is None:
+        raise ValueError(f"{out}/compare.json has no dopd against a baseline to judge")
+    base = verdict["baseline"]
+    return {"command": f"dopd reach {out}", "compare_command": doc["config"]["command"],
+            "run": run_reach(args, base, doc["modes"][base], args.rate),
+            "sweeps": sweep_rows(out, args, doc["modes"])}
+
+
+def run(args) -> int:
+    from services.bench.compare_report import reach_markdown
+
+    try:
+        doc = reach_doc(args.dir)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if doc["run"] is None:
+        print("error: no bounds: the comparison names no profile, or its prompts are text", file=sys.stderr)
+        return 2
+    text = reach_markdown(doc["run"], doc["sweeps"], title=f"# dopd reach {args.dir}\n\nCommand: `{doc['command']}`")
+    (args.dir / "reach.json").write_text(json.dumps(doc, indent=2))
+    (args.dir / "reach.md").write_text(text)
+    print(text)
+    return 0
+
+
+def add_reach_parser(subparsers) -> None:
+    p = subparsers.add_parser("reach", help="whether DOPD's goals in a `dopd bench compare` result can be reached "
+                                            "by any scheduler (bounds from the latency profile)")
+    p.add_argument("dir", type=Path, help="the comparison's --out directory (compare.json)")
+    p.set_defaults(func=run)
