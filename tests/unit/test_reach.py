@@ -131,3 +131,15 @@ def test_dopd_reach_on_a_comparison_and_in_its_tables(tmp_path, capsys):
     assert again["run"] == bounds and again["sweeps"] == rows  # the workload built again from the command
     assert "dopd reach" in capsys.readouterr().out and (out / "reach.md").exists()
     assert dopd(["reach", str(tmp_path / "nothing")]) == 2
+
+
+def test_dopd_reach_gives_no_bounds_for_a_real_model(tmp_path, capsys):
+    """A real model's profile is measured, not what costs its forwards (SmolLM2 on the CPU runs
+    under its profile's prefill): no bound is claimed for it."""
+    doc = {"config": {"command": "dopd bench compare --model smollm2 --profile smollm2-cpu1 --workers 2 "
+                                 "--workload mix --rate 0.1 --slo-ttft 2000 --slo-tpot 250 --out x"},
+           "modes": {"static": {"goodput": 0.1, "p90_ttft_ms": 1000.0, "p90_tpot_ms": 200.0}},
+           "dopd_vs_best_baseline": {"baseline": "static"}}
+    (tmp_path / "compare.json").write_text(json.dumps(doc))
+    assert dopd(["reach", str(tmp_path)]) == 2
+    assert "real model" in capsys.readouterr().err and not (tmp_path / "reach.json").exists()
