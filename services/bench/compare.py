@@ -174,9 +174,12 @@ def add_reach(doc: dict, args) -> None:
     verdict = doc.get("dopd_vs_best_baseline")
     if verdict is None:
         return
-    bounds = run_reach(args, verdict["baseline"], doc["modes"][verdict["baseline"]], args.rate)
-    if bounds is not None:
-        doc["reach"] = {"run": bounds, "sweeps": sweep_rows(args.out, args, doc["modes"])}
+    try:
+        bounds = run_reach(args, verdict["baseline"], doc["modes"][verdict["baseline"]], args.rate)
+        if bounds is not None:
+            doc["reach"] = {"run": bounds, "sweeps": sweep_rows(args.out, args, doc["modes"])}
+    except ValueError as exc:  # a profile the bounds do not hold for: the comparison stands without them
+        doc["reach_unavailable"] = str(exc)
 
 
 # -- engines ------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ def cheapest_prefill_s(profile: LatencyProfile, longest: int) -> np.ndarray:
     if longest < 0:
         raise ValueError(f"longest must be >= 0, got {longest}")
     alone = np.array([0.0] + [profile.prefill_time(n) for n in range(1, longest + 1)])
+    if np.any(np.diff(alone[1:]) < 0):  # the premise of the bound: a forward's batch-mates only add
+        raise ValueError(f"profile {profile.name}: prefill time falls with more tokens somewhere up to {longest}")
     cost = alone.copy()
     for n in range(2, longest + 1):
         # a last chunk of c tokens (1..n-1) after the cheapest prefill of the n - c before it
@@ -51,11 +53,13 @@ def cheapest_prefill_s(profile: LatencyProfile, longest: int) -> np.ndarray:
 
 def cheapest_forward_s(profile: LatencyProfile) -> float:
     """The profile's cheapest forward that makes a token for a request already prefilled: a
-    decode step of one request at the shortest context, or a mixed step's least prefill (one
-    token of prompt besides the one decode). No step of any batch costs less: the batch-monotone
-    profile's steps grow with the batch and the context."""
+    decode step of one request, or a mixed step's least prefill (one token of prompt besides the
+    one decode). No step of any batch costs less: the batch-monotone profile's steps grow with the
+    batch, and for one batch size they are piecewise linear in the context, so least at a knot or
+    at the shortest context (one token)."""
     steps = profile.batch_monotone()
-    return min(steps.decode_step_time(1, 1.0), profile.mixed_step_time(1, 1.0, 1))
+    decode = min(steps.decode_step_time(1, x) for x in (1.0, *profile.decode_context))
+    return min(decode, profile.mixed_step_time(1, 1.0, 1))
 
 
 def lowest_percentile(values: Sequence[float], q: float, keep: int) -> float:

@@ -40,6 +40,9 @@ def test_the_cheapest_prefill_splits_a_prompt_where_two_forwards_cost_less_than_
     assert hand.prefill_time(15) == pytest.approx(6.0)
     with pytest.raises(ValueError):
         cheapest_prefill_s(hand, -1)
+    dipping = LatencyProfile.from_dict({**HAND, "prefill": {"tokens": [1, 10, 20], "seconds": [1.0, 2.0, 1.5]}})
+    with pytest.raises(ValueError, match="falls with more tokens"):
+        cheapest_prefill_s(dipping, 20)  # a batch-mate could then make a prompt cheaper: no bound
 
 
 def test_the_cheapest_prefill_on_the_h100_profile_never_exceeds_one_forward_and_grows_with_the_prompt():
