@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from services.bench.compare import BASELINES, GOALS
-from services.bench.reach import reach
+from services.bench.reach import Limits, reach
 
 
 def schedule(args, rate: float | None) -> tuple[list[int], float] | None:
@@ -45,8 +45,25 @@ def run_reach(args, baseline_name: str, baseline: dict, rate: float | None) -> d
     if sched is None:
         return None
     prompts, last_send = sched
-    out = reach(prompts, last_send, load_profile(args.profile), baseline, GOALS)
+    profile = load_profile(args.profile)
+    out = reach(prompts, last_send, profile, run_limits(args, profile, max(prompts)), baseline, GOALS,
+                tpot=args.engine == "des")
     return {"baseline": baseline_name, "rate": rate, "last_send_s": last_send, **out}
+
+
+def run_limits(args, profile, longest: int) -> Limits:
+    """What a forward of the comparison's clusters can hold: its settings where given, else the
+    workers' defaults (as services/simulate/sim.SimConfig takes them), with room to spare: the
+    largest prefill batch, step chunk or lone prompt, plus a full batch of decodes."""
+    from dataclasses import fields
+
+    from services.simulate.sim import SimConfig
+
+    default = {f.name: f.default for f in fields(SimConfig)}
+    batch = args.max_batch_size or default["max_batch_size"]
+    budget = max(args.prefill_token_budget or default["prefill_token_budget"],
+                 args.chunk_tokens or default["chunk_tokens"], longest)
+    return Limits(max_batch=batch, max_forward_tokens=budget + batch, max_context=profile.model.max_context)
 
 
 def recorded_args(doc: dict) -> argparse.Namespace:

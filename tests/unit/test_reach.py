@@ -10,7 +10,7 @@ import pytest
 
 from common.profile import LatencyProfile, load_profile
 from services.bench.compare import GOALS
-from services.bench.reach import cheapest_forward_s, cheapest_prefill_s, lowest_percentile, reach
+from services.bench.reach import Limits, cheapest_forward_s, cheapest_prefill_s, lowest_percentile, reach
 from services.bench.workloads import generate
 from services.cli import main as dopd
 from services.simulate.sim import SimConfig, simulate
@@ -31,35 +31,61 @@ def hand() -> LatencyProfile:
     return LatencyProfile.from_dict(json.loads(json.dumps(HAND)))
 
 
+HAND_LIMITS = Limits(max_batch=4, max_forward_tokens=20, max_context=300)
+
+
 def test_the_cheapest_prefill_splits_a_prompt_where_two_forwards_cost_less_than_one(hand):
-    cost = cheapest_prefill_s(hand, 20)
+    cost = cheapest_prefill_s(hand, 20, HAND_LIMITS)
     assert cost[0] == 0.0
     assert cost[10] == pytest.approx(2.0)  # one forward: splitting adds a forward's fixed cost
     assert cost[20] == pytest.approx(4.0)  # 10 + 10, against 10.0 s in one forward
     assert cost[15] == pytest.approx(2.0 + 13 / 9)  # two forwards, both in the 1..10 range: 2 + (15 - 2) / 9
     assert hand.prefill_time(15) == pytest.approx(6.0)
-    with pytest.raises(ValueError):
-        cheapest_prefill_s(hand, -1)
+    for longest in (-1, 21):  # no prompt is longer than the largest forward
+        with pytest.raises(ValueError):
+            cheapest_prefill_s(hand, longest, HAND_LIMITS)
+
+
+def test_a_forward_that_costs_less_with_more_tokens_lowers_the_floor():
+    """No premise on the profile's shape: where more tokens cost less (a dip in a measured
+    profile), a prompt's chunk is floored by the cheapest forward that could hold it."""
     dipping = LatencyProfile.from_dict({**HAND, "prefill": {"tokens": [1, 10, 20], "seconds": [1.0, 2.0, 1.5]}})
-    with pytest.raises(ValueError, match="falls with more tokens"):
-        cheapest_prefill_s(dipping, 20)  # a batch-mate could then make a prompt cheaper: no bound
+    cost = cheapest_prefill_s(dipping, 10, Limits(max_batch=4, max_forward_tokens=20, max_context=300))
+    assert cost[10] == pytest.approx(1.5)  # held in a forward of 20 tokens: 1.5 s, under prefill_time(10)
+    assert cost[1] == pytest.approx(1.0)  # a forward of 1 token is the cheapest holding 1: 1.0 s
+    short = cheapest_prefill_s(dipping, 10, Limits(max_batch=4, max_forward_tokens=10, max_context=300))
+    assert short[10] == pytest.approx(2.0)  # no forward over 10 tokens: back to one of 10
 
 
 def test_the_cheapest_prefill_on_the_h100_profile_never_exceeds_one_forward_and_grows_with_the_prompt():
     p = load_profile("llama3-8b-h100")
-    cost = cheapest_prefill_s(p, 8192)
+    cost = cheapest_prefill_s(p, 8192, Limits(max_batch=256, max_forward_tokens=8192 + 256, max_context=8192))
     one = np.array([0.0] + [p.prefill_time(n) for n in range(1, 8193)])
     assert np.all(cost <= one + 1e-15) and np.all(np.diff(cost) >= -1e-15)
     assert cost[1024] == pytest.approx(one[1024])  # short prompts: one forward is the cheapest
     assert cost[8192] < 0.95 * one[8192]  # 8,192 tokens: two forwards of 4,096 cost less than one
 
 
-def test_the_cheapest_forward_is_the_profiles_least_step(hand):
-    # a decode of one request at a context of one token (0.5 s at 100, extrapolated down: 0.401 s)
-    # against a mixed step prefilling one token besides it (prefill of 2 tokens: 1 + 1/9 s)
-    assert cheapest_forward_s(hand) == pytest.approx(0.401)
+def test_the_cheapest_forward_is_the_least_step_over_the_runs_batches_and_contexts(hand):
+    # batch 1 at a context of one token (0.5 s at 100, extrapolated down: 0.401 s), against a
+    # mixed step of 2 tokens or more (prefill of 2: 1 + 1/9 s)
+    assert cheapest_forward_s(hand, HAND_LIMITS) == pytest.approx(0.401)
     slow = LatencyProfile.from_dict({**HAND, "decode": {"batch": [1], "context": [100], "seconds": [[3.0]]}})
-    assert cheapest_forward_s(slow) == pytest.approx(1 + 1 / 9)  # now the mixed step is the cheaper
+    assert cheapest_forward_s(slow, HAND_LIMITS) == pytest.approx(1 + 1 / 9)  # now the mixed step is the cheaper
+    # a measured grid that dips with the batch: batch 4 at 300 tokens is 0.2 s, under batch 1;
+    # past batch 4 the profile extrapolates the dip further, so the run's batch limit matters
+    dips = LatencyProfile.from_dict({**HAND, "decode": {"batch": [1, 4], "context": [100, 300],
+                                                         "seconds": [[0.5, 0.7], [0.3, 0.2]]}})
+    assert cheapest_forward_s(dips, HAND_LIMITS) == pytest.approx(min(
+        dips.decode_step_time(4, 300), dips.decode_step_time(4, 1.0), 1 + 1 / 9))
+    wider = Limits(max_batch=6, max_forward_tokens=20, max_context=300)
+    assert cheapest_forward_s(dips, wider) == pytest.approx(dips.decode_step_time(6, 300))
+    assert cheapest_forward_s(dips, wider) < cheapest_forward_s(dips, HAND_LIMITS)
+    # a row that falls with the context is least at the longest context the run allows
+    falls = LatencyProfile.from_dict({**HAND, "decode": {"batch": [1], "context": [100, 300],
+                                                          "seconds": [[0.05, 0.04]]}})
+    far = Limits(max_batch=1, max_forward_tokens=20, max_context=900)
+    assert cheapest_forward_s(falls, far) == pytest.approx(falls.decode_step_time(1, 900))  # 0.01 s
 
 
 def test_lowest_percentile_is_that_of_the_smallest_kept():
@@ -74,7 +100,7 @@ def test_lowest_percentile_is_that_of_the_smallest_kept():
 def test_reach_says_which_goals_no_scheduler_can_meet(hand):
     prompts = [20] * 9 + [1]  # p90 of the cheapest prefills of the 10 kept: 4 s (nine of 20 tokens)
     baseline = {"goodput": 1.0, "p90_ttft_ms": 10_000.0, "p90_tpot_ms": 400.0}
-    out = reach(prompts, 5.0, hand, baseline, GOALS)
+    out = reach(prompts, 5.0, hand, HAND_LIMITS, baseline, GOALS)
     assert out["requests"] == 10 and out["keep"] == 10  # ceil(0.99 x 10)
     f = out["figures"]
     # goodput: 1.5 x 1.0 asked; at most 10 requests by the last send at 5 s
@@ -84,13 +110,16 @@ def test_reach_says_which_goals_no_scheduler_can_meet(hand):
     assert f["p90_tpot_ms"]["asks"] == pytest.approx(320.0)
     assert f["p90_tpot_ms"]["bound"] == pytest.approx(401.0)  # decode(1, 1 token): 0.5 - 0.2 x 99 / 200 s
     assert f["p90_tpot_ms"]["reachable"] is False
-    tight = reach(prompts, 10.0, hand, {"goodput": 1.0, "p90_ttft_ms": 6000.0, "p90_tpot_ms": None}, GOALS)
+    tight = reach(prompts, 10.0, hand, HAND_LIMITS, {"goodput": 1.0, "p90_ttft_ms": 6000.0, "p90_tpot_ms": None},
+                  GOALS)
     assert tight["figures"]["goodput"]["reachable"] is False  # 1.5 asked, 1.0 at most
     assert tight["figures"]["p90_ttft_ms"]["reachable"] is False  # 3,000 ms asked, 4,000 at least
-    assert tight["figures"]["p90_tpot_ms"] == {"asks": None, "bound": pytest.approx(cheapest_forward_s(hand) * 1e3),
-                                               "reachable": None}
+    floor_ms = cheapest_forward_s(hand, HAND_LIMITS) * 1e3
+    assert tight["figures"]["p90_tpot_ms"] == {"asks": None, "bound": pytest.approx(floor_ms), "reachable": None}
+    untimed = reach(prompts, 5.0, hand, HAND_LIMITS, baseline, GOALS, tpot=False)  # the real services
+    assert untimed["figures"]["p90_tpot_ms"] == {"asks": pytest.approx(320.0), "bound": None, "reachable": None}
     with pytest.raises(ValueError):
-        reach([0, 5], 1.0, hand, baseline, GOALS)
+        reach([0, 5], 1.0, hand, HAND_LIMITS, baseline, GOALS)
 
 
 @pytest.mark.parametrize("mode", ["aggregated", "static", "dopd"])
@@ -100,15 +129,34 @@ def test_no_request_the_simulator_serves_beats_its_bounds(mode):
     bound, prefill_time(prompt), fails there), never faster than the cheapest split."""
     p = load_profile("llama3-8b-h100")
     reqs = generate("phase-shift", 8, 10, seed=0, burstiness=0.5, max_context=8192)
-    cost = cheapest_prefill_s(p, max(r.prompt_tokens for r in reqs))
-    out = simulate(reqs, SimConfig(p, 4, mode=mode, predictor="ewma", chunk_tokens=2048))
+    limits = Limits(max_batch=64, max_forward_tokens=8192 + 64, max_context=8192)
+    cost = cheapest_prefill_s(p, max(r.prompt_tokens for r in reqs), limits)
+    out = simulate(reqs, SimConfig(p, 4, mode=mode, predictor="ewma", chunk_tokens=2048, max_batch_size=64,
+                                   prefill_token_budget=8192))
     served = [r for r in out.results if r.ok]
     assert len(served) > 0.9 * len(reqs)
     eps = 1e-9
+    floor = cheapest_forward_s(p, limits)
     assert all(r.ttft >= cost[r.prompt_tokens] - eps for r in served)
-    assert all(r.tpot >= cheapest_forward_s(p) - eps for r in served if r.tpot is not None)
+    assert all(r.tpot >= floor - eps for r in served if r.tpot is not None)
     if mode == "aggregated":
         assert any(r.ttft < p.prefill_time(r.prompt_tokens) - 1e-3 for r in served)
+
+
+def test_the_bounds_hold_through_role_switches_and_migrations():
+    """dopd on 8 workers at a load where the planner switches roles and moves running requests
+    (a moved request's KV travels; a replayed one is prefilled again): no request beats its bounds."""
+    p = load_profile("llama3-8b-h100")
+    reqs = generate("phase-shift", 20, 30, seed=0, burstiness=0.5, max_context=8192)
+    limits = Limits(max_batch=256, max_forward_tokens=8192 + 256, max_context=8192)
+    out = simulate(reqs, SimConfig(p, 8, mode="dopd", split=(5, 3), predictor="ewma", max_batch_size=256,
+                                   prefill_token_budget=8192, kv_blocks=4096))
+    assert sum(s["migrated"] for s in out.switches) > 0, "no request moved: the test would not exercise a move"
+    cost = cheapest_prefill_s(p, max(r.prompt_tokens for r in reqs), limits)
+    floor = cheapest_forward_s(p, limits)
+    served = [r for r in out.results if r.ok]
+    assert all(r.ttft >= cost[r.prompt_tokens] - 1e-9 for r in served)
+    assert all(r.tpot >= floor - 1e-9 for r in served if r.tpot is not None)
 
 
 def test_dopd_reach_on_a_comparison_and_in_its_tables(tmp_path, capsys):
