@@ -166,22 +166,6 @@ def build_doc(runs_by_mode: dict[str, list[Run]], config: dict) -> dict:
     return doc
 
 
-def add_reach(doc: dict, args) -> None:
-    """doc["reach"]: whether dopd's goals against the better baseline can be met by any scheduler
-    (services/bench/reach.py), in the run and at each swept rate; nothing without a profile."""
-    from services.bench.reach_cli import run_reach, sweep_rows
-
-    verdict = doc.get("dopd_vs_best_baseline")
-    if verdict is None:
-        return
-    try:
-        bounds = run_reach(args, verdict["baseline"], doc["modes"][verdict["baseline"]], args.rate)
-        if bounds is not None:
-            doc["reach"] = {"run": bounds, "sweeps": sweep_rows(args.out, args, doc["modes"])}
-    except ValueError as exc:  # a profile the bounds do not hold for: the comparison stands without them
-        doc["reach_unavailable"] = str(exc)
-
-
 # -- engines ------------------------------------------------------------------------------------
 
 def simulate_argv(args, mode: str, split: tuple[int, int] | None, out: Path) -> list[str]:
@@ -377,10 +361,12 @@ def compare(args, progress: Callable[[str], None] = lambda _: None) -> tuple[dic
               "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "time_scale": args.time_scale,
               "modes": list(args.modes), "static_splits": args.static_splits,
               "split_at_start": "--split" if args.split else "static's best" if runs.get("static") else "half"}
+    from services.bench.reach_cli import add_reach
+
     doc = build_doc(runs, config)
     if args.sweep_from:
         add_sweeps(doc, runs, args, progress)
-    add_reach(doc, args)
+    add_reach(doc, args)  # whether any scheduler could meet the goals (services/bench/reach.py)
     if rank_runs:
         doc["static_des_ranking"] = [{"split": f"{r.split[0]}:{r.split[1]}", "goodput": r.results["goodput"],
                                       "slo_attainment": r.results["slo_attainment"]} for r in rank_runs]

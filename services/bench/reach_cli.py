@@ -66,6 +66,20 @@ def run_limits(args, profile, longest: int) -> Limits:
     return Limits(max_batch=batch, max_forward_tokens=budget + batch, max_context=profile.model.max_context)
 
 
+def add_reach(doc: dict, args) -> None:
+    """doc["reach"]: whether dopd's goals against the better baseline can be met by any scheduler
+    (services/bench/reach.py), in the run and at each swept rate; nothing without a profile."""
+    verdict = doc.get("dopd_vs_best_baseline")
+    if verdict is None:
+        return
+    try:
+        bounds = run_reach(args, verdict["baseline"], doc["modes"][verdict["baseline"]], args.rate)
+        if bounds is not None:
+            doc["reach"] = {"run": bounds, "sweeps": sweep_rows(args.out, args, doc["modes"])}
+    except ValueError as exc:  # bounds that cannot be taken (a limit under 1): the comparison stands without them
+        doc["reach_unavailable"] = str(exc)
+
+
 def recorded_args(doc: dict) -> argparse.Namespace:
     """The arguments of the `dopd bench compare` command that wrote `doc` (compare.json)."""
     from services.bench.cli import add_bench_parser
