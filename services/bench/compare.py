@@ -74,6 +74,12 @@ class Run:
         return out
 
 
+def run_dir(mode: str, split: tuple[int, int] | None) -> str:
+    """The directory a run of `mode` writes under --out (and under sweeps/): static's named by its
+    split, as every split of it runs; the other modes by the mode."""
+    return f"static-{split[0]}p{split[1]}d" if mode == "static" else mode
+
+
 def all_splits(workers: int) -> list[tuple[int, int]]:
     return [(p, workers - p) for p in range(1, workers)]
 
@@ -131,7 +137,7 @@ def add_sweeps(doc: dict, runs: dict[str, list[Run]], args, progress: Callable[[
         candidates = ranked(mode_runs)[:SWEPT_SPLITS if mode == "static" else 1]
         sweeps = []
         for r in candidates:
-            name = f"static-{r.split[0]}p{r.split[1]}d" if mode == "static" else mode
+            name = run_dir(mode, r.split)
             split = r.split if serving_mode(mode).disaggregated else None
             sweeps.append(sweep_goodput(args, mode, split, args.out / "sweeps" / name, progress))
         top = max(sweeps, key=lambda s: s["goodput_rate"] or 0.0)
@@ -339,7 +345,7 @@ def compare(args, progress: Callable[[str], None] = lambda _: None) -> tuple[dic
     rank_runs: list[Run] = []
     for split in rank:
         progress(f"static {split[0]}:{split[1]} (ranking, des)")
-        rank_runs.append(run_des(args, "static", split, args.out / "des-rank" / f"static-{split[0]}p{split[1]}d"))
+        rank_runs.append(run_des(args, "static", split, args.out / "des-rank" / run_dir("static", split)))
     if rank:
         splits = [r.split for r in ranked(rank_runs)[:k]]
     # static first: the other disaggregated modes start from its best split (unless --split), so
@@ -349,7 +355,7 @@ def compare(args, progress: Callable[[str], None] = lambda _: None) -> tuple[dic
             runs[mode] = []
             for split in splits:
                 progress(f"static {split[0]}:{split[1]}")
-                runs[mode].append(engine(args, mode, split, args.out / f"static-{split[0]}p{split[1]}d"))
+                runs[mode].append(engine(args, mode, split, args.out / run_dir(mode, split)))
             continue
         progress(mode)
         start = args.split or (best(runs["static"]).split if runs.get("static") else None)

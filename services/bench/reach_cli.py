@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from services.bench.compare import BASELINES, GOALS
+from services.bench.compare import BASELINES, GOALS, run_dir
 from services.bench.reach import Limits, reach
 
 
@@ -102,8 +102,8 @@ def sweep_rows(out: Path, args, modes: dict) -> list[dict]:
     rates: dict[float, dict[str, dict]] = {}
     for mode in (*BASELINES, "dopd"):
         for sweep in modes.get(mode, {}).get("sweeps", []):
-            # the directories add_sweeps wrote: static's named by its split, the others by the mode
-            name = f"static-{sweep['split'].replace(':', 'p')}d" if mode == "static" else mode
+            split = tuple(int(x) for x in sweep["split"].split(":")) if sweep["split"] else None
+            name = run_dir(mode, split)  # where add_sweeps wrote it
             for rate, _ in sweep["points"]:
                 results = _read(out / "sweeps" / name / f"rate-{rate:g}" / "results.json")
                 if results is not None:
