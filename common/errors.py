@@ -42,3 +42,17 @@ class DeadlineExceeded(ServiceError):
 
 class PeerError(ServiceError):
     """A peer answered with an error that means nothing more specific to our caller."""
+
+
+# The exit status of a service that refused its model at load (sysexits' EX_CONFIG): a restart
+# cannot help, so supervisors (`dopd up`) report it instead of restarting.
+EXIT_MODEL_REFUSED = 78
+
+
+class ModelRefused(Exception):
+    """A model the serving paths cannot run exactly, refused when it loads: `feature` names what
+    they lack. The message is the one line a user sees."""
+
+    def __init__(self, model: str, model_type: str, feature: str) -> None:
+        super().__init__(f"model {model!r} (model_type {model_type}) is refused: {feature}")
+        self.model, self.model_type, self.feature = model, model_type, feature

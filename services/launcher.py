@@ -6,6 +6,7 @@ as child processes, and restarts those that die (`supervise`, what `dopd up` run
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import redis
 
+from common.errors import EXIT_MODEL_REFUSED
 from common.modes import serving_mode
 from common.rpc import auth
 from services.supervisor import Restart, RestartPolicy, Supervisor
@@ -80,6 +82,23 @@ class SupervisionEvent:
             return (f"{r.name} could not be started ({self.error}); attempt {r.attempt} in {r.backoff_s:g} s")
         return (f"{r.name} exited ({exit_description(r.exit_code)}) after {r.uptime_s:.1f} s up; "
                 f"restart {r.restarts} (attempt {r.attempt}) in {r.backoff_s:g} s")
+
+
+class ModelRefusedAtStart(RuntimeError):
+    """A worker refused the cluster's model at load (common/modeling/support.py): the one line
+    that says why, not a log tail."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+
+
+REFUSAL_LINE = re.compile(r"model '.*' \(model_type .*\) is refused: .*")
+
+
+def refusal_line(log: str) -> str:
+    """The refusal a worker logged (its last), or a pointer to the log if none is there."""
+    found = REFUSAL_LINE.findall(log)
+    return found[-1] if found else f"refused its model (exit {EXIT_MODEL_REFUSED}); see its log"
 
 
 def exit_description(code: int | None) -> str:
@@ -287,7 +306,7 @@ class Cluster:
                 if sup.pending(name) is not None:
                     sup.started(name, now)  # started again by someone else (Cluster.restart)
                 continue
-            if sup.pending(name) is None:
+            if sup.pending(name) is None and not sup.refused(name):
                 decision = sup.exited(name, popen.returncode, now)
                 if decision is not None:
                     events.append(SupervisionEvent("exited", decision))
@@ -358,8 +377,10 @@ class Cluster:
                 raise InterruptedError("stopped while starting")
             for p in self.procs:
                 if p.popen.poll() is not None:
-                    tail = p.log_path.read_text()[-3000:]
-                    raise RuntimeError(f"{p.name} exited with {p.popen.returncode}; log tail:\n{tail}")
+                    log = p.log_path.read_text()
+                    if p.popen.returncode == EXIT_MODEL_REFUSED:
+                        raise ModelRefusedAtStart(p.name, refusal_line(log))
+                    raise RuntimeError(f"{p.name} exited with {p.popen.returncode}; log tail:\n{log[-3000:]}")
             if asyncio.run(cluster_ready(self.gateway_address, [p.address for p in self.procs],
                                          self.spec.prefill + self.spec.decode)):
                 return

@@ -3,8 +3,10 @@
 when it was seen dead, and asks which restarts are due now (services/launcher.py
 `Cluster.supervise` does the I/O, services/cli.py `_up` the loop).
 
-A process that dies is restarted, whatever its exit code, after a backoff that doubles with each
-crash of a streak (0.5 s, 1 s, 2 s, ... up to 30 s). A process that stayed up `stable_after_s`
+A process that dies is restarted, whatever its exit code but one, after a backoff that doubles
+with each crash of a streak (0.5 s, 1 s, 2 s, ... up to 30 s). The exception is EXIT_MODEL_REFUSED
+(common/errors.py): a worker that refused its model at load would refuse it again, so it is left
+down (`refused`) and its refusal reported. A process that stayed up `stable_after_s`
 before it died starts a new streak: its next restart waits the first backoff again. After `stop()`
 nothing is restarted.
 """
@@ -12,6 +14,8 @@ nothing is restarted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from common.errors import EXIT_MODEL_REFUSED
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class _State:
     streak: int = 0  # restarts since the last stable run
     restarts: int = 0  # restarts done in all
     pending: Restart | None = None  # dead, waiting for its restart
+    refused: bool = False  # exited refusing its model: never restarted
 
 
 @dataclass
@@ -95,6 +100,9 @@ class Supervisor:
             raise KeyError(f"{name} was never started")
         if state.pending is not None:
             return state.pending
+        if exit_code == EXIT_MODEL_REFUSED:
+            state.refused = True
+            return None
         uptime = max(0.0, exited_at - state.started_at)
         if uptime >= self.policy.stable_after_s:
             state.streak = 0
@@ -103,6 +111,11 @@ class Supervisor:
         state.pending = Restart(name, exit_code, exited_at, uptime, state.streak, backoff, exited_at + backoff,
                                 state.restarts + 1)
         return state.pending
+
+    def refused(self, name: str) -> bool:
+        """`name` exited refusing its model, and is not restarted."""
+        state = self._states.get(name)
+        return state is not None and state.refused
 
     def pending(self, name: str) -> Restart | None:
         state = self._states.get(name)

@@ -51,12 +51,23 @@ def flash_attn_importable() -> bool:
     return True
 
 
-def select_attention(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+def select_attention(device: torch.device, dtype: torch.dtype = torch.float32, model_class=None) -> str:
     """`flash_attention_2` on CUDA when flash-attn imports and the dtype is one its kernels take
-    (fp16, bf16), else torch SDPA. Decided at run time."""
-    if device.type == "cuda" and dtype in HALF_DTYPES and flash_attn_importable():
+    (fp16, bf16), else torch SDPA; `eager` for a model class that declares SDPA unsupported
+    (Gemma2: soft-capping). Decided at run time. This is the kernel family of the model's own
+    forward (the reference the tests compare with); serving runs the paged attention, which
+    picks flash-attn or SDPA by it (common/modeling/paged_attention.py)."""
+    flash_ok = model_class is None or model_class._supports_flash_attn
+    if device.type == "cuda" and dtype in HALF_DTYPES and flash_attn_importable() and flash_ok:
         return "flash_attention_2"
+    if model_class is not None and not model_class._supports_sdpa:
+        return "eager"
     return "sdpa"
+
+
+def causal_lm_class(config):
+    """The transformers class that `AutoModelForCausalLM` builds for this config."""
+    return AutoModelForCausalLM._model_mapping[type(config)]
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -182,16 +193,18 @@ class LoadedModel:
 def load_model(name: str, device: str = "auto", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load weights once, on the chosen device, in eval mode."""
     dev = select_device(device)
-    attention = select_attention(dev, dtype)
     source = model_source(name)
     if source is None:
         config = tiny_random_config()
+        attention = select_attention(dev, dtype, LlamaForCausalLM)
         config._attn_implementation = attention
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_RANDOM_SEED)
             model = LlamaForCausalLM(config)
         model = model.to(dtype)
     else:
+        config = AutoConfig.from_pretrained(source)
+        attention = select_attention(dev, dtype, causal_lm_class(config))
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention)
         config = model.config
     model = model.to(dev).eval()

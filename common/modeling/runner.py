@@ -6,7 +6,6 @@ about requests comes in as plain lists, so the engines own all scheduling state.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable
 
@@ -15,10 +14,10 @@ import torch
 from common.kv.block_pool import FLASH_PAGE_MULTIPLE, choose_block_size, flash_pages
 from common.kv.kv_store import PagedKVStore
 from common.kv.wire import KVLayout, dtype_from_name
-from common.modeling import paged_attention
+from common.modeling import paged_attention, support
 from common.modeling.base import DecodeInputs, LayerKVHook, PromptChunk, Runner, mixed_one_after_the_other
 from common.modeling.loader import LoadedModel, load_model
-from common.modeling.paged_attention import ChunkBatch, DecodeBatch, PrefillBatch, chunk_mask, ragged_decode
+from common.modeling.paged_attention import ChunkBatch, DecodeBatch, PrefillBatch
 from common.modeling.registry import BuiltRunner, RunnerSpec, register_runner
 from common.sampling import sample_batch
 from common.types import SamplingParams
@@ -76,23 +75,13 @@ class ModelRunner:
                               dtype=torch.int64)
         pos = torch.tensor(positions, dtype=torch.int64)
         slot_mapping = tables.gather(1, (pos // bs).unsqueeze(1)).squeeze(1) * bs + pos % bs
-        gather_slots = attn_mask = ragged_bounds = None
-        if not self.use_flash_decode:
-            max_ctx = max(context_lens)
-            slots = (tables.unsqueeze(2) * bs + torch.arange(bs)).view(len(tokens), -1)[:, :max_ctx]
-            valid = torch.arange(max_ctx).unsqueeze(0) < torch.tensor(context_lens).unsqueeze(1)
-            if ragged_decode(context_lens):
-                gather_slots = slots[valid].to(self.device)  # row-major: each request's slots in order
-                ragged_bounds = list(itertools.accumulate(context_lens, initial=0))
-            else:
-                gather_slots = torch.where(valid, slots, self.store.null_slot).to(self.device)
-                if min(context_lens) != max_ctx:
-                    attn_mask = valid[:, None, None, :].to(self.device)
+        # SDPA reads each layer's context through the block tables: DecodeBatch.view makes what a
+        # layer of each window reads, once a step, from these host-side tables.
         batch = DecodeBatch(
             store=self.store, slot_mapping=slot_mapping.to(self.device),
             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=self.device),
-            block_tables=tables.to(torch.int32).to(self.device), gather_slots=gather_slots,
-            attn_mask=attn_mask, use_flash=self.use_flash_decode, ragged_bounds=ragged_bounds)
+            block_tables=tables.to(torch.int32).to(self.device), use_flash=self.use_flash_decode,
+            host_tables=tables, host_context_lens=context_lens)
         out = self.model(input_ids=torch.tensor(tokens, device=self.device).unsqueeze(1),
                          position_ids=pos.to(self.device).unsqueeze(1), use_cache=False, dopd_batch=batch)
         return out.logits[:, -1].float()
@@ -103,8 +92,7 @@ class ModelRunner:
         its last token ([vocab])."""
         n = len(chunk.tokens)
         context_slots = self.store.slots(chunk.block_table, 0, chunk.start + n).to(self.device)
-        mask = chunk_mask(chunk.start, n, self.device) if chunk.start else None
-        batch = ChunkBatch(self.store, chunk.start, context_slots[chunk.start:], context_slots, mask)
+        batch = ChunkBatch(self.store, chunk.start, context_slots[chunk.start:], context_slots)
         positions = torch.arange(chunk.start, chunk.start + n, device=self.device).unsqueeze(0)
         out = self.model(input_ids=torch.tensor(chunk.tokens, device=self.device).unsqueeze(0),
                          position_ids=positions, use_cache=False, logits_to_keep=1, dopd_batch=batch)
@@ -137,12 +125,16 @@ def build_hf_runner(spec: RunnerSpec) -> BuiltRunner:
                   transient=False) as progress:
         task = progress.add_task(f"loading {spec.model}", total=3)
         loaded = load_model(spec.model, spec.device, dtype_from_name(spec.dtype))
+        support.refuse_unsupported(spec.model, loaded.config, loaded.model)
         progress.update(task, advance=1, description="allocating the KV pool")
         block_size = choose_block_size(spec.block_size, loaded.attention == "flash_attention_2")
         runner = ModelRunner(loaded, PagedKVStore(kv_layout(loaded), spec.kv_blocks, block_size, loaded.device,
                                                   shared=spec.shared_kv))
-        progress.update(task, advance=1, description="warming up")
-        runner.prefill([[1, 2, 3]], None)
+        progress.update(task, advance=1, description="checking the paged paths against the model's own forward")
+        error = support.check_exact(spec.model, runner, loaded.attention)
         progress.update(task, advance=1, description=f"{spec.model} ready")
+    log.info("%s (%s): paged paths within %.1e of the model's own forward", spec.model, loaded.config.model_type,
+             error)
     decode = "flash_attn_with_kvcache on the blocks" if runner.use_flash_decode else "sdpa"
-    return BuiltRunner(runner, loaded.config.vocab_size, f"{loaded.attention}, decode {decode}")
+    prefill = "flash_attention_2" if runner.use_flash else "sdpa"  # the paged paths' kernels, not the reference's
+    return BuiltRunner(runner, loaded.config.vocab_size, f"{prefill}, decode {decode}")

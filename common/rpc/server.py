@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ import grpc
 import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from common.errors import EXIT_MODEL_REFUSED, ModelRefused
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +110,9 @@ async def run_server(*, host: str, port: int, metrics_port: int, services: list[
             stop_task = asyncio.create_task(handle.stopping.wait())
             await asyncio.wait({start_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             if start_task.done():
-                start_task.result()  # raise a failed start
+                if start_task.exception() is not None:  # a failed start: close the server, then raise
+                    await server.stop(None)
+                    start_task.result()
             else:
                 start_task.cancel()
         await handle.stopping.wait()
@@ -126,4 +131,9 @@ def run(main: Callable[[], Awaitable[None]]) -> None:
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    except ModelRefused as exc:
+        # One line, no traceback: what the user must change is the model, and a restart cannot help.
+        log.error("%s", exc)
+        sys.exit(EXIT_MODEL_REFUSED)

@@ -24,8 +24,10 @@ import torch
 from common.config import WorkerSettings
 from common.convert import sampling_to_pb
 from common.kv.block_pool import DEFAULT_BLOCK_SIZE, FLASH_PAGE_MULTIPLE
+from common.modeling.base import PromptChunk
 from common.modeling.loader import flash_attn_importable, load_model
 from common.modeling.registry import RunnerSpec, build_runner
+from common.modeling.support import PROBE_TOLERANCE, relative_error
 from common.pb import worker_pb2, worker_pb2_grpc
 from common.rpc.auth import internal_channel
 from common.types import SamplingParams
@@ -97,6 +99,39 @@ def test_paged_decode_identity_on_cuda(dtype, requested, block_size, in_place):
                                    near_tie=NEAR_TIE[dtype])
     assert report.tokens_compared >= len(prompts)
     print(f"{dtype} block {block_size} ({'flash_attn_with_kvcache' if in_place else 'sdpa'}): "
+          f"{report.exact}/{report.requests} identical, near ties {report.near_ties}")
+
+
+WINDOWED = ("mistral", "gemma2", "gemma3_text", "cohere2")  # sliding windows, per layer; gemma2 soft-caps too
+
+
+@pytest.mark.parametrize("requested", [0, 16], ids=["flash-decode", "sdpa-decode"])
+@pytest.mark.parametrize("arch_name", WINDOWED)
+def test_windows_and_softcap_on_cuda(arch_name, requested, tmp_path):
+    """flash-attn's kernels take the layer's window (`window_size`) and soft-cap (`softcap`); with
+    16-token blocks decode gathers and runs SDPA (soft-capped layers: the eager arithmetic). Prompts
+    run past the 64-token windows; the reference is generate() on the model's own kernels."""
+    from tests.model_coverage import ARCH_BY_NAME, save_tiny_model
+
+    directory = str(save_tiny_model(ARCH_BY_NAME[arch_name], tmp_path / arch_name))
+    runner = build_runner(RunnerSpec(directory, device=DEVICE, dtype="float16", kv_blocks=64,
+                                     block_size=requested)).runner
+    reference = load_model(directory, DEVICE, torch.float16).model
+    prompts = random_prompts(1, [20, 150, 300], reference.config.vocab_size)
+    max_tokens = 24
+    outs = paged_greedy(runner, prompts, max_tokens)
+    report = check_greedy_identity(reference, prompts, outs, [max_tokens] * len(prompts), {EOS},
+                                   near_tie=NEAR_TIE["float16"])
+    assert report.tokens_compared >= len(prompts)
+    # The same 300-token prompt in chunks of 100 over the GPU pool (window-masked SDPA): its last
+    # logits are the model's own, to fp16's tolerance.
+    table = list(range(40, 40 + -(-300 // runner.store.block_size)))
+    for start in range(0, 300, 100):
+        logits = runner.prefill_chunk(PromptChunk(prompts[2][start:start + 100], start, table, None))
+    with torch.inference_mode():
+        own = reference(torch.tensor([prompts[2]], device=DEVICE)).logits[0, -1].float()
+    assert relative_error(logits, own) < PROBE_TOLERANCE[torch.float16]
+    print(f"{arch_name} block {runner.store.block_size} (flash decode {runner.use_flash_decode}): "
           f"{report.exact}/{report.requests} identical, near ties {report.near_ties}")
 
 

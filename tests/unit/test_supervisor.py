@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from common.errors import EXIT_MODEL_REFUSED
 from services.supervisor import RestartPolicy, Supervisor
 
 
@@ -136,3 +137,13 @@ def test_nothing_is_restarted_after_stop():
 def test_an_unknown_process_is_an_error():
     with pytest.raises(KeyError):
         Supervisor().exited("nobody", 1, 0.0)
+
+
+def test_a_worker_that_refused_its_model_is_not_restarted():
+    clock = Clock()
+    sup = Supervisor()
+    sup.started("decode-0", clock())
+    assert sup.exited("decode-0", EXIT_MODEL_REFUSED, clock.advance(3)) is None
+    assert sup.refused("decode-0") and sup.pending("decode-0") is None
+    assert sup.due(clock.advance(100)) == [] and sup.restarts() == {}
+    assert not sup.refused("prefill-0")
