@@ -36,7 +36,7 @@ def _up(args) -> int:
                                   torch_threads=args.torch_threads, time_scale=args.time_scale,
                                   planner=planner,
                                   mode=args.mode, predictor=args.predictor, slo_ttft_ms=args.slo_ttft,
-                                  slo_tpot_ms=args.slo_tpot, interval_s=args.interval,
+                                  slo_tpot_ms=args.slo_tpot, slo_itl_ms=args.slo_itl, interval_s=args.interval,
                                   http_port=args.http_port,
                                   redis_prefix=os.environ.get("DOPD_REDIS_PREFIX", ""),
                                   extra_env={"DOPD_API_KEY": args.api_key} if args.api_key else {}))
@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--predictor", default="arima", help="constant | ewma | holt-winters | arima")
     up.add_argument("--slo-ttft", type=float, default=2000.0, help="TTFT SLO the planner splits for (ms)")
     up.add_argument("--slo-tpot", type=float, default=200.0, help="TPOT SLO the planner splits for (ms)")
+    up.add_argument("--slo-itl", type=float, help="stall SLO for the planner (ms): each request's p99 inter-token gap")
     up.add_argument("--interval", type=float, default=1.0, help="planner interval (seconds of profile time)")
     up.add_argument("--log-dir", help="where each service's log goes (default runs/up-<time>)")
     up.add_argument("--ready-timeout", type=float, default=600.0)

@@ -59,6 +59,7 @@ class ClusterSpec:
     predictor: str = "arima"
     slo_ttft_ms: float = 2000.0  # the SLOs the planner splits for
     slo_tpot_ms: float = 200.0
+    slo_itl_ms: float | None = None  # the stall SLO, passed to the planner when given
     interval_s: float = 1.0  # one planner interval, profile seconds
     extra_env: dict[str, str] = field(default_factory=dict)
     worker_env: dict[str, dict[str, str]] = field(default_factory=dict)  # by worker name, e.g. "decode-1"
@@ -343,7 +344,8 @@ class Cluster:
             **common, "DOPD_PLANNER_PORT": str(grpc_ports[0]), "DOPD_PLANNER_METRICS_PORT": str(metrics_ports[0]),
             "DOPD_REDIS_URL": self.redis_url, "DOPD_REDIS_PREFIX": s.redis_prefix or f"dopd:{s.port}:",
             "DOPD_PLANNER_MODE": s.planner, "DOPD_PREDICTOR": s.predictor, "DOPD_INTERVAL_S": str(s.interval_s),
-            "DOPD_SLO_TTFT_MS": str(s.slo_ttft_ms), "DOPD_SLO_TPOT_MS": str(s.slo_tpot_ms)})
+            "DOPD_SLO_TTFT_MS": str(s.slo_ttft_ms), "DOPD_SLO_TPOT_MS": str(s.slo_tpot_ms),
+            **({"DOPD_SLO_ITL_MS": str(s.slo_itl_ms)} if s.slo_itl_ms is not None else {})})
         self._spawn("gateway", "gateway", "services.gateway", s.port, metrics_ports[1], {
             **common, "DOPD_GATEWAY_PORT": str(s.port), "DOPD_GATEWAY_METRICS_PORT": str(metrics_ports[1]),
             "DOPD_HTTP_PORT": str(self.http_port),

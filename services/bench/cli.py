@@ -24,6 +24,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from services.bench.metrics import SLO_ITL_HELP
+
 DEFAULT_RATE = 1.0
 DEFAULT_DURATION = 60.0
 DEFAULT_MAX_CONTEXT = 2048  # workloads only: a trace is cut only to a --max-context given
@@ -67,6 +69,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo-ttft", type=float, required=True, metavar="MS", help="TTFT SLO in ms")
     p.add_argument("--slo-tpot", type=float, required=True, metavar="MS", help="TPOT SLO in ms")
+    p.add_argument("--slo-itl", type=float, metavar="MS", help=SLO_ITL_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for results.json and the plots")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="send at t x F wall seconds; latencies are divided by F (results in profile time)")
@@ -147,8 +150,9 @@ def run_config(args, rate: float | None, model: str, duration: float, requests: 
             "trace": [str(t) for t in args.trace] if args.trace else None,
             "rate": rate if rate is not None else (DEFAULT_RATE if args.workload else None),
             "burstiness": args.burstiness, "duration_s": duration, "seed": args.seed,
-            "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "time_scale": args.time_scale,
-            "max_context": max_context_of(args), "request_timeout_s": args.request_timeout, "requests": requests}
+            "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "slo_itl_ms": args.slo_itl,
+            "time_scale": args.time_scale, "max_context": max_context_of(args),
+            "request_timeout_s": args.request_timeout, "requests": requests}
 
 
 def _run_once(args, rate: float | None, out_dir: Path, model: str, kv=None) -> dict:
@@ -163,7 +167,8 @@ def _run_once(args, rate: float | None, out_dir: Path, model: str, kv=None) -> d
                            time_scale=args.time_scale, seed=args.seed, progress=not args.no_progress)
     config = run_config(args, rate, model, duration, len(requests))
     outcome = asyncio.run(run_load(requests, settings))
-    results = build_results(requests, outcome, config, duration, args.slo_ttft, args.slo_tpot, load_ceiling(), kv)
+    results = build_results(requests, outcome, config, duration, args.slo_ttft, args.slo_tpot, load_ceiling(), kv,
+                            slo_itl_ms=args.slo_itl)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     with open(out_dir / "requests.jsonl", "w") as f:
@@ -186,6 +191,8 @@ def _print_summary(r: dict, out_dir: Path) -> None:
     for m in ("ttft", "tpot", "itl", "e2el"):
         print(f"  {m.upper():5} ms  mean {_fmt(r[f'mean_{m}_ms'])}  median {_fmt(r[f'median_{m}_ms'])}  "
               f"p90 {_fmt(r[f'p90_{m}_ms'])}  p99 {_fmt(r[f'p99_{m}_ms'])}")
+    print(f"  stalls ms  each request's p99 gap: median {_fmt(r['median_request_p99_itl_ms'])}  "
+          f"p99 {_fmt(r['p99_request_p99_itl_ms'])}  longest gap {_fmt(r['max_itl_ms'])}")
     attainment = "-" if r["slo_attainment"] is None else f"{r['slo_attainment']:.4f}"
     print(f"  SLO attainment {attainment}  goodput {r['goodput']:.2f} req/s  "
           f"throughput {r['request_throughput']:.2f} req/s, {r['output_throughput']:.1f} tok/s")

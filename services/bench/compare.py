@@ -45,6 +45,7 @@ from services.simulate.sim import default_split
 BASELINES = ("static", "aggregated")
 SWEPT_SPLITS = 3  # static's best splits at the base rate that a goodput sweep runs
 FIGURES = ("median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p90_tpot_ms", "p99_tpot_ms",
+           "median_request_p99_itl_ms", "p99_request_p99_itl_ms", "max_itl_ms", "itl_attainment",
            "slo_attainment", "goodput", "completed", "refused", "failed", "requests")
 # DOPD's goals against the better baseline (the issue's, after the DOPD paper's figures).
 GOALS = {"goodput_ratio": 1.5, "p90_ttft_change": -0.5, "p90_tpot_change": -0.2, "attainment": 0.99}
@@ -174,11 +175,16 @@ def build_doc(runs_by_mode: dict[str, list[Run]], config: dict) -> dict:
 
 # -- engines ------------------------------------------------------------------------------------
 
+def slo_itl_argv(args) -> list[str]:
+    """The stall SLO, passed on to each run when the comparison has one."""
+    return [] if getattr(args, "slo_itl", None) is None else ["--slo-itl", str(args.slo_itl)]
+
+
 def simulate_argv(args, mode: str, split: tuple[int, int] | None, out: Path) -> list[str]:
     """`dopd simulate`'s arguments for one run of the comparison."""
     argv = ["simulate", "--profile", args.profile, "--workers", str(args.workers), "--mode", mode,
             *source_argv(args), "--slo-ttft", str(args.slo_ttft), "--slo-tpot", str(args.slo_tpot),
-            "--out", str(out), "--no-plots"]
+            *slo_itl_argv(args), "--out", str(out), "--no-plots"]
     if split is not None:
         argv += ["--split", f"{split[0]}:{split[1]}"]
     for name in ("kv_blocks", "max_batch_size", "prefill_token_budget", "chunk_tokens"):
@@ -243,14 +249,15 @@ def run_services(args, mode: str, split: tuple[int, int] | None, out: Path) -> R
                        kv_blocks=args.kv_blocks or ClusterSpec.kv_blocks, time_scale=args.time_scale,
                        planner="dynamic" if m.switching else "static", mode=mode,
                        predictor=args.predictor or "arima",
-                       slo_ttft_ms=args.slo_ttft, slo_tpot_ms=args.slo_tpot, extra_env=extra,
+                       slo_ttft_ms=args.slo_ttft, slo_tpot_ms=args.slo_tpot, slo_itl_ms=args.slo_itl, extra_env=extra,
                        torch_threads=args.torch_threads)
     cluster = Cluster(spec)
     cluster.start()
     try:
         cluster.wait_ready(600)
         rc = dopd(["bench", "--target", cluster.gateway_address, *source_argv(args), "--slo-ttft", str(args.slo_ttft),
-                   "--slo-tpot", str(args.slo_tpot), "--time-scale", str(args.time_scale), "--out", str(out),
+                   "--slo-tpot", str(args.slo_tpot), *slo_itl_argv(args), "--time-scale", str(args.time_scale),
+                   "--out", str(out),
                    "--no-progress"])
         switches = role_switches(cluster.proc("planner").metrics_address) if rc == 0 else None
     finally:
@@ -282,7 +289,7 @@ def reused_run(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run
     want = {"model": f"sim:{args.profile}" if args.engine == "sim" else args.model, "workload": args.workload,
             "rate": args.rate, "burstiness": args.burstiness, "duration_s": args.duration, "seed": args.seed,
             "max_context": max_context_of(args), "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
-            "time_scale": args.time_scale}
+            "slo_itl_ms": args.slo_itl, "time_scale": args.time_scale}
     for key, value in want.items():
         if value is not None and config.get(key) != value:
             raise ValueError(f"--reuse: {out} served {key}={config.get(key)!r}, this comparison asks for {value!r}")
@@ -364,7 +371,8 @@ def compare(args, progress: Callable[[str], None] = lambda _: None) -> tuple[dic
     config = {"command": args.command_line, "engine": args.engine, "engine_label": engine_label(args),
               "profile": args.profile, "model": args.model, "workers": args.workers, "source": source_label(args),
               "rate": args.rate, "burstiness": args.burstiness, "duration_s": args.duration, "seed": args.seed,
-              "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "time_scale": args.time_scale,
+              "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "slo_itl_ms": args.slo_itl,
+              "time_scale": args.time_scale,
               "modes": list(args.modes), "static_splits": args.static_splits,
               "split_at_start": "--split" if args.split else "static's best" if runs.get("static") else "half"}
     from services.bench.reach_cli import add_reach

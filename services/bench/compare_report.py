@@ -23,22 +23,33 @@ def _ratio(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def slo_words(config: dict) -> str:
+    words = f"TTFT {config['slo_ttft_ms']:g} ms, TPOT {config['slo_tpot_ms']:g} ms"
+    if config.get("slo_itl_ms") is not None:
+        words += f", stall (each request's p99 inter-token gap) {config['slo_itl_ms']:g} ms"
+    return words
+
+
 def markdown(doc: dict) -> str:
     c = doc["config"]
     lines = [f"# dopd bench compare: {c['source']}, {c['workers']} workers, {c['engine_label']}", "",
              f"Command: `{c['command']}`", "",
-             f"SLOs: TTFT {c['slo_ttft_ms']:g} ms, TPOT {c['slo_tpot_ms']:g} ms. Goodput: requests a second that "
-             "met both SLOs. Refused: RESOURCE_EXHAUSTED at once (admission control, or no decode worker with room), "
-             "counted as SLO misses.", "",
+             f"SLOs: {slo_words(c)}. Goodput: requests a second that "
+             "met every SLO. Refused: RESOURCE_EXHAUSTED at once (admission control, or no decode worker with room), "
+             "counted as SLO misses. Stalls: each request's p99 inter-token gap, its median and p99 over the "
+             "requests, and the longest gap of the run.", "",
              "| mode | split (at the start) | goodput req/s | attainment | p50 / p90 / p99 TTFT ms "
-             "| p50 / p90 / p99 TPOT ms | completed | refused | failed | switches |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| p50 / p90 / p99 TPOT ms | stalls ms: p99 ITL p50 / p99, longest | completed | refused | failed "
+             "| switches |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for mode, f in doc["modes"].items():
         ttft = " / ".join(_fmt(f[k]) for k in ("median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms"))
         tpot = " / ".join(_fmt(f[k]) for k in ("median_tpot_ms", "p90_tpot_ms", "p99_tpot_ms"))
+        stalls = (" / ".join(_fmt(f.get(k)) for k in ("median_request_p99_itl_ms", "p99_request_p99_itl_ms"))
+                  + f", {_fmt(f.get('max_itl_ms'))}")
         split = f["split"] or "none: all do both"
         lines.append(f"| {mode} | {split} | {f['goodput']:.2f} | {_fmt(f['slo_attainment'])} | {ttft} | {tpot} | "
-                     f"{f['completed']} | {f['refused']} | {f['failed']} | {_fmt(f['switches'])} |")
+                     f"{stalls} | {f['completed']} | {f['refused']} | {f['failed']} | {_fmt(f['switches'])} |")
     v = doc.get("dopd_vs_best_baseline")
     if v:
         fig, met, goals = v["figures"], v["met"], v["goals"]

@@ -168,9 +168,9 @@ def harness_report(outcome: RunOutcome, schedule_duration: float, time_scale: fl
 
 def build_results(requests: list[BenchRequest], outcome: RunOutcome, config: dict, schedule_duration: float,
                   slo_ttft_ms: float | None, slo_tpot_ms: float | None, ceiling: dict | None = None,
-                  kv: KVCost | None = None) -> dict:
+                  kv: KVCost | None = None, slo_itl_ms: float | None = None) -> dict:
     """results.json: the metrics at the top level (vLLM's names), then config, harness, timeline."""
-    out = summarize(outcome.results, outcome.duration, slo_ttft_ms, slo_tpot_ms)
+    out = summarize(outcome.results, outcome.duration, slo_ttft_ms, slo_tpot_ms, slo_itl_ms)
     out["config"] = config
     out["harness"] = harness_report(outcome, schedule_duration, config.get("time_scale", 1.0), ceiling, kv)
     out["timeline"] = {

@@ -144,6 +144,9 @@ class LoadForecast:
 class SLO:
     ttft_s: float
     tpot_s: float
+    # The stall SLO: each request's p99 inter-token gap (DynaServe's P99 TBT), when one is set.
+    # Carried to the planner for the configuration it chooses; the split does not read it.
+    itl_s: float | None = None
 
 
 class Predictor(Protocol):

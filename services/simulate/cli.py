@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from services.bench.cli import DEFAULT_MAX_CONTEXT
+from services.bench.metrics import SLO_ITL_HELP
 
 
 def _split(text: str) -> tuple[int, int]:
@@ -59,6 +60,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
                         f"{DEFAULT_MAX_CONTEXT}; traces: as they are unless given)")
     p.add_argument("--slo-ttft", type=float, required=True, metavar="MS", help="TTFT SLO in ms")
     p.add_argument("--slo-tpot", type=float, required=True, metavar="MS", help="TPOT SLO in ms")
+    p.add_argument("--slo-itl", type=float, metavar="MS", help=SLO_ITL_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for results.json and the plots")
     p.add_argument("--interval", type=float, default=setting(PlannerSettings, "interval_s"),
                    help="planner interval, virtual seconds")
@@ -107,7 +109,8 @@ def config_from_args(args):
         kv_blocks=args.kv_blocks, block_size=args.block_size, max_batch_size=args.max_batch_size,
         prefill_token_budget=args.prefill_token_budget, request_timeout_s=args.request_timeout,
         interval_s=args.interval, sample_interval_s=args.sample_interval, slo_ttft_s=args.slo_ttft / 1e3,
-        slo_tpot_s=args.slo_tpot / 1e3, predictor=args.predictor,
+        slo_tpot_s=args.slo_tpot / 1e3, slo_itl_s=args.slo_itl / 1e3 if args.slo_itl is not None else None,
+        predictor=args.predictor,
         policy=replace(default_policy(), cooldown_s=args.cooldown), chunk_tokens=args.chunk_tokens,
         admission=args.admission)
 
@@ -129,14 +132,15 @@ def results_doc(requests, outcome, cfg, args, schedule_duration: float) -> dict:
     config = {"simulator": "virtual time", "profile": cfg.profile.name, "workers": cfg.workers, "mode": cfg.mode,
               "split": [p, d], "workload": args.workload, "trace": [str(t) for t in args.trace or []] or None,
               "rate": args.rate, "burstiness": args.burstiness, "duration_s": schedule_duration, "seed": args.seed,
-              "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "time_scale": 1.0,
+              "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "slo_itl_ms": args.slo_itl, "time_scale": 1.0,
               "max_context": max_context_of(args), "request_timeout_s": cfg.request_timeout_s,
               "requests": len(requests), "interval_s": cfg.interval_s, "predictor": cfg.predictor,
               "link_gbps": cfg.link_gbps, "kv_blocks": cfg.kv_blocks, "block_size": cfg.block_size,
               "max_batch_size": cfg.max_batch_size, "prefill_token_budget": cfg.prefill_token_budget,
               "cooldown_s": cfg.policy.cooldown_s, "chunk_tokens": cfg.chunk_tokens,
               "admission": cfg.admission}
-    results = build_results(requests, run, config, schedule_duration, args.slo_ttft, args.slo_tpot, None)
+    results = build_results(requests, run, config, schedule_duration, args.slo_ttft, args.slo_tpot, None,
+                            slo_itl_ms=args.slo_itl)
     results["harness"] = {"simulated": True, "saturated": False, "saturation_reasons": [],
                           "note": "virtual time: no client, no gateway ceiling"}
     results["simulation"] = {

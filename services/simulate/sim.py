@@ -65,6 +65,7 @@ class SimConfig:
     sample_interval_s: float = 0.5  # as the bench runner's status samples
     slo_ttft_s: float = setting(PlannerSettings, "slo_ttft_ms") / 1e3
     slo_tpot_s: float = setting(PlannerSettings, "slo_tpot_ms") / 1e3
+    slo_itl_s: float | None = None  # the stall SLO (each request's p99 gap), when one is given
     predictor: str = setting(PlannerSettings, "predictor")
     policy: PolicyConfig = field(default_factory=default_policy)
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # tokens a step (decodes + prompt chunks) on a worker that prefills
@@ -124,7 +125,8 @@ def simulate(requests: list[BenchRequest], cfg: SimConfig) -> SimOutcome:
     planner = None
     if mode.forecasting:
         core = PlannerCore(
-            predictor=make_predictor(cfg.predictor), profile=cfg.profile, slo=SLO(cfg.slo_ttft_s, cfg.slo_tpot_s),
+            predictor=make_predictor(cfg.predictor), profile=cfg.profile,
+            slo=SLO(cfg.slo_ttft_s, cfg.slo_tpot_s, cfg.slo_itl_s),
             shape=PoolShape(cfg.kv_blocks, cfg.block_size, cfg.max_batch_size, cfg.prefill_token_budget),
             interval_s=cfg.interval_s, switching=mode.switching, policy=ReconfigPolicy(cfg.policy))
         planner = PlannerDriver(cluster, core)
