@@ -67,7 +67,7 @@ def _prefill_work(profile: LatencyProfile, length: float, budget: int, credit_ba
     """Worker time one prompt costs. With credit_batching, a prompt shorter than the budget is
     charged its token share of a full budget's forward when that is cheaper than running alone:
     under load the FIFO scheduler packs the queue up to the budget, so a forward's fixed cost (large
-    on a GPU: 9.5 ms for 128 tokens vs 4.2 ms as a share of 8192 on llama3-8b-h100) is shared. The
+    on a GPU: 10.0 ms for 128 tokens vs 3.4 ms as a share of 8192 on llama3-8b-h100) is shared. The
     credit never turns into a charge: on a curve whose per-token cost grows with the batch we keep
     the prompt's own cost, since at the utilisations we plan for the queue is mostly short."""
     alone = profile.prefill_time(round(length))
