@@ -14,9 +14,11 @@ last token, following it when a migration moves it from one decode worker to ano
     relay           the decode stream's tokens, detokenized, cut at stop strings; on `Moved`,
                     attach to the new worker's stream and go on from the same token index
 
-Front ends (gRPC today, OpenAI HTTP later) are thin adapters over `RequestCore.generate`. The
+Front ends (gRPC and the OpenAI HTTP API) are thin adapters over `RequestCore.generate`. The
 workers are reached through a `Backend` (services/gateway/grpc_backend.py), which turns their
 replies into the events of services/gateway/events.py and their failures into domain errors.
+Every choice of where a request goes, and the books those choices read, are the `Dispatcher`'s
+(services/gateway/dispatch.py), which the simulator drives too; this module awaits and relays.
 Leaving `generate` by any path cancels the open decode stream, which frees the request's blocks.
 """
 
@@ -32,28 +34,22 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from common.errors import PeerError, Refused, ResourceExhausted, ServiceError, Unavailable
-from common.kv.block_pool import kv_tokens_for
 from common.modes import ServingMode, serving_mode
 from common.types import SamplingParams
 from services.gateway import metrics
-from services.gateway.decode_load import DecodeLoad
 from services.gateway.decode_queue import DecodeQueue
 from services.gateway.detokenizer import Detokenizer
+from services.gateway.dispatch import NO_SEAT, Dispatcher
 from services.gateway.events import DecodeEvent, Finished, Moved, TokenEvent, Tokens
 from services.gateway.load_recorder import LoadRecorder
-from services.gateway.routing import WorkerView, decode_preference, pick_prefill
-from services.gateway.scheduling import Path, PrefillLedger, SchedulingPolicy, mean_context
+from services.gateway.routing import WorkerView, pick_prefill
+from services.gateway.scheduling import Path, SchedulingPolicy
 from services.gateway.short_gate import ShortGate
 from services.planner.load import SLO, LoadForecast
 
 MAX_MOVES = 64  # a request moved more often than this is going round in circles
-# Why a request found no decode worker under admission control: every batch is at its seats.
-NO_SEAT = "every decode worker's batch is at its seats within the TPOT SLO"
 # A request whose workers die under it this often gets UNAVAILABLE rather than another replay.
 MAX_REPLAYS = 3
-# A worker whose stream broke goes last in every choice for this long (the planner drops a dead
-# worker within its heartbeat TTL; this is the gateway not waiting for that).
-LOST_WORKER_S = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +108,15 @@ class RequestCore:
         self.no_worker_wait_s = no_worker_wait_s
         self.tokenizer = tokenizer
         self.recorder = recorder or LoadRecorder()
-        self.prefill_ledger = PrefillLedger()  # prompts sent to each prefill worker, first token not back
-        self.decode_load = DecodeLoad()  # this gateway's requests on each decode worker
         self.running = 0
         self.mode = mode or serving_mode("static")
+        self.dispatch = Dispatcher(self.mode, time_scale)
         # The scheduling policy's thresholds follow the planner's forecast (policy_for); until
         # the first forecast every prompt takes the long path.
         self.policy_for = policy_for if self.mode.policy else None
         self._policy: tuple[LoadForecast, SchedulingPolicy] | None = None
         self.time_scale = time_scale
         self.short_gate = ShortGate(self._least_loaded_prefill, time.monotonic, time_scale)
-        self._lost_until: dict[str, float] = {}  # worker id -> time.monotonic() until which it goes last
         self.decode_queue = DecodeQueue(decode_queue_limit)
 
     # -- the path ---------------------------------------------------------------------------
@@ -138,30 +132,22 @@ class RequestCore:
             self.short_gate.set_caps(policy.batch_token_cap, policy.batch_wait_cap_s)
         return self._policy[1]
 
-    def _path(self, prompt_len: int, policy: SchedulingPolicy | None) -> Path:
-        if not self.mode.disaggregated:
-            return Path.ULTRA_SHORT  # aggregated: prefilled where it decodes
-        return policy.path(prompt_len) if policy is not None else Path.LONG
-
-    def _prefill_workers(self) -> list[WorkerView]:
-        return self.backend.workers("prefill")
+    def _prefill_ids(self) -> list[str]:
+        return [w.worker_id for w in self.backend.workers("prefill")]
 
     def _least_loaded_prefill_work(self) -> tuple[int, float]:
         """(tokens outstanding, profile seconds busy) of the prefill worker with the fewest tokens."""
-        tokens, busy = self.prefill_ledger.least_loaded((w.worker_id for w in self._prefill_workers()),
-                                                        time.monotonic())
-        return tokens, busy / self.time_scale
+        return self.dispatch.least_loaded_prefill_work(self._prefill_ids(), time.monotonic())
 
     def _least_loaded_prefill(self) -> str | None:
-        worker = pick_prefill(self._prefill_workers(), self.prefill_ledger.tokens)
+        worker = pick_prefill(self.backend.workers("prefill"), self.dispatch.prefill_ledger.tokens)
         return worker.worker_id if worker else None
 
     def _admit(self, req: GenerationRequest, path: Path, policy: SchedulingPolicy | None) -> None:
         """Admission control: RESOURCE_EXHAUSTED at once, saying why, when the predicted TTFT is
         already past the SLO."""
-        if policy is None:
-            return
-        reason = policy.refusal(len(req.prompt), path, *self._least_loaded_prefill_work())
+        reason = self.dispatch.admission_refusal(len(req.prompt), path, policy, self._prefill_ids(),
+                                                 time.monotonic())
         if reason is not None:
             metrics.ADMISSION_REFUSED.inc()
             raise ResourceExhausted(reason)
@@ -175,7 +161,7 @@ class RequestCore:
         metrics.PROMPT_TOKENS.inc(len(req.prompt))
         try:
             policy = self.policy()
-            path = self._path(len(req.prompt), policy)
+            path = self.dispatch.path(len(req.prompt), policy)
             try:
                 self._admit(req, path, policy)
             except ResourceExhausted:
@@ -206,7 +192,7 @@ class RequestCore:
                                 break
                     break
                 except WorkerLost as lost:
-                    self._lost_until[lost.worker_id] = time.monotonic() + LOST_WORKER_S
+                    self.dispatch.lost(lost.worker_id, time.monotonic())
                     replays += 1
                     if len(generated) >= req.params.max_tokens:
                         finish = "length"
@@ -304,8 +290,8 @@ class RequestCore:
                         raise ServiceError(f"token stream out of order: expected token {n_tokens}, "
                                            f"got {event.start_index}")
                     n_tokens += len(event.token_ids)
-                    self.decode_load.made(decode_worker.worker_id, req.worker_request_id,
-                                          req.params.max_tokens - n_tokens)
+                    self.dispatch.made(decode_worker.worker_id, req.worker_request_id,
+                                       req.params.max_tokens - n_tokens)
                     yield event.token_ids
                 elif isinstance(event, Finished):
                     yield event.reason
@@ -336,10 +322,9 @@ class RequestCore:
         """Wall seconds a request may wait in the decode queue: until its deadline, and, under
         admission control, no longer than its predicted TTFT leaves before the SLO."""
         budget = req.deadline - time.monotonic()
-        if policy is not None:
-            slack = policy.ttft_slack(len(req.prompt), path, *self._least_loaded_prefill_work())
-            if slack is not None:
-                budget = min(budget, slack * self.time_scale)
+        slack = self.dispatch.ttft_slack_s(len(req.prompt), path, policy, self._prefill_ids(), time.monotonic())
+        if slack is not None:
+            budget = min(budget, slack * self.time_scale)
         return budget
 
     @staticmethod
@@ -356,10 +341,9 @@ class RequestCore:
     def _count_decode(self, worker: WorkerView, req: GenerationRequest, sign: int) -> None:
         """`req` joins (+1) or leaves (-1) `worker`'s decode batch, as this gateway counts it."""
         if sign > 0:
-            self.decode_load.join(worker.worker_id, req.worker_request_id,
-                                  mean_context(len(req.prompt), req.params.max_tokens), req.params.max_tokens)
+            self.dispatch.join_decode(worker.worker_id, req.worker_request_id, len(req.prompt), req.params.max_tokens)
         else:
-            self.decode_load.leave(worker.worker_id, req.worker_request_id)
+            self.dispatch.leave_decode(worker.worker_id, req.worker_request_id)
 
     async def _wait_for_workers(self, waited_since: float, remaining, what: str) -> None:
         """Roles may be changing: wait for a new topology, unless we waited long enough already."""
@@ -386,10 +370,7 @@ class RequestCore:
         since = time.monotonic()
         while True:
             candidates = [w for w in self.backend.workers("prefill") if w.worker_id not in tried]
-            preferred = [w for w in candidates if w.worker_id == prefer]
-            # Workers whose streams broke lately only when no other is left.
-            trusted = [w for w in candidates if not self._recently_lost(w.worker_id)] or candidates
-            worker = preferred[0] if preferred else pick_prefill(trusted, self.prefill_ledger.tokens)
+            worker = self.dispatch.pick_prefill(candidates, time.monotonic(), prefer)
             if worker is None:
                 if tried and len(full) == len(tried):
                     raise ResourceExhausted("every prefill worker is overloaded: " + "; ".join(full))
@@ -398,7 +379,8 @@ class RequestCore:
                 full.clear()
                 continue
             tried.add(worker.worker_id)
-            self.prefill_ledger.sent(worker.worker_id, req.worker_request_id, len(req.prompt), time.monotonic())
+            ledger = self.dispatch.prefill_ledger
+            ledger.sent(worker.worker_id, req.worker_request_id, len(req.prompt), time.monotonic())
             finished_at = None  # set when the worker did prefill it (admission's busy-since)
             try:
                 first = await self.backend.prefill(worker, req.worker_request_id, req.prompt, req.params,
@@ -415,37 +397,9 @@ class RequestCore:
                 # half there, so the whole try starts again (a fresh reservation).
                 raise WorkerLost(worker.worker_id, "prefill", exc) from exc
             finally:
-                self.prefill_ledger.done(worker.worker_id, req.worker_request_id, finished_at)
-                if not self.prefill_ledger.tokens[worker.worker_id] and len(self.short_gate):
+                ledger.done(worker.worker_id, req.worker_request_id, finished_at)
+                if not ledger.tokens[worker.worker_id] and len(self.short_gate):
                     self.short_gate.worker_freed()  # late binding: the short prompts held go now
-
-    def _decode_order(self, req: GenerationRequest, policy: SchedulingPolicy | None) -> list[WorkerView]:
-        """Decode workers, best first: the policy's order (smallest batch among those whose last
-        report shows room, then most free blocks), or the gateway's own; those that look full
-        last (their reports may be stale). Under admission control, only those with a seat
-        within the TPOT SLO (SchedulingPolicy.has_seat): none may be left."""
-        workers = self.backend.workers("decode")
-        needed = kv_tokens_for(len(req.prompt), req.params.max_tokens)
-        if policy is None:
-            order = decode_preference(workers, self.decode_load.counts, needed)
-        else:
-            context = mean_context(len(req.prompt), req.params.max_tokens)
-            candidates = {w.worker_id: self.decode_load.candidate(w) for w in workers}
-            by_id = {w.worker_id: w for w in workers}
-            order = [by_id[c.worker_id] for c in policy.decode_workers(list(candidates.values()), needed, context)]
-            order += [w for w in decode_preference(workers, self.decode_load.counts, needed)
-                      if w not in order and policy.has_seat(candidates[w.worker_id], context)]
-        # Workers whose streams broke lately go last (stable: the order is kept otherwise).
-        return sorted(order, key=lambda w: self._recently_lost(w.worker_id))
-
-    def _recently_lost(self, worker_id: str) -> bool:
-        until = self._lost_until.get(worker_id)
-        if until is None:
-            return False
-        if time.monotonic() < until:
-            return True
-        del self._lost_until[worker_id]
-        return False
 
     async def _reserve_decode(self, req: GenerationRequest, remaining, policy: SchedulingPolicy | None = None,
                               local: bool = False, wait_budget_s: float = 0.0) -> tuple[DecodeStream, WorkerView]:
@@ -478,31 +432,25 @@ class RequestCore:
                                    budget_s: float) -> None:
         """RESOURCE_EXHAUSTED now, rather than after the wait, when no decode worker has a seat
         for `req` and none is predicted to free for it (behind those queued) within `budget_s`."""
-        if policy is None:
-            return
-        workers = [self.decode_load.candidate(w, with_tokens_left=True) for w in self.backend.workers("decode")]
-        context = mean_context(len(req.prompt), req.params.max_tokens)
-        if not workers or any(policy.has_seat(w, context) for w in workers):
-            return
-        wait = policy.seat_wait_s(workers, len(self.decode_queue)) * self.time_scale
-        if wait > budget_s:
+        reason = self.dispatch.hopeless_seat_wait(self.backend.workers("decode"), len(req.prompt),
+                                                  req.params.max_tokens, policy, len(self.decode_queue), budget_s)
+        if reason is not None:
             metrics.ADMISSION_REFUSED.inc()
-            raise ResourceExhausted(f"overloaded: {NO_SEAT} ({policy.slo.tpot_s * 1e3:.0f} ms), and with "
-                                    f"{len(self.decode_queue)} requests queued ahead a seat is predicted to free "
-                                    f"in {wait:.2f} s, past the {max(0.0, budget_s):.2f} s this request may wait")
+            raise ResourceExhausted(reason)
 
     async def _try_reserve(self, req: GenerationRequest, remaining, policy: SchedulingPolicy | None,
                            local: bool) -> tuple[tuple[DecodeStream, WorkerView] | None, bool, list[str]]:
         """One pass over the decode workers, best first: (the reservation, or None; whether any
         refused for want of KV; each refusal)."""
         refusals, full = [], False
-        no_seat = [f"{NO_SEAT} ({policy.slo.tpot_s * 1e3:.0f} ms)"] if policy is not None else []
-        order = self._decode_order(req, policy)
-        if not order and no_seat and self.backend.workers("decode"):
+        no_seat = [self.dispatch.no_seat(policy)] if policy is not None else []
+        workers = self.backend.workers("decode")
+        prompt_len, max_tokens = len(req.prompt), req.params.max_tokens
+        order = self.dispatch.decode_order(workers, prompt_len, max_tokens, policy, time.monotonic())
+        if not order and no_seat and workers:
             return None, True, no_seat
-        context = mean_context(len(req.prompt), req.params.max_tokens)
         for worker in order:
-            if policy is not None and not policy.has_seat(self.decode_load.candidate(worker), context):
+            if not self.dispatch.has_seat(worker, prompt_len, max_tokens, policy):
                 continue  # taken while this request tried another worker
             # Counted before the call: requests reserving at the same time see the seat taken.
             self._count_decode(worker, req, +1)

@@ -48,7 +48,7 @@ def build_core(settings: GatewaySettings, backend: GrpcBackend, tokenizer) -> Re
     core: RequestCore
 
     def policy_for(forecast: LoadForecast) -> SchedulingPolicy:
-        decoding = [core.decode_load.counts[w.worker_id] for w in backend.workers("decode")]
+        decoding = [core.dispatch.decode_load.counts[w.worker_id] for w in backend.workers("decode")]
         typical = max(1, round(sum(decoding) / max(1, len(decoding))))
         return SchedulingPolicy.for_forecast(forecast, profile, slo, settings.prefill_token_budget, typical,
                                              admission=mode.admission)

@@ -1,6 +1,8 @@
 """The cluster in virtual time: the request path of services/gateway/lifecycle.py and the engines'
 loops (services/prefill/engine.py, services/decode/engine.py) as events around the real pure
-cores. Pure: no I/O, no clock but the EventLoop's.
+cores. Pure: no I/O, no clock but the EventLoop's. Where a request goes is decided by the
+gateway's own dispatch core (services/gateway/dispatch.py: path, admission, decode order and
+seats, prefill choice, and the books they read), driven here on the virtual clock.
 
     arrival    validation.validate_context (else INVALID_ARGUMENT, at once); the path, by the
                serving mode (common/modes.py): first come first served (static), DOPD's
@@ -31,10 +33,8 @@ Role switches are services/simulate/switching.py.
 
 from __future__ import annotations
 
-from collections import Counter
-
 from common.errors import InvalidArgument
-from common.kv.block_pool import OutOfBlocks, kv_tokens_for
+from common.kv.block_pool import OutOfBlocks
 from common.modes import ServingMode, serving_mode
 from common.profile import LatencyProfile
 from common.types import Role, SamplingParams
@@ -42,16 +42,10 @@ from services.bench.metrics import RequestResult
 from services.bench.outcome import StatusSample
 from services.decode.local_prefill import Chunk
 from services.decode.scheduler import DecodeSeq, SeqState
+from services.gateway.dispatch import Dispatcher
 from services.gateway.load_recorder import LoadRecorder
-from services.gateway.routing import WorkerView, decode_preference, pick_prefill
-from services.gateway.scheduling import (
-    DecodeCandidate,
-    Path,
-    PrefillLedger,
-    SchedulingPolicy,
-    ShortBatcher,
-    mean_context,
-)
+from services.gateway.routing import WorkerView
+from services.gateway.scheduling import Path, SchedulingPolicy, ShortBatcher
 from services.gateway.validation import validate_context
 from services.planner.load import SLO, LoadForecast
 from services.simulate.events import EventLoop
@@ -89,9 +83,10 @@ class Cluster:
         self._prefill_views = {w.worker_id: WorkerView(w.worker_id, w.worker_id, 0, block_size) for w in self.workers}
         self.switches = Switcher(self)
         self.recorder = LoadRecorder()
-        self.prefill_ledger = PrefillLedger()  # what the gateway sent each prefill worker, not yet back
-        self.outstanding_decode: Counter[str] = Counter()
-        self.decode_context: Counter[str] = Counter()  # the sum of mean_context over outstanding_decode
+        # The gateway's dispatch core and its books: what it sent each prefill worker, not yet
+        # back (prefill_ledger), and the requests on each decode worker (decode_load).
+        self.dispatch = Dispatcher(self.mode)
+        self.prefill_ledger = self.dispatch.prefill_ledger
         self.requests: list[SimRequest] = []
         self.by_rid: dict[str, SimRequest] = {}
         self.open = 0  # arrived and not ended
@@ -126,9 +121,9 @@ class Cluster:
         except InvalidArgument:
             self._fail(r, "INVALID_ARGUMENT")
             return
-        path = self._path(r)
+        path = self.dispatch.path(r.prompt, self.policy)
         if self.policy is not None:
-            reason = self.policy.refusal(r.prompt, path, *self._least_loaded_prefill())
+            reason = self.dispatch.admission_refusal(r.prompt, path, self.policy, self._prefill_ids(), self.loop.now)
             if reason is not None:  # admission control: refused at once, counted as an SLO miss
                 self.refused += 1
                 self.recorder.refused_by_admission(r.prompt, r.max_tokens)
@@ -160,31 +155,22 @@ class Cluster:
         else:
             self._dispatch([r])
 
-    def _path(self, r: SimRequest) -> Path:
-        if not self.mode.disaggregated:
-            return Path.ULTRA_SHORT  # aggregated: every prompt is prefilled where it decodes
-        return self.policy.path(r.prompt) if self.policy is not None else Path.LONG
+    def _prefill_ids(self) -> list[str]:
+        return [w.worker_id for w in self.workers if w.serves(Role.PREFILL)]
 
     def _least_loaded_prefill(self) -> tuple[int, float]:
         """(tokens outstanding, seconds busy) of the serving prefill worker with the fewest tokens."""
-        return self.prefill_ledger.least_loaded((w.worker_id for w in self.workers if w.serves(Role.PREFILL)),
-                                                self.loop.now)
+        return self.dispatch.least_loaded_prefill_work(self._prefill_ids(), self.loop.now)
 
     def _reserve_decode(self, r: SimRequest) -> SimWorker | None:
-        """Reserve r's whole KV on the first decode worker, in the policy's order (else the
-        gateway's), that has the blocks. None: no worker has room."""
-        serving = [w for w in self.workers if w.serves(Role.DECODE)]
-        needed = kv_tokens_for(r.prompt, r.max_tokens)
-        if self.policy is not None:
-            order = [self.by_id[c.worker_id] for c in self.policy.decode_workers(
-                [DecodeCandidate(w.worker_id, w.pool.num_free, w.block_size, self.outstanding_decode[w.worker_id],
-                                 self.decode_context[w.worker_id]) for w in serving],
-                needed, mean_context(r.prompt, r.max_tokens))]
-        else:
-            order = [self.by_id[v.worker_id] for v in decode_preference([w.view() for w in serving],
-                                                                        self.outstanding_decode, needed)]
+        """Reserve r's whole KV on the first decode worker, in the dispatcher's order (the
+        workers' reports are their pools: never stale here), that has the blocks. None: no
+        worker has room (or, under admission control, a seat)."""
+        views = [w.view() for w in self.workers if w.serves(Role.DECODE)]
+        order = self.dispatch.decode_order(views, r.prompt, r.max_tokens, self.policy, self.loop.now)
         params = SamplingParams(max_tokens=r.max_tokens)
-        for worker in order:
+        for view in order:  # a seat in each, under admission control: nothing else runs meanwhile
+            worker = self.by_id[view.worker_id]
             try:
                 worker.decode.reserve(DecodeSeq(r.rid, r.prompt, params))
             except OutOfBlocks:
@@ -194,8 +180,10 @@ class Cluster:
 
     def count_decode(self, worker: SimWorker, r: SimRequest, sign: int) -> None:
         """r joins (+1) or leaves (-1) `worker`'s decode batch, as the gateway counts it."""
-        self.outstanding_decode[worker.worker_id] += sign
-        self.decode_context[worker.worker_id] += sign * mean_context(r.prompt, r.max_tokens)
+        if sign > 0:
+            self.dispatch.join_decode(worker.worker_id, r.rid, r.prompt, r.max_tokens)
+        else:
+            self.dispatch.leave_decode(worker.worker_id, r.rid)
 
     def _poll_batcher(self) -> None:
         batch = self.batcher.poll(self.loop.now)
@@ -204,8 +192,7 @@ class Cluster:
 
     def _dispatch(self, batch: list[SimRequest]) -> None:
         """Queue prompts, together, on the prefill worker with the fewest outstanding prompt tokens."""
-        chosen = pick_prefill([self._prefill_views[w.worker_id] for w in self.workers if w.serves(Role.PREFILL)],
-                              self.prefill_ledger.tokens)
+        chosen = self.dispatch.pick_prefill([self._prefill_views[w] for w in self._prefill_ids()], self.loop.now)
         assert chosen is not None, "no prefill worker serves"  # the policy never switches the last one away
         p = self.by_id[chosen.worker_id]
         for r in batch:
@@ -419,7 +406,7 @@ class Cluster:
             out.append(f"{len(unended)} requests never ended, e.g. {unended[:5]}")
         if any(r.phase == "done" and r.error is None and r.done_at is None for r in self.requests):
             out.append("a request ended without a time")
-        if not self.prefill_ledger.empty() or any(self.outstanding_decode.values()):
+        if not self.prefill_ledger.empty() or any(self.dispatch.decode_load.counts.values()):
             out.append("the gateway's outstanding counts are not back to zero")
         if self.open or self.pending_arrivals:
             out.append(f"{self.open} requests open, {self.pending_arrivals} arrivals pending")

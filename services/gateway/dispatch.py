@@ -1,0 +1,149 @@
+"""Where a request goes, and whether it is taken: the one dispatch core that the gateway
+(services/gateway/lifecycle.py, in wall time, over gRPC) and the simulator
+(services/simulate/cluster.py, in virtual time) both drive. Pure: no I/O, no clock; callers pass
+`now` (their clock's seconds) and the workers as they see them.
+
+    path        by the serving mode and DOPD's policy (long, short, ultra-short; aggregated:
+                prefilled where it decodes)
+    admission   the policy's refusal when the predicted TTFT is already past the SLO
+    decode      the order in which decode workers are asked to reserve, and whether one has a
+                seat within the TPOT SLO; when none has one, whether waiting can help
+    prefill     the least loaded prefill worker (a preferred one first: where a short batch went)
+    books       what was sent to each prefill worker (`PrefillLedger`) and what is held on each
+                decode worker (`DecodeLoad`), which the choices above read; workers whose
+                streams broke lately, which go last
+
+The time a request may wait for a decode seat, and the decode queue itself, are the caller's:
+the gateway waits in its DecodeQueue, the simulator refuses at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from common.kv.block_pool import kv_tokens_for
+from common.modes import ServingMode
+from services.gateway.decode_load import DecodeLoad
+from services.gateway.routing import WorkerView, decode_preference, pick_prefill
+from services.gateway.scheduling import Path, PrefillLedger, SchedulingPolicy, mean_context
+
+# Why a request found no decode worker under admission control: every batch is at its seats.
+NO_SEAT = "every decode worker's batch is at its seats within the TPOT SLO"
+# A worker whose stream broke goes last in every choice for this long (the planner drops a dead
+# worker within its heartbeat TTL; this is the gateway not waiting for that).
+LOST_WORKER_S = 10.0
+
+
+class Dispatcher:
+    def __init__(self, mode: ServingMode, time_scale: float = 1.0) -> None:
+        """`time_scale`: wall seconds per profile second (the sim engine's); the policy reasons in
+        profile seconds, `now` is in the caller's."""
+        self.mode = mode
+        self.time_scale = time_scale
+        self.prefill_ledger = PrefillLedger()  # prompts sent to each prefill worker, first token not back
+        self.decode_load = DecodeLoad()  # the requests held on each decode worker
+        self._lost_until: dict[str, float] = {}  # worker id -> `now` until which it goes last
+
+    # -- the path and admission -------------------------------------------------------------
+    def path(self, prompt_len: int, policy: SchedulingPolicy | None) -> Path:
+        if not self.mode.disaggregated:
+            return Path.ULTRA_SHORT  # aggregated: prefilled where it decodes
+        return policy.path(prompt_len) if policy is not None else Path.LONG
+
+    def least_loaded_prefill_work(self, prefill_ids: Iterable[str], now: float) -> tuple[int, float]:
+        """(tokens outstanding, profile seconds busy) of the prefill worker with the fewest tokens."""
+        tokens, busy = self.prefill_ledger.least_loaded(prefill_ids, now)
+        return tokens, busy / self.time_scale
+
+    def admission_refusal(self, prompt_len: int, path: Path, policy: SchedulingPolicy | None,
+                          prefill_ids: Iterable[str], now: float) -> str | None:
+        """Why the request is refused at once (its predicted TTFT is already past the SLO), or None."""
+        if policy is None:
+            return None
+        return policy.refusal(prompt_len, path, *self.least_loaded_prefill_work(prefill_ids, now))
+
+    def ttft_slack_s(self, prompt_len: int, path: Path, policy: SchedulingPolicy | None,
+                     prefill_ids: Iterable[str], now: float) -> float | None:
+        """Profile seconds the request's predicted TTFT leaves before the SLO (None: no policy)."""
+        if policy is None:
+            return None
+        return policy.ttft_slack(prompt_len, path, *self.least_loaded_prefill_work(prefill_ids, now))
+
+    # -- decode -----------------------------------------------------------------------------
+    def decode_order(self, workers: list[WorkerView], prompt_len: int, max_tokens: int,
+                     policy: SchedulingPolicy | None, now: float) -> list[WorkerView]:
+        """Decode workers, best first: the policy's order (smallest batch among those whose last
+        report shows room, then most free blocks), or the gateway's own; those that look full
+        last (their reports may be stale). Under admission control, only those with a seat
+        within the TPOT SLO (SchedulingPolicy.has_seat): none may be left. Workers whose
+        streams broke lately go last (the order is kept otherwise)."""
+        needed = kv_tokens_for(prompt_len, max_tokens)
+        if policy is None:
+            order = decode_preference(workers, self.decode_load.counts, needed)
+        else:
+            context = mean_context(prompt_len, max_tokens)
+            candidates = {w.worker_id: self.decode_load.candidate(w) for w in workers}
+            by_id = {w.worker_id: w for w in workers}
+            order = [by_id[c.worker_id] for c in policy.decode_workers(list(candidates.values()), needed, context)]
+            order += [w for w in decode_preference(workers, self.decode_load.counts, needed)
+                      if w not in order and policy.has_seat(candidates[w.worker_id], context)]
+        return sorted(order, key=lambda w: self.recently_lost(w.worker_id, now))
+
+    def has_seat(self, worker: WorkerView, prompt_len: int, max_tokens: int, policy: SchedulingPolicy | None) -> bool:
+        """Whether `worker`'s batch still seats the request within the TPOT SLO (always, with no policy)."""
+        return policy is None or policy.has_seat(self.decode_load.candidate(worker), mean_context(prompt_len,
+                                                                                                   max_tokens))
+
+    def no_seat(self, policy: SchedulingPolicy) -> str:
+        return f"{NO_SEAT} ({policy.slo.tpot_s * 1e3:.0f} ms)"
+
+    def hopeless_seat_wait(self, workers: list[WorkerView], prompt_len: int, max_tokens: int,
+                           policy: SchedulingPolicy | None, queued: int, budget_s: float) -> str | None:
+        """Why waiting cannot help (to refuse now rather than after the wait), or None: no decode
+        worker has a seat for the request and none is predicted to free for it, behind the
+        `queued` requests ahead, within `budget_s` (caller's seconds)."""
+        if policy is None:
+            return None
+        candidates = [self.decode_load.candidate(w, with_tokens_left=True) for w in workers]
+        context = mean_context(prompt_len, max_tokens)
+        if not candidates or any(policy.has_seat(c, context) for c in candidates):
+            return None
+        wait = policy.seat_wait_s(candidates, queued) * self.time_scale
+        if wait <= budget_s:
+            return None
+        return (f"overloaded: {self.no_seat(policy)}, and with {queued} requests queued ahead a seat is predicted "
+                f"to free in {wait:.2f} s, past the {max(0.0, budget_s):.2f} s this request may wait")
+
+    def join_decode(self, worker_id: str, request_id: str, prompt_len: int, max_tokens: int) -> None:
+        """The request joins `worker_id`'s decode batch, as the dispatcher counts it."""
+        self.decode_load.join(worker_id, request_id, mean_context(prompt_len, max_tokens), max_tokens)
+
+    def leave_decode(self, worker_id: str, request_id: str) -> None:
+        self.decode_load.leave(worker_id, request_id)
+
+    def made(self, worker_id: str, request_id: str, tokens_left: int) -> None:
+        self.decode_load.made(worker_id, request_id, tokens_left)
+
+    # -- prefill ----------------------------------------------------------------------------
+    def pick_prefill(self, workers: list[WorkerView], now: float, prefer: str | None = None) -> WorkerView | None:
+        """The `prefer`red worker if it is among `workers`, else the one with the fewest prompt
+        tokens outstanding, workers whose streams broke lately only when no other is left."""
+        preferred = [w for w in workers if w.worker_id == prefer]
+        if preferred:
+            return preferred[0]
+        trusted = [w for w in workers if not self.recently_lost(w.worker_id, now)] or workers
+        return pick_prefill(trusted, self.prefill_ledger.tokens)
+
+    # -- lost workers -----------------------------------------------------------------------
+    def lost(self, worker_id: str, now: float) -> None:
+        """`worker_id`'s stream broke: it goes last in every choice for LOST_WORKER_S (caller's seconds)."""
+        self._lost_until[worker_id] = now + LOST_WORKER_S
+
+    def recently_lost(self, worker_id: str, now: float) -> bool:
+        until = self._lost_until.get(worker_id)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._lost_until[worker_id]
+        return False
