@@ -105,19 +105,23 @@ def build_requests(args, rate: float | None):
     from services.bench.trace import clamp_trace, read_traces, scale_to_rate
     from services.bench.workloads import generate
 
+    until = getattr(args, "until", None)  # `dopd simulate --until`: a prefix of the whole run's schedule
     if args.workload:
         duration = args.duration if args.duration is not None else DEFAULT_DURATION
         reqs = generate(args.workload, rate=rate or DEFAULT_RATE, duration=duration, seed=args.seed,
                         burstiness=args.burstiness, max_context=max_context_of(args))
+        if until is not None:
+            reqs, duration = [r for r in reqs if r.t < until], min(duration, until)
         return reqs, duration
     reqs = read_traces(args.trace)
     if (limit := max_context_of(args)) is not None:
         reqs = clamp_trace(reqs, limit)
     if rate is not None:
         reqs = scale_to_rate(reqs, rate)
-    if args.duration is not None:
-        reqs = [r for r in reqs if r.t < args.duration]
-    duration = args.duration if args.duration is not None else max((r.t for r in reqs), default=0.0)
+    cut = min((c for c in (args.duration, until) if c is not None), default=None)
+    if cut is not None:
+        reqs = [r for r in reqs if r.t < cut]
+    duration = cut if cut is not None else max((r.t for r in reqs), default=0.0)
     return reqs, duration
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from services.bench.compare import Run
+    from services.bench.compare_runs import Run
 
 def _fmt(v, pct: bool = False) -> str:
     if v is None:
@@ -48,6 +48,8 @@ def markdown(doc: dict) -> str:
         stalls = (" / ".join(_fmt(f.get(k)) for k in ("median_request_p99_itl_ms", "p99_request_p99_itl_ms"))
                   + f", {_fmt(f.get('max_itl_ms'))}")
         split = f["split"] or "none: all do both"
+        if f.get("chunk_tokens") is not None:
+            split += f", {f['chunk_tokens']} tokens a step"
         lines.append(f"| {mode} | {split} | {f['goodput']:.2f} | {_fmt(f['slo_attainment'])} | {ttft} | {tpot} | "
                      f"{stalls} | {f['completed']} | {f['refused']} | {f['failed']} | {_fmt(f['switches'])} |")
     v = doc.get("dopd_vs_best_baseline")
@@ -67,10 +69,13 @@ def markdown(doc: dict) -> str:
     g = doc.get("dopd_vs_best_baseline_goodput_rate")
     if g:
         lines += ["", f"## Goodput as DistServe defines it: the highest rate with >= {g['target_attainment']:.0%} "
-                      "of requests meeting both SLOs", "", "| mode | goodput (req/s) |", "| --- | ---: |"]
-        lines += [f"| {m} | {_fmt(f.get('goodput_rate'))} |" for m, f in doc["modes"].items()]
+                      "of requests meeting every SLO", "", "| mode | goodput (req/s) | per GPU |",
+                  "| --- | ---: | ---: |"]
+        lines += [f"| {m} | {_fmt(f.get('goodput_rate'))} | {_fmt(f.get('goodput_rate_per_gpu'))} |"
+                  for m, f in doc["modes"].items()]
         lines += ["", f"dopd against {g['baseline']}: {_ratio(g['ratio'])} (goal >= {g['goal']}x: "
                       f"{'met' if g['met'] else 'not met'})"]
+    lines += _peers_and_choices(doc)
     if doc.get("reach"):
         lines += ["", reach_markdown(doc["reach"]["run"], doc["reach"]["sweeps"]).rstrip("\n")]
     static = doc["modes"].get("static")
@@ -80,6 +85,28 @@ def markdown(doc: dict) -> str:
         lines += [f"| {s['split']} | {s['engine']} | {s['goodput']:.2f} | {_fmt(s['slo_attainment'])} |"
                   for s in static["splits_tried"]]
     return "\n".join(lines) + "\n"
+
+
+def _peers_and_choices(doc: dict) -> list[str]:
+    """dopd against each peer as its users run it, and what the variants chose."""
+    lines = []
+    peers = doc.get("dopd_vs_peers")
+    if peers:
+        lines += ["", "## dopd against the peers as their users run them", "",
+                  "| peer | goodput ratio | p90 TTFT change | p90 TPOT change |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {peer} | {_ratio(v['figures']['goodput_ratio'])} | {_fmt(v['figures']['p90_ttft_change'], True)} "
+                  f"| {_fmt(v['figures']['p90_tpot_change'], True)} |" for peer, v in peers.items()]
+    apriori = doc["modes"].get("static-apriori", {}).get("chosen_on")
+    if apriori:
+        fit = ", ".join(f"{f['split']} {f['goodput']:.2f}" for f in apriori["fit"])
+        lines += ["", f"static-apriori: split {apriori['split']}, the simulator's best on the first "
+                      f"{apriori['until_s']:g} s (goodput req/s by split there: {fit}), kept for the whole run."]
+    budgets = doc["modes"].get("aggregated-best", {}).get("budgets_tried")
+    if budgets:
+        tried = ", ".join(f"{b['chunk_tokens']}: {b['goodput']:.2f} req/s ({_fmt(b['slo_attainment'])})"
+                          for b in budgets)
+        lines += ["", f"aggregated-best: every chunk budget tried (tokens a step: goodput, attainment): {tried}."]
+    return lines
 
 
 def _verdict(reachable: bool | None) -> str:

@@ -17,7 +17,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from services.bench.compare import BASELINES, GOALS, run_dir
+from services.bench.compare import BASELINES, GOALS
+from services.bench.compare_runs import run_dir
 from services.bench.reach import Limits, reach
 
 

@@ -54,6 +54,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, help="requests/s (workloads: default 1; traces: rescale to this mean rate)")
     p.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape: 1 = Poisson, < 1 burstier")
     p.add_argument("--duration", type=float, help="seconds of arrivals (workloads: default 60; traces: cut here)")
+    p.add_argument("--until", type=float, metavar="S",
+                   help="serve only the requests sent before S, the schedule kept as for the whole --duration "
+                        "(a workload's first phase: what a placement chosen in advance sees)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-context", type=int, default=None,
                    help=f"prompt + output tokens at most, the prompt cut first (workloads: default "
@@ -134,7 +137,8 @@ def results_doc(requests, outcome, cfg, args, schedule_duration: float) -> dict:
               "rate": args.rate, "burstiness": args.burstiness, "duration_s": schedule_duration, "seed": args.seed,
               "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "slo_itl_ms": args.slo_itl, "time_scale": 1.0,
               "max_context": max_context_of(args), "request_timeout_s": cfg.request_timeout_s,
-              "requests": len(requests), "interval_s": cfg.interval_s, "predictor": cfg.predictor,
+              "requests": len(requests), "until_s": args.until, "interval_s": cfg.interval_s,
+              "predictor": cfg.predictor,
               "link_gbps": cfg.link_gbps, "kv_blocks": cfg.kv_blocks, "block_size": cfg.block_size,
               "max_batch_size": cfg.max_batch_size, "prefill_token_budget": cfg.prefill_token_budget,
               "cooldown_s": cfg.policy.cooldown_s, "chunk_tokens": cfg.chunk_tokens,
