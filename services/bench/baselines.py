@@ -7,8 +7,8 @@ placement chosen in advance is fitted on.
     aggregated-best  the same at the best of AGGREGATED_BUDGETS, in hindsight
     static           every split run, the best in hindsight (services/bench/compare.py)
     static-apriori   the split DistServe's placement would deploy: the simulator's best split on
-                     what is known in advance (the first APRIORI_TRACE_S of a trace, or a
-                     workload's first phase), then kept for the whole run
+                     what is known in advance (a trace's first APRIORI_TRACE_S, at most its first
+                     fifth, or a workload's first phase), then kept for the whole run
 
 `aggregated-best` and `static-apriori` are variants: each runs its base serving mode
 (common/modes.py); the comparison keeps which budget or split it chose and why.
@@ -32,12 +32,14 @@ def base_mode(name: str) -> str:
     return VARIANTS.get(name, name)
 
 
-def apriori_until(workload: str | None, duration: float | None) -> float:
+def apriori_until(workload: str | None, duration: float | None, trace_span_s: float | None = None) -> float:
     """Seconds of the run that a placement chosen in advance is fitted on: a trace's first
-    APRIORI_TRACE_S; a workload's first phase (phase-shift's quiet chat; a steady workload's
-    first STEADY_FIRST_PHASE of `duration`)."""
+    APRIORI_TRACE_S, or its first STEADY_FIRST_PHASE where that is shorter (a 10-minute cut would
+    otherwise be known whole in advance); a workload's first phase (phase-shift's quiet chat; a
+    steady workload's first STEADY_FIRST_PHASE of `duration`)."""
     if workload is None:
-        return APRIORI_TRACE_S
+        span = trace_span_s if trace_span_s is not None else float("inf")
+        return min(APRIORI_TRACE_S, STEADY_FIRST_PHASE * span)
     from services.bench.cli import DEFAULT_DURATION
     from services.bench.workloads import PHASE_SHIFT
 

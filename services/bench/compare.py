@@ -260,7 +260,12 @@ def aggregated_at(args, engine, budget: int, progress: Callable[[str], None]) ->
 def apriori_split(args, progress: Callable[[str], None]) -> dict:
     """The split DistServe's placement would deploy: every split simulated on the part of the run
     known in advance (baselines.apriori_until), the best by goodput, then attainment."""
-    until = apriori_until(args.workload, args.duration)
+    span = None
+    if args.workload is None:  # a trace: its span as this run schedules it (rescaled, cut)
+        from services.bench.cli import build_requests
+
+        span = build_requests(args, args.rate)[1]
+    until = apriori_until(args.workload, args.duration, span)
     saved = getattr(args, "until", None)
     args.until = until
     try:

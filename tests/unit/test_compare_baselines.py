@@ -19,7 +19,8 @@ COMMON = ["--engine", "des", *SIMULATE, "--no-progress"]
 def test_what_is_known_in_advance():
     assert apriori_until("phase-shift", 100.0) == pytest.approx(20.0)  # the quiet chat phase
     assert apriori_until("mix", 100.0) == pytest.approx(20.0)
-    assert apriori_until(None, None) == APRIORI_TRACE_S
+    assert apriori_until(None, None, 3600.0) == APRIORI_TRACE_S  # an hour's trace: its first 10 minutes
+    assert apriori_until(None, None, 600.0) == pytest.approx(120.0)  # a 10-minute cut: its first fifth
     assert base_mode("aggregated-best") == "aggregated" and base_mode("static-apriori") == "static"
     assert base_mode("dopd") == "dopd"
 
