@@ -115,7 +115,7 @@ def add_sweeps(doc: dict, runs: dict[str, list[Run]], args, progress: Callable[[
     its own rate goodput, the best kept), and dopd against the better baseline's."""
     for mode, mode_runs in runs.items():
         sweeps = []
-        for r in mode_runs:
+        for r in ranked(mode_runs)[:args.sweep_splits or None] if mode == "static" else mode_runs:
             name = run_dir(mode, r.split, r.chunk_tokens)
             split = r.split if serving_mode(base_mode(mode)).disaggregated else None
             sweeps.append(sweep_goodput(args, mode, split, args.out / "sweeps" / name, progress, r.chunk_tokens))
@@ -387,6 +387,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                                                     "from this rate")
     g.add_argument("--sweep-target", type=float, default=0.9, help="attainment the goodput rate must keep")
     g.add_argument("--sweep-runs", type=int, default=10, help="runs per rate search at most")
+    g.add_argument("--sweep-splits", type=int, default=0,
+                   help="static: sweep only its best K splits at the base rate (default 0: every split)")
     g.add_argument("--reuse", action="store_true",
                    help="real services: take a mode's run already under --out (same workload, SLOs and scale) "
                         "instead of serving it again, e.g. to add modes to an earlier comparison")
