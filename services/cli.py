@@ -78,8 +78,8 @@ def _up(args) -> int:
         return 0
     except InterruptedError:
         return 0
-    except (RuntimeError, TimeoutError) as exc:
-        console.print(f"[red]{exc}")
+    except (RuntimeError, TimeoutError) as exc:  # one line stays one line (a model's refusal), however wide
+        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
         return 1
     finally:
         codes = cluster.stop()

@@ -295,8 +295,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         return _decode_attention(module, query, key, value, scaling, batch, window, softcap)
     if isinstance(batch, ChunkBatch):
         return _chunk_attention(module, query, key, value, scaling, batch, window, softcap)
-    raise RuntimeError(f"{ATTENTION_NAME} attention needs a dopd_batch keyword (PrefillBatch, DecodeBatch or "
-                       "ChunkBatch)")
+    # The model's attention layer did not pass the forward's keywords on to the attention function.
+    raise UnsupportedAttention("attention layers that do not pass the forward's keywords on (no dopd_batch)")
 
 
 def _no_mask(*args, **kwargs):

@@ -30,7 +30,18 @@ log = logging.getLogger(__name__)
 def kv_layout(loaded: LoadedModel) -> KVLayout:
     config = loaded.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return KVLayout(config.num_hidden_layers, config.num_key_value_heads, head_dim, loaded.dtype)
+    return KVLayout(config.num_hidden_layers, kv_heads(config), head_dim, loaded.dtype)
+
+
+def kv_heads(config) -> int:
+    """KV heads a layer keeps, under the names configs give them: GQA's num_key_value_heads,
+    Falcon's num_kv_heads (or one, multi-query), else one per attention head (GPT-NeoX)."""
+    for name in ("num_key_value_heads", "num_kv_heads"):
+        if getattr(config, name, None):
+            return getattr(config, name)
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        return 1
+    return config.num_attention_heads
 
 
 

@@ -29,6 +29,7 @@ from common.errors import ModelRefused
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 LAYER_TYPE_FEATURES = {"chunked_attention": "chunked attention", "linear_attention": "linear attention",
                        "mamba": "state-space (Mamba) layers", "conv": "convolution layers"}
+ALIBI_MODEL_TYPES = frozenset({"bloom", "mpt", "baichuan"})  # ALiBi always (Falcon: when config.alibi)
 PROBE_TOKENS = 40
 # Largest difference allowed between the paged paths' logits and the model's own, relative to the
 # largest logit: kernels differ in summation order (fp32 ~1e-6 here), a missing feature by far more.
@@ -44,7 +45,8 @@ def unsupported_feature(config, model_class) -> str | None:
         return LAYER_TYPE_FEATURES.get(other[0], f"{other[0]} layers")
     if getattr(config, "attention_chunk_size", None):
         return "chunked attention"
-    if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", "") == "alibi":
+    alibi = config.model_type in ALIBI_MODEL_TYPES or getattr(config, "alibi", False)
+    if alibi or getattr(config, "position_embedding_type", "") == "alibi":
         return "ALiBi position bias"
     if getattr(config, "kv_lora_rank", None):
         return "multi-head latent attention (compressed KV)"
@@ -114,6 +116,10 @@ def check_exact(name: str, runner, native_attention: str) -> float:
         chunk = runner.prefill_chunk(PromptChunk(prompt[half:], half, chunked, None))
     except UnsupportedAttention as exc:
         raise ModelRefused(name, config.model_type, exc.feature) from None
+    except Exception as exc:  # a shape the paths do not expect, say: refused in one line, not a traceback
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelRefused(name, config.model_type,
+                           f"the paged paths fail on a probe ({type(exc).__name__}: {reason[:160]})") from exc
     error = max(relative_error(prefill, reference[head - 1]), relative_error(decode, reference[head]),
                 relative_error(chunk, reference[-1]))
     if error > PROBE_TOLERANCE.get(store.layout.dtype, 5e-2):
