@@ -65,3 +65,22 @@ def test_refusal_line_is_found_in_a_worker_log():
            "attention sinks\n")
     assert refusal_line(log) == "model '/m' (model_type gpt_oss) is refused: attention sinks"
     assert "see its log" in refusal_line("nothing here\n")
+
+
+def test_kv_heads_under_each_configs_name():
+    from common.modeling.runner import kv_heads
+
+    assert kv_heads(transformers.LlamaConfig(num_attention_heads=8, num_key_value_heads=2)) == 2
+    assert kv_heads(transformers.FalconConfig(new_decoder_architecture=True, num_kv_heads=4)) == 4
+    assert kv_heads(transformers.FalconConfig(multi_query=True, new_decoder_architecture=False)) == 1
+    assert kv_heads(transformers.GPTNeoXConfig(num_attention_heads=8)) == 8
+
+
+def test_a_layer_that_drops_the_batch_keyword_is_refused_not_a_traceback():
+    import torch
+
+    from common.modeling.paged_attention import UnsupportedAttention, paged_attention
+
+    q = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(UnsupportedAttention, match="do not pass the forward's keywords on"):
+        paged_attention(torch.nn.Module(), q, q, q, None, scaling=1.0)
