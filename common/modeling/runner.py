@@ -36,11 +36,11 @@ def kv_layout(loaded: LoadedModel) -> KVLayout:
 def kv_heads(config) -> int:
     """KV heads a layer keeps, under the names configs give them: GQA's num_key_value_heads,
     Falcon's num_kv_heads (or one, multi-query), else one per attention head (GPT-NeoX)."""
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        return 1  # Falcon's first architecture: one KV head, whatever num_kv_heads says
     for name in ("num_key_value_heads", "num_kv_heads"):
         if getattr(config, name, None):
             return getattr(config, name)
-    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
-        return 1
     return config.num_attention_heads
 
 
