@@ -32,6 +32,7 @@ run: install
 test: install
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -ra
 
 lint: install

@@ -68,9 +68,9 @@ def first_phase_split(args) -> tuple[int, int]:
     (services/planner/split.py) computes for that phase's length mix at a rate that saturates the
     cluster, i.e. the split that balances prefill and decode load for that mix (DistServe's
     placement, for the first phase)."""
+    from common.load import SLO, LengthDist, LoadForecast
     from common.profile import load_profile
     from services.bench.workloads import generate
-    from services.planner.load import SLO, LengthDist, LoadForecast
     from services.planner.split import compute_split
 
     reqs = generate(args.workload, rate=args.rate, duration=args.duration * 20, seed=args.seed,

@@ -63,10 +63,10 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from common.load import SLO, IntervalLoad, LengthDist, LoadForecast  # noqa: E402
 from services.bench.trace import read_traces, scale_to_rate  # noqa: E402
 from services.bench.workloads import BenchRequest, generate, phase_rates  # noqa: E402
 from services.planner.core import PREDICT_WINDOW  # noqa: E402
-from services.planner.load import SLO, IntervalLoad, LengthDist, LoadForecast  # noqa: E402
 from services.planner.predictors import make_predictor, predictor_names  # noqa: E402
 
 WARMUP = 10

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from benchmarks.report import Figure, Report, at_most, console  # noqa: E402
 from common.convert import ROLE_TO_PB  # noqa: E402
 from common.pb import gateway_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
-from common.rpc.auth import internal_channel
+from common.rpc.channels import internal_channel
 from common.types import Role  # noqa: E402
 from services.client import generate_request, worker_stats  # noqa: E402
 from services.launcher import Cluster, ClusterSpec, free_port  # noqa: E402

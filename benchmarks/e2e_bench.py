@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from benchmarks.cpu import CpuMeter
-from common.rpc.server import CHANNEL_OPTIONS
+from common.rpc.channels import CHANNEL_OPTIONS
 from services.client import generate
 
 

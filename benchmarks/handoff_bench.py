@@ -25,7 +25,7 @@ import urllib.request
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.rpc.server import CHANNEL_OPTIONS
+from common.rpc.channels import CHANNEL_OPTIONS
 from services.client import generate
 
 PREFILL_SUM = ("dopd_prefill_seconds_sum", ())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from common.load import LengthDist, LoadForecast
 from common.pb import common_pb2
 from common.types import Role, SamplingParams
 
@@ -25,7 +26,7 @@ def sampling_from_pb(m: common_pb2.SamplingParams) -> SamplingParams:
 
 
 def forecast_to_pb(f):
-    """services/planner/load.LoadForecast -> planner_pb2.Forecast."""
+    """common/load.LoadForecast -> planner_pb2.Forecast."""
     from common.pb import planner_pb2
 
     return planner_pb2.Forecast(rate=f.rate, prompt_quantiles=list(f.prompt.quantiles), prompt_mean=f.prompt.mean,
@@ -35,8 +36,6 @@ def forecast_to_pb(f):
 
 def forecast_from_pb(m):
     """planner_pb2.Forecast -> LoadForecast; None when the message carries none (or a malformed one)."""
-    from services.planner.load import LengthDist, LoadForecast
-
     try:
         return LoadForecast(m.rate, LengthDist(tuple(m.prompt_quantiles), m.prompt_mean),
                             LengthDist(tuple(m.output_quantiles), m.output_mean), m.predictor)

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.convert import FINISH_FROM_PB, ROLE_FROM_PB, ROLE_TO_PB
 from common.pb import gateway_pb2, gateway_pb2_grpc, planner_pb2, planner_pb2_grpc, worker_pb2, worker_pb2_grpc
-from common.rpc.auth import internal_channel
+from common.rpc.channels import internal_channel
 from common.types import Role
 
 

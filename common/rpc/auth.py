@@ -137,22 +137,6 @@ class TokenChannel:
         await self._channel.__aexit__(*exc)
 
 
-def internal_channel(address: str, token: str | None = None, options=None) -> grpc.aio.Channel | TokenChannel:
-    """A channel to a worker or the planner, carrying the token (this process's by default), over
-    mutual TLS when this process has TLS files (common/rpc/tls.py)."""
-    from common.rpc.server import CHANNEL_OPTIONS
-    from common.rpc.tls import channel_credentials, channel_options, tls_files
-
-    options = list(options or CHANNEL_OPTIONS)
-    files = tls_files()
-    if files is None:
-        channel = grpc.aio.insecure_channel(address, options=options)
-    else:
-        channel = grpc.aio.secure_channel(address, channel_credentials(files), options=options + channel_options(files))
-    token = cluster_token() if token is None else token
-    return TokenChannel(channel, token) if token else channel
-
-
 # -- the token file that `dopd up` leaves for the dopd commands -----------------------------------
 
 def token_dir() -> Path:

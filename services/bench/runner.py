@@ -25,7 +25,7 @@ import numpy as np
 
 from common.convert import FINISH_FROM_PB
 from common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
-from common.rpc.server import CHANNEL_OPTIONS
+from common.rpc.channels import CHANNEL_OPTIONS
 from services.bench.metrics import RequestResult
 from services.bench.outcome import RunOutcome, StatusSample
 from services.bench.workloads import BenchRequest

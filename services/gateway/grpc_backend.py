@@ -10,13 +10,13 @@ import grpc
 
 from common.convert import FINISH_FROM_PB, forecast_from_pb, sampling_to_pb
 from common.errors import Unavailable
+from common.load import LoadForecast
 from common.pb import common_pb2, planner_pb2, worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
 from common.rpc.errors import domain_error
 from common.types import SamplingParams
 from services.gateway.events import DecodeEvent, Finished, Moved, Reserved, Tokens
 from services.gateway.routing import WorkerView
-from services.planner.load import LoadForecast
 
 _ROLES = {"prefill": common_pb2.ROLE_PREFILL, "decode": common_pb2.ROLE_DECODE}
 

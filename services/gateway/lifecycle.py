@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from common.errors import PeerError, Refused, ResourceExhausted, ServiceError, Unavailable
+from common.load import SLO, LoadForecast
 from common.modes import ServingMode, serving_mode
 from common.types import SamplingParams
 from services.gateway import metrics
@@ -45,7 +46,6 @@ from services.gateway.load_recorder import LoadRecorder
 from services.gateway.routing import WorkerView, pick_prefill
 from services.gateway.scheduling import Path, SchedulingPolicy
 from services.gateway.short_gate import ShortGate
-from services.planner.load import SLO, LoadForecast
 
 MAX_MOVES = 64  # a request moved more often than this is going round in circles
 # A request whose workers die under it this often gets UNAVAILABLE rather than another replay.

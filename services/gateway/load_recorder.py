@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.planner.load import IntervalLoad
+from common.load import IntervalLoad
 
 # An interval at thousands of requests per second still makes a report of a few hundred KiB at
 # most: beyond this many samples per list, later ones are dropped (the counts stay exact).

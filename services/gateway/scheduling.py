@@ -36,8 +36,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from common.load import SLO, LoadForecast
 from common.profile import LatencyProfile
-from services.planner.load import SLO, LoadForecast
 
 ULTRA_SHORT_QUANTILE = 0.1  # at most the shortest tenth of the predicted prompts skip the KV move
 # A prompt whose prefill costs a token within this factor of the profile's cheapest uses the

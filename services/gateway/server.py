@@ -18,6 +18,7 @@ import grpc
 from common.config import GatewaySettings
 from common.convert import FINISH_TO_PB
 from common.errors import InvalidArgument, Unavailable
+from common.load import SLO, LoadForecast
 from common.modeling.loader import load_config, load_tokenizer
 from common.modes import serving_mode
 from common.pb import gateway_pb2, gateway_pb2_grpc, planner_pb2, planner_pb2_grpc
@@ -32,7 +33,6 @@ from services.gateway.lifecycle import GenerationRequest, RequestCore
 from services.gateway.openai_api import HttpServer, create_app
 from services.gateway.scheduling import SchedulingPolicy
 from services.gateway.validation import GenerateParams, validate_context, validate_params, validate_prompt_ids
-from services.planner.load import SLO, LoadForecast
 
 log = logging.getLogger(__name__)
 

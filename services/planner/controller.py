@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import grpc
 
 from common.convert import ROLE_FROM_PB, ROLE_TO_PB
+from common.load import IntervalLoad, WorkerLoad
 from common.pb import common_pb2, planner_pb2, worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
 from common.types import Role
 from services.planner import metrics
 from services.planner.core import HISTORY_KEPT, Decision, PlannerCore, merge_reports
 from services.planner.history import LoadHistory
-from services.planner.load import IntervalLoad, WorkerLoad
 from services.planner.policy import RoleChange
 
 log = logging.getLogger(__name__)

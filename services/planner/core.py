@@ -16,8 +16,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from common.load import SLO, IntervalLoad, LoadForecast, Predictor, Split, WorkerLoad
 from common.profile import LatencyProfile
-from services.planner.load import SLO, IntervalLoad, LoadForecast, Predictor, Split, WorkerLoad
 from services.planner.policy import PolicyConfig, ReconfigPolicy, RoleChange
 from services.planner.split import compute_split
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from services.planner.load import Split, WorkerLoad
+from common.load import Split, WorkerLoad
 
 PREFILL = "prefill"
 DECODE = "decode"

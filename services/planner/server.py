@@ -22,6 +22,7 @@ from redis.retry import Retry
 from common.config import PlannerSettings
 from common.convert import ROLE_FROM_PB, forecast_to_pb
 from common.errors import InvalidArgument, Unavailable
+from common.load import SLO
 from common.pb import planner_pb2, planner_pb2_grpc
 from common.profile import load_profile, serving_profile_name
 from common.rpc.channels import ChannelPool
@@ -31,7 +32,6 @@ from services.planner import metrics
 from services.planner.controller import Clock, PlannerController
 from services.planner.core import PlannerCore, PoolShape
 from services.planner.history import LoadHistory
-from services.planner.load import SLO
 from services.planner.policy import PolicyConfig, ReconfigPolicy
 from services.planner.predictors import make_predictor
 from services.planner.registry import WorkerRegistry

@@ -30,8 +30,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from common.load import SLO, LengthDist, LoadForecast, Split
 from common.profile import LatencyProfile
-from services.planner.load import SLO, LengthDist, LoadForecast, Split
 
 PREFILL = "prefill"
 DECODE = "decode"

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from common.errors import InvalidArgument
 from common.kv.block_pool import OutOfBlocks
+from common.load import SLO, LoadForecast
 from common.modes import ServingMode, serving_mode
 from common.profile import LatencyProfile
 from common.types import Role, SamplingParams
@@ -47,7 +48,6 @@ from services.gateway.load_recorder import LoadRecorder
 from services.gateway.routing import WorkerView
 from services.gateway.scheduling import Path, SchedulingPolicy, ShortBatcher
 from services.gateway.validation import validate_context
-from services.planner.load import SLO, LoadForecast
 from services.simulate.events import EventLoop
 from services.simulate.hardware import StepTimer
 from services.simulate.switching import Switcher

@@ -7,9 +7,9 @@ the core (observe_switch), as the controller reports a SetRole's.
 
 from __future__ import annotations
 
+from common.load import IntervalLoad
 from common.types import Role
 from services.planner.core import HISTORY_KEPT, PlannerCore
-from services.planner.load import IntervalLoad
 from services.planner.policy import RoleChange
 from services.simulate.cluster import Cluster
 from services.simulate.switching import Switch

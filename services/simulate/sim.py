@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from common.config import PlannerSettings, WorkerSettings
 from common.kv.block_pool import DEFAULT_BLOCK_SIZE
+from common.load import SLO
 from common.modes import MODES as SERVING_MODES
 from common.modes import serving_mode
 from common.profile import LatencyProfile
@@ -20,7 +21,6 @@ from services.bench.metrics import RequestResult
 from services.bench.outcome import StatusSample
 from services.bench.workloads import BenchRequest
 from services.planner.core import PlannerCore, PoolShape
-from services.planner.load import SLO
 from services.planner.policy import PolicyConfig, ReconfigPolicy
 from services.planner.predictors import make_predictor
 from services.simulate.cluster import Cluster

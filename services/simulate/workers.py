@@ -9,11 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.kv.block_pool import BlockPool
+from common.load import WorkerLoad
 from common.types import Role
 from services.decode.local_prefill import Chunk, LocalPrefill
 from services.decode.scheduler import DecodeScheduler, DecodeSeq
 from services.gateway.routing import WorkerView
-from services.planner.load import WorkerLoad
 from services.prefill.scheduler import PrefillScheduler
 from services.simulate.hardware import Link
 from services.worker.role_state import RoleState

@@ -29,7 +29,7 @@ from common.modeling.loader import flash_attn_importable, load_model
 from common.modeling.registry import RunnerSpec, build_runner
 from common.modeling.support import PROBE_TOLERANCE, relative_error
 from common.pb import worker_pb2, worker_pb2_grpc
-from common.rpc.auth import internal_channel
+from common.rpc.channels import internal_channel
 from common.types import SamplingParams
 from services.launcher import free_port
 from services.worker.runtime import WorkerRuntime

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from common.pb import planner_pb2, planner_pb2_grpc
-from common.rpc.auth import internal_channel
+from common.rpc.channels import internal_channel
 from services.client import generate
 from services.launcher import free_port, redis_answers, start_redis
 from tests.helpers import assert_no_leaks, start_cluster

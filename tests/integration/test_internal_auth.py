@@ -8,7 +8,8 @@ import grpc
 import pytest
 
 from common.pb import planner_pb2, worker_pb2, worker_pb2_grpc
-from common.rpc.auth import TOKEN_KEY, cluster_token, internal_channel
+from common.rpc.auth import TOKEN_KEY, cluster_token
+from common.rpc.channels import internal_channel
 from services.client import generate, health, worker_stats
 from tests.helpers import assert_no_leaks, gateway_topology, start_cluster
 

@@ -1,6 +1,6 @@
 """Keepalive pings on an idle connection must not get a call killed.
 
-Our channels ping every 10 s (common/rpc/server.py CHANNEL_OPTIONS) so that a dead host is noticed;
+Our channels ping every 10 s (common/rpc/channels.py CHANNEL_OPTIONS) so that a dead host is noticed;
 our servers must accept that. A misspelt server option once left gRPC's 5-minute default in
 place: the server counted the pings of an idle connection as abuse, sent GOAWAY (too_many_pings),
 and a call open on it failed UNAVAILABLE. Here a health Watch stream (no data while the status
@@ -14,7 +14,8 @@ import asyncio
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.rpc.server import CHANNEL_OPTIONS, SERVER_OPTIONS
+from common.rpc.channels import CHANNEL_OPTIONS
+from common.rpc.server import SERVER_OPTIONS
 from services.launcher import free_port
 
 PING_EVERY_MS = 6_000  # our servers accept one every 5 s; ours are 10 s apart

@@ -24,7 +24,7 @@ from common.convert import sampling_to_pb
 from common.errors import EXIT_MODEL_REFUSED
 from common.modeling.loader import load_model
 from common.pb import worker_pb2, worker_pb2_grpc
-from common.rpc.auth import internal_channel
+from common.rpc.channels import internal_channel
 from common.types import SamplingParams
 from services.client import generate
 from services.launcher import free_port

@@ -18,7 +18,7 @@ import pytest
 
 from common.convert import ROLE_TO_PB
 from common.pb import worker_pb2, worker_pb2_grpc
-from common.rpc.auth import internal_channel
+from common.rpc.channels import internal_channel
 from common.types import Role
 from services.client import generate, worker_stats
 from tests.helpers import assert_no_leaks, start_cluster

@@ -16,7 +16,7 @@ from common.kv import wire
 from common.kv.wire import KVChunk, KVLayout
 from common.modeling.loader import tiny_random_config
 from common.pb import worker_pb2, worker_pb2_grpc
-from common.rpc.auth import internal_channel
+from common.rpc.channels import internal_channel
 from common.rpc.errors import is_refusal
 from common.types import SamplingParams
 from services.client import generate

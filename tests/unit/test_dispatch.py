@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 
+from common.load import SLO
 from common.modes import serving_mode
 from common.profile import load_profile
 from services.gateway.dispatch import LOST_WORKER_S, NO_SEAT, Dispatcher
 from services.gateway.lifecycle import RequestCore
 from services.gateway.routing import WorkerView
 from services.gateway.scheduling import Path, SchedulingPolicy
-from services.planner.load import SLO
 from services.simulate.cluster import Cluster
 from services.simulate.events import EventLoop
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from services.planner.load import Split, WorkerLoad
+from common.load import Split, WorkerLoad
 from services.planner.policy import DECODE, PREFILL, PolicyConfig, ReconfigPolicy, RoleChange
 
 # Rules off unless a test turns one on: act at once, no cooldown, no emergencies.

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.planner.load import QUANTILE_LEVELS, IntervalLoad, LengthDist, LoadForecast
+from common.load import QUANTILE_LEVELS, IntervalLoad, LengthDist, LoadForecast
 from services.planner.predictors import (
     EMPTY_LENGTH,
     ArimaPredictor,
@@ -174,7 +174,7 @@ def test_the_first_fit_in_a_fresh_process_warns_nothing():
     # let its ConvergenceWarning out (maxiter=1 makes sure there is one).
     code = """if True:
         import warnings
-        from services.planner.load import IntervalLoad
+        from common.load import IntervalLoad
         from services.planner.predictors import ArimaPredictor
         warnings.simplefilter("default")
         history = [IntervalLoad(i, 1, n, (10 * n + 1,) * n) for i, n in enumerate([1, 5, 2, 8, 3, 9, 1, 7, 2, 6, 30,

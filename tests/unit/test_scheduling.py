@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from common.load import SLO, LengthDist, LoadForecast
 from common.profile import load_profile
 from services.gateway.scheduling import (
     DecodeCandidate,
@@ -13,7 +14,6 @@ from services.gateway.scheduling import (
     ShortBatcher,
     saturating_prompt,
 )
-from services.planner.load import SLO, LengthDist, LoadForecast
 
 PROFILE = load_profile("llama3-8b-h100")
 SLO_ = SLO(ttft_s=0.3, tpot_s=0.04)

@@ -8,13 +8,13 @@ import copy
 
 import pytest
 
+from common.load import SLO, LengthDist, LoadForecast
 from common.modes import MODES, serving_mode
 from common.profile import LatencyProfile, load_profile
 from common.types import Role
 from services.bench.workloads import generate
 from services.decode.local_prefill import LocalPrefill
 from services.gateway.scheduling import SchedulingPolicy
-from services.planner.load import SLO, LengthDist, LoadForecast
 from services.simulate.cluster import Cluster
 from services.simulate.events import EventLoop
 from services.simulate.sim import SimConfig, simulate

@@ -10,8 +10,8 @@ import random
 
 import pytest
 
+from common.load import SLO, LengthDist, LoadForecast
 from common.profile import LatencyProfile, load_profile
-from services.planner.load import SLO, LengthDist, LoadForecast
 from services.planner.split import compute_split, decode_need, fit_split, prefill_need
 
 MODEL = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "dtype": "float16", "vocab_size": 100,

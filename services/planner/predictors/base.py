@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.planner.load import QUANTILE_LEVELS, IntervalLoad, LengthDist, LoadForecast, Predictor
+from common.load import QUANTILE_LEVELS, IntervalLoad, LengthDist, LoadForecast, Predictor
 
 N_LEVELS = len(QUANTILE_LEVELS)
 MEDIAN = QUANTILE_LEVELS.index(0.5)  # column of the median in a length row

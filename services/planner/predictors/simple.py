@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from services.planner.load import IntervalLoad, LoadForecast
+from common.load import IntervalLoad, LoadForecast
 from services.planner.predictors.base import (
     assemble,
     check_alpha,

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from services.planner.load import IntervalLoad, LoadForecast
+from common.load import IntervalLoad, LoadForecast
 from services.planner.predictors.base import (
     MEDIAN,
     assemble,

@@ -1,4 +1,6 @@
-"""What the planner reasons about, as plain data. Pure: no I/O, no grpc, redis, asyncio or torch.
+"""What the planner reasons about, as plain data, shared by the gateway, the planner and the
+simulator (it lives in common/ so that none of them reaches into another). Pure: no I/O, no grpc,
+redis, asyncio or torch.
 
     IntervalLoad   what the gateway saw in one planner interval (arrivals, their lengths, latencies)
     WorkerLoad     what one worker reported at the end of an interval (queues, KV, role)
