@@ -95,6 +95,41 @@ def summarize_cell(doc: dict) -> dict:
             "aggregated_best_budget": modes["aggregated-best"].get("chunk_tokens")}
 
 
+def fixed_sweep_dir(doc: dict, mode: str) -> str:
+    """The sweep directory of `mode`'s best run (by its rate goodput): static's split, aggregated-best's budget."""
+    sweeps = doc["modes"][mode].get("sweeps") or []
+    top = max(sweeps, key=lambda s: s["goodput_rate"] or 0.0) if sweeps else {}
+    if mode == "static" and top.get("split"):
+        p, d = top["split"].split(":")
+        return f"static-{p}p{d}d"
+    if mode == "aggregated-best" and top.get("chunk_tokens"):
+        return f"aggregated-best-{top['chunk_tokens']}"
+    return mode
+
+
+def churn(cell_dir: Path, doc: dict, best_fixed: str) -> dict | None:
+    """At the highest rate both swept where the best fixed design met >= 99% of requests, dopd's
+    p99 TTFT against that design's (the issue's no-churn check: within 10%) and its role switches."""
+    fixed_dir = cell_dir / "sweeps" / fixed_sweep_dir(doc, best_fixed)
+    dopd_dir = cell_dir / "sweeps" / "dopd"
+    best = None
+    for path in fixed_dir.glob("rate-*/results.json"):
+        fixed = json.loads(path.read_text())
+        ours = dopd_dir / path.parent.name / "results.json"
+        if (fixed["slo_attainment"] or 0.0) < 0.99 or not ours.exists():
+            continue
+        rate = float(path.parent.name.removeprefix("rate-"))
+        if best is None or rate > best[0]:
+            best = (rate, fixed, json.loads(ours.read_text()))
+    if best is None:
+        return None
+    rate, fixed, ours = best
+    ratio = ours["p99_ttft_ms"] / fixed["p99_ttft_ms"] if fixed["p99_ttft_ms"] else None
+    return {"rate": rate, "design": fixed_sweep_dir(doc, best_fixed), "design_p99_ttft_ms": fixed["p99_ttft_ms"],
+            "dopd_p99_ttft_ms": ours["p99_ttft_ms"], "ratio": ratio, "within_10pct": ratio is not None and ratio <= 1.1,
+            "dopd_switches": len(ours.get("simulation", {}).get("switches", []))}
+
+
 def markdown(matrix: dict) -> str:
     lines = ["# The DOPD matrix: DistServe rate goodput per GPU in the simulator", "",
              f"Command: `{matrix['command']}`; {matrix['workers']} workers, profile {matrix['profile']}, "
@@ -120,6 +155,15 @@ def markdown(matrix: dict) -> str:
         geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
         lines += ["", f"dopd against the best fixed design: geometric mean {geo:.3f}x over {len(ratios)} cells, "
                       f"lowest {min(ratios):.3f}x (the goal: >= 1.0x in every cell, >= 1.15x geometric mean)."]
+    churned = {k: c["churn"] for k, c in matrix["cells"].items() if c.get("churn")}
+    if churned:
+        lines += ["", "No churn: at the highest swept rate where the best fixed design met >= 99% of requests, "
+                      "dopd's p99 TTFT against that design's (the goal: within 10%), and the role switches dopd made "
+                      "there.", "", "| cell | rate req/s | design | its p99 TTFT ms | dopd p99 TTFT ms | ratio | "
+                      "dopd switches |", "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {k} | {c['rate']:g} | {c['design']} | {c['design_p99_ttft_ms']:.1f} | "
+                  f"{c['dopd_p99_ttft_ms']:.1f} | {c['ratio']:.2f}x | {c['dopd_switches']} |"
+                  for k, c in churned.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -147,6 +191,19 @@ def heat_map(matrix: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def report_only(out: Path) -> int:
+    matrix = json.loads((out / "matrix.json").read_text())
+    for cell in matrix["cells"].values():
+        cell_dir = out / f"{cell['workload']}-{cell['regime']}"
+        if (cell_dir / "sweeps").exists():  # the runs are still there: the churn check again
+            cell["churn"] = churn(cell_dir, json.loads((cell_dir / "compare.json").read_text()), cell["best_fixed"])
+    (out / "matrix.json").write_text(json.dumps(matrix, indent=2))
+    (out / "matrix.md").write_text(markdown(matrix))
+    heat_map(matrix, out / "dopd_ratio.png")
+    print(markdown(matrix))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/results/matrix"))
@@ -159,7 +216,11 @@ def main() -> int:
     parser.add_argument("--sweep-runs", type=int, default=10)
     parser.add_argument("--sweep-splits", type=int, default=3,
                         help="static: each of its best K splits at the first rate gets its own rate goodput (0: all)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite matrix.md and the heat map from OUT/matrix.json and the cells, running nothing")
     args = parser.parse_args()
+    if args.report_only:
+        return report_only(args.out)
     started = time.perf_counter()
     all_regimes = regimes(args.profile)
     chosen = {k: all_regimes[k] for k in args.regimes.split(",")}
@@ -175,7 +236,9 @@ def main() -> int:
             if rc != 0:
                 print(f"{workload}/{name}: dopd bench compare failed ({rc})", file=sys.stderr)
                 return 1
-            cell = summarize_cell(json.loads((out / "compare.json").read_text()))
+            doc = json.loads((out / "compare.json").read_text())
+            cell = summarize_cell(doc)
+            cell["churn"] = churn(out, doc, cell["best_fixed"])
             matrix["cells"][f"{workload}/{name}"] = {"workload": workload, "regime": name, **cell}
             print(f"{workload}/{name}: dopd / best fixed {cell['dopd_vs_best_fixed']}, "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
