@@ -40,7 +40,7 @@ def apriori_until(workload: str | None, duration: float | None, trace_span_s: fl
     if workload is None:
         span = trace_span_s if trace_span_s is not None else float("inf")
         return min(APRIORI_TRACE_S, STEADY_FIRST_PHASE * span)
-    from services.bench.cli import DEFAULT_DURATION
+    from services.bench.sources import DEFAULT_DURATION
     from services.bench.workloads import PHASE_SHIFT
 
     length = duration if duration is not None else DEFAULT_DURATION

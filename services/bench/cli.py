@@ -25,10 +25,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from services.bench.metrics import SLO_ITL_HELP
-
-DEFAULT_RATE = 1.0
-DEFAULT_DURATION = 60.0
-DEFAULT_MAX_CONTEXT = 2048  # workloads only: a trace is cut only to a --max-context given
+from services.bench.sources import (
+    DEFAULT_DURATION,
+    DEFAULT_MAX_CONTEXT,
+    DEFAULT_RATE,
+    build_requests,
+    fmt,
+    max_context_of,
+    print_summary,
+)
 
 
 def _rates(text: str) -> list[float]:
@@ -92,39 +97,6 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def max_context_of(args) -> int | None:
-    """The run's context limit: --max-context, else the workloads' default; None: a trace as it is."""
-    if args.max_context is not None:
-        return args.max_context
-    return DEFAULT_MAX_CONTEXT if args.workload else None
-
-
-def build_requests(args, rate: float | None):
-    """The run's requests and its schedule's duration: a seeded workload, or the trace files
-    merged onto one clock (rescaled to `rate` when given, cut at --duration)."""
-    from services.bench.trace import clamp_trace, read_traces, scale_to_rate
-    from services.bench.workloads import generate
-
-    until = getattr(args, "until", None)  # `dopd simulate --until`: a prefix of the whole run's schedule
-    if args.workload:
-        duration = args.duration if args.duration is not None else DEFAULT_DURATION
-        reqs = generate(args.workload, rate=rate or DEFAULT_RATE, duration=duration, seed=args.seed,
-                        burstiness=args.burstiness, max_context=max_context_of(args))
-        if until is not None:
-            reqs, duration = [r for r in reqs if r.t < until], min(duration, until)
-        return reqs, duration
-    reqs = read_traces(args.trace)
-    if (limit := max_context_of(args)) is not None:
-        reqs = clamp_trace(reqs, limit)
-    if rate is not None:
-        reqs = scale_to_rate(reqs, rate)
-    cut = min((c for c in (args.duration, until) if c is not None), default=None)
-    if cut is not None:
-        reqs = [r for r in reqs if r.t < cut]
-    duration = cut if cut is not None else max((r.t for r in reqs), default=0.0)
-    return reqs, duration
-
-
 async def _status(target: str):
     import grpc
 
@@ -180,28 +152,8 @@ def _run_once(args, rate: float | None, out_dir: Path, model: str, kv=None) -> d
             f.write(json.dumps(asdict(r)) + "\n")
     plot_latency_cdfs(outcome.results, out_dir, args.slo_ttft, args.slo_tpot)
     plot_timeline(outcome.samples, results["timeline"]["arrivals_per_s"], out_dir)
-    _print_summary(results, out_dir)
+    print_summary(results, out_dir)
     return results
-
-
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
-
-
-def _print_summary(r: dict, out_dir: Path) -> None:
-    h = r["harness"]
-    print(f"{r['completed']}/{r['requests']} completed, {r['failed']} failed {r['errors'] or ''} "
-          f"in {r['duration_s']:.1f} s -> {out_dir}")
-    for m in ("ttft", "tpot", "itl", "e2el"):
-        print(f"  {m.upper():5} ms  mean {_fmt(r[f'mean_{m}_ms'])}  median {_fmt(r[f'median_{m}_ms'])}  "
-              f"p90 {_fmt(r[f'p90_{m}_ms'])}  p99 {_fmt(r[f'p99_{m}_ms'])}")
-    print(f"  stalls ms  each request's p99 gap: median {_fmt(r['median_request_p99_itl_ms'])}  "
-          f"p99 {_fmt(r['p99_request_p99_itl_ms'])}  longest gap {_fmt(r['max_itl_ms'])}")
-    attainment = "-" if r["slo_attainment"] is None else f"{r['slo_attainment']:.4f}"
-    print(f"  SLO attainment {attainment}  goodput {r['goodput']:.2f} req/s  "
-          f"throughput {r['request_throughput']:.2f} req/s, {r['output_throughput']:.1f} tok/s")
-    if h["saturated"]:
-        print(f"  warning: the harness may be the limit: {'; '.join(h['saturation_reasons'])}", file=sys.stderr)
 
 
 def run_bench(args) -> int:
@@ -255,5 +207,5 @@ def run_bench(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"goodput (highest rate with >= {args.attainment_target:.0%} of requests meeting both SLOs): "
-          f"{_fmt(result['goodput_rate'])} req/s -> {args.out / 'sweep.json'}")
+          f"{fmt(result['goodput_rate'])} req/s -> {args.out / 'sweep.json'}")
     return 0

@@ -262,7 +262,7 @@ def apriori_split(args, progress: Callable[[str], None]) -> dict:
     known in advance (baselines.apriori_until), the best by goodput, then attainment."""
     span = None
     if args.workload is None:  # a trace: its span as this run schedules it (rescaled, cut)
-        from services.bench.cli import build_requests
+        from services.bench.sources import build_requests
 
         span = build_requests(args, args.rate)[1]
     until = apriori_until(args.workload, args.duration, span)

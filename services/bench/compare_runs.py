@@ -164,7 +164,7 @@ def reused_run(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run
     reusing it would mix runs of different workloads in one table (ValueError)."""
     if not (out / "results.json").exists() or not (out / "requests.jsonl").exists():
         return None
-    from services.bench.cli import max_context_of
+    from services.bench.sources import max_context_of
 
     results = json.loads((out / "results.json").read_text())
     config = results.get("config", {})

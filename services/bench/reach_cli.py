@@ -25,7 +25,7 @@ from services.bench.reach import Limits, reach
 def schedule(args, rate: float | None) -> tuple[list[int], float] | None:
     """(each request's prompt tokens, the last send time) of the comparison's workload at `rate`;
     None for text prompts, whose length only a tokenizer knows."""
-    from services.bench.cli import build_requests
+    from services.bench.sources import build_requests
 
     reqs, _ = build_requests(args, rate)
     if not reqs or any(r.prompt_tokens is None for r in reqs):
