@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from services.bench.cli import DEFAULT_MAX_CONTEXT
 from services.bench.metrics import SLO_ITL_HELP
+from services.bench.sources import DEFAULT_MAX_CONTEXT
 
 
 def _split(text: str) -> tuple[int, int]:
@@ -93,7 +93,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
 
 def build_requests(args):
     """The run's requests and its schedule's duration, exactly as `dopd bench` builds them."""
-    from services.bench.cli import build_requests as bench_requests
+    from services.bench.sources import build_requests as bench_requests
 
     return bench_requests(args, args.rate)
 
@@ -121,9 +121,9 @@ def config_from_args(args):
 def results_doc(requests, outcome, cfg, args, schedule_duration: float) -> dict:
     """results.json: `dopd bench`'s (services/bench/report.build_results), with `harness` saying
     there was none and `simulation` holding what only a simulation knows."""
-    from services.bench.cli import max_context_of
     from services.bench.outcome import RunOutcome
     from services.bench.report import build_results
+    from services.bench.sources import max_context_of
 
     tokens = sum(r.output_tokens for r in outcome.results if r.ok)
     run = RunOutcome(results=outcome.results, samples=outcome.samples, duration=outcome.duration,
@@ -164,7 +164,7 @@ def run_simulate(args) -> int:
     or the leak check failed; 2 on bad arguments."""
     from dataclasses import asdict
 
-    from services.bench.cli import _print_summary
+    from services.bench.sources import print_summary
     from services.simulate.sim import simulate
 
     started = time.perf_counter()
@@ -187,7 +187,7 @@ def run_simulate(args) -> int:
 
         plot_latency_cdfs(outcome.results, args.out, args.slo_ttft, args.slo_tpot)
         plot_timeline(outcome.samples, results["timeline"]["arrivals_per_s"], args.out)
-    _print_summary(results, args.out)
+    print_summary(results, args.out)
     sim = results["simulation"]
     print(f"  {cfg.mode}: {len(outcome.switches)} switches, {sim['migrated_requests']} requests migrated "
           f"({sim['migrated_bytes'] / 1e9:.2f} GB), {sim['drained_requests']} finished in place")
