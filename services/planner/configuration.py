@@ -1,0 +1,137 @@
+"""The configuration core's model, a first step of issue 24's item 3: for a forecast, the highest
+request rate each configuration of N workers is predicted to carry within the SLOs, so that the
+planner can choose among aggregation, a prefill/decode split, and (later) blends. Pure: no I/O, no
+clock. It does not drive the planner yet; `benchmarks/bench_configuration.py` checks its
+predictions against the rates the simulator measured (a finished `bench_matrix.py` run).
+
+    split_capacity(forecast, profile, slo, prefill, decode, shape)      P prefill + D decode workers
+    aggregated_capacity(forecast, profile, slo, workers, budget, shape) every worker prefills its own
+                                                                        prompts in chunks beside its
+                                                                        decodes, `budget` tokens a step
+    rank_configurations(...)                                            every split and budget, best first
+
+A split's capacity comes from services/planner/split.py's needs, which are linear in the rate: the
+rate at which P and D workers are exactly enough. An aggregated worker is modelled in steady state:
+at a rate r a worker's step of s seconds holds B = r E[O] s decodes (Little) and takes r E[P] s
+prompt tokens (what arrives meanwhile), s = mixed_step_time(B, context, r E[P] s) (a fixed point);
+the rate is feasible while that step meets the TPOT SLO, the prompt tokens fit the step's budget
+beside the decodes, the decodes fit the batch and the KV pool, the p90 prompt's chunks (each step
+then carries a whole budget) finish within the TTFT SLO, and, under a stall SLO, a step with a
+whole budget of chunk stays within it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from common.load import SLO, LoadForecast
+from common.profile import LatencyProfile
+from services.planner.core import PoolShape
+from services.planner.split import decode_need, prefill_need
+
+
+@dataclass(frozen=True)
+class Capacity:
+    name: str  # "split 3:5" | "aggregated 2048"
+    rate: float  # predicted highest rate (req/s, the whole cluster) within the SLOs
+    limited_by: str
+    detail: dict = field(default_factory=dict)
+
+
+def split_capacity(forecast: LoadForecast, profile: LatencyProfile, slo: SLO, prefill: int, decode: int,
+                   shape: PoolShape) -> Capacity:
+    pre = prefill_need(1.0, forecast.prompt, profile, slo, token_budget=shape.prefill_token_budget)
+    dec = decode_need(1.0, forecast.prompt, forecast.output, profile, slo, kv_blocks=shape.kv_blocks,
+                      block_size=shape.block_size, max_batch_size=shape.max_batch_size)
+    name = f"split {prefill}:{decode}"
+    if not pre.ttft_feasible or not dec.tpot_feasible:
+        return Capacity(name, 0.0, "ttft" if not pre.ttft_feasible else "tpot")
+    by_prefill, by_decode = prefill / pre.need, decode / dec.need  # needs at 1 req/s, in workers
+    limited = "prefill" if by_prefill < by_decode else "decode"
+    return Capacity(name, min(by_prefill, by_decode), limited,
+                    {"by_prefill": by_prefill, "by_decode": by_decode, "decode_c_max": dec.c_max})
+
+
+@dataclass(frozen=True)
+class _AggregatedState:
+    tpot: float  # mean seconds a token, over every step a request sees
+    batch: float  # decodes in a worker's batch (Little: rate x E[O] x TPOT)
+    chunk: float  # prompt tokens a chunk step takes beside them
+    full_step: float  # a step that carries a whole chunk
+    chunk_time: float  # share of the worker's time in chunk steps
+    chunk_steps: float  # share of the steps that carry a chunk
+
+
+def _aggregated_state(rate: float, mean_prompt: float, mean_output: float, context: float, budget: int,
+                      profile: LatencyProfile) -> _AggregatedState | None:
+    """One worker at `rate` req/s: a prompt is chunked as soon as it arrives, a whole budget beside
+    the decodes every step until it is done (as LocalPrefill does), so a step either carries a full
+    chunk or only decodes. None: the chunks alone would take all its time."""
+    tpot = profile.decode_step_time(1, context)
+    state = None
+    for _ in range(60):  # a fixed point in the batch; a contraction while the rate is feasible
+        batch = rate * mean_output * tpot
+        chunk = budget - batch
+        if chunk < 1:
+            return None
+        b = max(1, round(batch))
+        full, plain = profile.mixed_step_time(b, context, int(chunk)), profile.decode_step_time(b, context)
+        chunk_steps_per_s = rate * mean_prompt / chunk
+        chunk_time = chunk_steps_per_s * full
+        if chunk_time >= 1.0:
+            return None
+        plain_steps_per_s = (1.0 - chunk_time) / plain
+        new = 1.0 / (chunk_steps_per_s + plain_steps_per_s)
+        state = _AggregatedState(new, batch, chunk, full, chunk_time,
+                                 chunk_steps_per_s / (chunk_steps_per_s + plain_steps_per_s))
+        if abs(new - tpot) <= 1e-7 * tpot:
+            break
+        tpot = new
+    return state
+
+
+def aggregated_capacity(forecast: LoadForecast, profile: LatencyProfile, slo: SLO, workers: int, budget: int,
+                        shape: PoolShape) -> Capacity:
+    dec = decode_need(1.0, forecast.prompt, forecast.output, profile, slo, kv_blocks=shape.kv_blocks,
+                      block_size=shape.block_size, max_batch_size=shape.max_batch_size)
+    context, c_kv = dec.context, dec.c_kv
+    mean_prompt, mean_output = forecast.prompt.mean, max(forecast.output.mean, 1.0)
+    p90 = forecast.prompt.quantile(0.9)
+
+    def limit(rate: float) -> str | None:
+        """What the rate breaks, or None when it is within every bound."""
+        st = _aggregated_state(rate, mean_prompt, mean_output, context, budget, profile)
+        if st is None:
+            return "budget"
+        if st.tpot > slo.tpot_s:
+            return "tpot"
+        if st.batch > min(shape.max_batch_size, c_kv):
+            return "batch" if shape.max_batch_size <= c_kv else "kv"
+        # The p90 prompt's own chunks, each step stretched by the others' chunks queued with it.
+        if math.ceil(p90 / st.chunk) * st.full_step / (1.0 - st.chunk_time) > slo.ttft_s:
+            return "ttft"
+        # A request's p99 gap is a chunk step as soon as one step in a hundred carries a chunk.
+        if slo.itl_s is not None and st.chunk_steps >= 0.01 and st.full_step > slo.itl_s:
+            return "stall"
+        return None
+
+    name = f"aggregated {budget}"
+    first = limit(1e-6)
+    if first is not None:
+        return Capacity(name, 0.0, first)
+    lo, hi = 1e-6, 1.0
+    while limit(hi) is None and hi < 1e6:
+        lo, hi = hi, hi * 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if limit(mid) is None else (lo, mid)
+    return Capacity(name, lo * workers, limit(hi) or "", {"per_worker": lo})
+
+
+def rank_configurations(forecast: LoadForecast, profile: LatencyProfile, slo: SLO, workers: int,
+                        shape: PoolShape, budgets: tuple[int, ...] = (512, 2048, 8192)) -> list[Capacity]:
+    """Every split of `workers` and aggregation at each budget, by predicted capacity, best first."""
+    out = [split_capacity(forecast, profile, slo, p, workers - p, shape) for p in range(1, workers)]
+    out += [aggregated_capacity(forecast, profile, slo, workers, b, shape) for b in budgets]
+    return sorted(out, key=lambda c: (-c.rate, c.name))
