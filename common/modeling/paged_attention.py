@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from common.kv.kv_store import PagedKVStore
@@ -98,7 +98,7 @@ def _attend(module, query, key, value, mask, scaling, softcap) -> torch.Tensor:
 def _softcapped_attention(query, key, value, mask, scaling, softcap) -> torch.Tensor:
     # transformers' eager attention for Gemma2, step for step: scores, soft-cap, mask, softmax in fp32.
     groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     scores = torch.tanh(scores / softcap) * softcap
     if mask is None and query.shape[2] > 1:
@@ -173,13 +173,18 @@ class DecodeBatch:
     _views: dict = field(default_factory=dict, repr=False)
 
     def view(self, window: int | None) -> ContextView:
-        """The positions a layer of this window reads, made once a step for each window."""
-        if window is not None and max(self.host_context_lens) <= window:
-            window = None  # no request's context reaches past the window: the whole context
-        if window not in self._views:
-            self._views[window] = context_view(self.host_tables, self.host_context_lens, self.store.block_size,
-                                               self.store.null_slot, window, self.slot_mapping.device)
-        return self._views[window]
+        """The positions a layer of this window reads, made once a step for each window (every
+        layer after the first of a window finds it here: nothing is recomputed per layer)."""
+        view = self._views.get(window)
+        if view is None:
+            reaches = window is None or max(self.host_context_lens) > window
+            if not reaches:  # no request's context reaches past the window: the whole context
+                view = self.view(None)
+            else:
+                view = context_view(self.host_tables, self.host_context_lens, self.store.block_size,
+                                    self.store.null_slot, window, self.slot_mapping.device)
+            self._views[window] = view
+        return view
 
 
 # Go ragged when padding would make the batch read this much more KV than it holds: the per-call
@@ -224,16 +229,16 @@ class ChunkBatch:
     def keys(self, window: int | None) -> tuple[int, torch.Tensor | None]:
         """(the first key position a layer of this window reads, its mask): None for a first
         chunk that no window cuts into (plain causal over the chunk)."""
-        n = len(self.slots)
-        end = self.start + n
-        if window is not None and end <= window:
-            window = None  # no query of the chunk reaches past the window
-        if window not in self._keys:
-            first = max(0, self.start - window + 1) if window is not None else 0
-            plain = self.start == 0 and window is None
-            mask = None if plain else window_mask(self.start, n, first, end - first, window, self.slots.device)
-            self._keys[window] = (first, mask)
-        return self._keys[window]
+        found = self._keys.get(window)
+        if found is None:
+            n = len(self.slots)
+            end = self.start + n
+            cut = window if window is not None and end > window else None  # None: no query reaches past it
+            first = max(0, self.start - cut + 1) if cut is not None else 0
+            plain = self.start == 0 and cut is None
+            mask = None if plain else window_mask(self.start, n, first, end - first, cut, self.slots.device)
+            found = self._keys[window] = (first, mask)
+        return found
 
 
 def _chunk_attention(module, query, key, value, scaling, batch: ChunkBatch, window, softcap):

@@ -21,6 +21,7 @@ Failed requests are counted (`failed`, `errors`), never dropped.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class RequestResult:
             return None
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
-    @property
+    @functools.cached_property  # read by several SLO checks and the summary: computed once
     def p99_itl(self) -> float | None:
         """This request's 99th percentile inter-token gap (seconds); None with no gap."""
         if not self.ok or not self.itls:
@@ -116,11 +117,10 @@ def summarize(results: Sequence[RequestResult], duration: float, slo_ttft_ms: fl
     }
     out |= _stats("ttft", [r.ttft for r in done if r.ttft is not None])
     out |= _stats("tpot", [t for r in done if (t := r.tpot) is not None])
-    out |= _stats("itl", [gap for r in done for gap in r.itls])
+    gaps = [gap for r in done for gap in r.itls]
+    out |= _stats("itl", gaps)
     out |= _stats("request_p99_itl", [g for r in done if (g := r.p99_itl) is not None])
-    out["max_itl_ms"] = max((gap for r in done for gap in r.itls), default=None)
-    if out["max_itl_ms"] is not None:
-        out["max_itl_ms"] *= 1000.0
+    out["max_itl_ms"] = max(gaps) * 1000.0 if gaps else None
     out |= _stats("e2el", [r.e2e for r in done if r.e2e is not None])
     out |= {
         "slo_ttft_ms": slo_ttft_ms,
