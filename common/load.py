@@ -163,12 +163,30 @@ class Predictor(Protocol):
 
 @dataclass(frozen=True)
 class Split:
-    """How many workers should serve each role."""
+    """How many workers should serve each role (a configuration of the cluster): prefill, decode,
+    and mixed workers that prefill whole requests in chunks of at most `chunk_budget` tokens a step
+    beside their decodes (services/planner/configuration.py chooses them)."""
 
     prefill: int
     decode: int
     detail: dict = field(default_factory=dict, compare=False)  # how it was computed, for status and logs
+    mixed: int = 0
+    chunk_budget: int = 0  # tokens a mixed worker's step carries (decodes and chunks); 0: no mixed worker
 
     @property
     def total(self) -> int:
-        return self.prefill + self.decode
+        return self.prefill + self.decode + self.mixed
+
+    @property
+    def rest_role(self) -> str:
+        """The role of the workers that are not prefill workers ("decode" or "mixed"): a
+        configuration has one or the other, never both."""
+        return "mixed" if self.mixed else "decode"
+
+    @property
+    def name(self) -> str:
+        if self.mixed and not self.prefill:
+            return f"aggregated {self.chunk_budget}"
+        if self.mixed:
+            return f"blend {self.prefill}:{self.mixed}m@{self.chunk_budget}"
+        return f"split {self.prefill}:{self.decode}"

@@ -4,8 +4,11 @@
     aggregated       every worker prefills and decodes in one continuous batch with chunked
                      prefill (vLLM's default design); no KV moves between workers
     static           a fixed prefill/decode split, first come first served (DistServe's design)
-    dopd             the dynamic planner (roles switch in place) plus the scheduling policy
-                     (services/gateway/scheduling.py), admission control on
+    dopd             the dynamic planner (roles switch in place, among prefill, decode and mixed
+                     workers: services/planner/configuration.py chooses a split or aggregation)
+                     plus the scheduling policy (services/gateway/scheduling.py), admission on
+    dopd-split       ablation: dopd choosing among prefill/decode splits only (no mixed workers),
+                     the planner before its configuration core
     dopd-no-policy   ablation: the planner, with static's first come first served dispatch
     dopd-no-planner  ablation: the scheduling policy on a fixed split (the planner still
                      forecasts, for the policy's thresholds, but switches nothing)
@@ -23,6 +26,7 @@ class ServingMode:
     switching: bool  # the planner changes roles
     policy: bool  # DOPD's scheduling policy (else first come first served)
     admission: bool  # refuse a request whose predicted TTFT is past the SLO, by default
+    mixed: bool = False  # the planner may choose mixed workers (aggregation) besides splits
 
     @property
     def forecasting(self) -> bool:
@@ -33,8 +37,9 @@ class ServingMode:
 MODES: dict[str, ServingMode] = {m.name: m for m in (
     ServingMode("aggregated", disaggregated=False, switching=False, policy=False, admission=False),
     ServingMode("static", disaggregated=True, switching=False, policy=False, admission=False),
-    ServingMode("dopd", disaggregated=True, switching=True, policy=True, admission=True),
-    ServingMode("dopd-no-policy", disaggregated=True, switching=True, policy=False, admission=False),
+    ServingMode("dopd", disaggregated=True, switching=True, policy=True, admission=True, mixed=True),
+    ServingMode("dopd-split", disaggregated=True, switching=True, policy=True, admission=True),
+    ServingMode("dopd-no-policy", disaggregated=True, switching=True, policy=False, admission=False, mixed=True),
     ServingMode("dopd-no-planner", disaggregated=True, switching=False, policy=True, admission=True),
 )}
 

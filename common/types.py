@@ -11,14 +11,24 @@ GREEDY_EPSILON = 1e-5
 
 
 class Role(enum.StrEnum):
-    """What a worker serves. A StrEnum: `Role.DECODE == "decode"`, so settings and logs stay plain."""
+    """What a worker serves. A StrEnum: `Role.DECODE == "decode"`, so settings and logs stay plain.
+
+    A `mixed` worker decodes like a decode worker (it takes reservations and prefilled KV) and also
+    takes whole requests, prefilling them itself in chunks beside its decodes, under a per-step
+    token budget the planner sets (aggregation, where every worker is mixed)."""
 
     PREFILL = "prefill"
     DECODE = "decode"
+    MIXED = "mixed"
 
     @property
-    def other(self) -> Role:
-        return Role.DECODE if self is Role.PREFILL else Role.PREFILL
+    def decodes(self) -> bool:
+        """Takes decode work: reservations, prefilled KV, migrated requests."""
+        return self is not Role.PREFILL
+
+    def covers(self, work: Role) -> bool:
+        """A worker of this role takes work of the role `work` (a mixed worker takes decode work)."""
+        return self is work or (self is Role.MIXED and work is Role.DECODE)
 
 
 @dataclass(frozen=True)

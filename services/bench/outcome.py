@@ -15,7 +15,8 @@ class StatusSample:
 
     t: float
     prefill_workers: int = 0
-    decode_workers: int = 0
+    decode_workers: int = 0  # mixed workers included (they decode)
+    mixed_workers: int = 0
     prefill_waiting: int = 0
     prefill_running: int = 0
     decode_waiting: int = 0

@@ -9,8 +9,13 @@
     decode      the order in which decode workers are asked to reserve, and whether one has a
                 seat within the TPOT SLO; when none has one, whether waiting can help
     prefill     the least loaded prefill worker (a preferred one first: where a short batch went)
+    local       a mixed worker that prefills the prompt itself, when its chunks, behind the prompts
+                queued there, meet the TTFT SLO and a step with a whole chunk meets the stall SLO
+                (`local_worker`); otherwise the prompt is disaggregated. With no prefill worker
+                serving, the mixed worker with the least queued work takes it
     books       what was sent to each prefill worker (`PrefillLedger`) and what is held on each
-                decode worker (`DecodeLoad`), which the choices above read; workers whose
+                decode worker (`DecodeLoad`), the prompts each mixed worker prefills itself
+                (`local_ledger`), which the choices above read; workers whose
                 streams broke lately, which go last
 
 The time a request may wait for a decode seat, and the decode queue itself, are the caller's:
@@ -19,6 +24,7 @@ the gateway waits in its DecodeQueue, the simulator refuses at once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from common.kv.block_pool import kv_tokens_for
@@ -42,6 +48,7 @@ class Dispatcher:
         self.time_scale = time_scale
         self.prefill_ledger = PrefillLedger()  # prompts sent to each prefill worker, first token not back
         self.decode_load = DecodeLoad()  # the requests held on each decode worker
+        self.local_ledger = PrefillLedger()  # prompts a mixed worker prefills itself, first token not back
         self._lost_until: dict[str, float] = {}  # worker id -> `now` until which it goes last
 
     # -- the path and admission -------------------------------------------------------------
@@ -133,6 +140,39 @@ class Dispatcher:
             return preferred[0]
         trusted = [w for w in workers if not self.recently_lost(w.worker_id, now)] or workers
         return pick_prefill(trusted, self.prefill_ledger.tokens)
+
+    # -- local prefill on mixed workers ----------------------------------------------------
+    def local_ttft_s(self, worker: WorkerView, prompt_len: int, budget: int, policy: SchedulingPolicy) -> float:
+        """Profile seconds until `prompt_len` tokens queued on mixed `worker` have had their last
+        chunk: its queued prompts' chunks first, each step `budget` tokens less its decodes."""
+        c = self.decode_load.candidate(worker)
+        chunk = max(1, budget - c.batch_size)
+        steps = math.ceil((self.local_ledger.tokens[worker.worker_id] + prompt_len) / chunk)
+        context = c.context_tokens / c.batch_size if c.batch_size else 0.0
+        return steps * policy.profile.mixed_step_time(c.batch_size, context, min(chunk, prompt_len))
+
+    def local_worker(self, mixed: list[WorkerView], prompt_len: int, budget: int, policy: SchedulingPolicy | None,
+                     prefill_serving: bool, now: float) -> WorkerView | None:
+        """The mixed worker that prefills the prompt itself, or None: disaggregate it. Least
+        queued local work first; one fits when the prompt's predicted TTFT there meets the SLO and
+        (under a stall SLO) a step with a whole chunk meets it. With no prefill worker serving,
+        the least queued one, fit or not."""
+        trusted = [w for w in mixed if not self.recently_lost(w.worker_id, now)] or mixed
+        order = sorted(trusted, key=lambda w: (self.local_ledger.tokens[w.worker_id], w.worker_id))
+        if not order:
+            return None
+        if policy is None:
+            return None if prefill_serving else order[0]
+        for w in order:
+            if self.local_ttft_s(w, prompt_len, budget, policy) > policy.slo.ttft_s:
+                continue
+            if policy.slo.itl_s is not None:
+                c = self.decode_load.candidate(w)
+                context = c.context_tokens / c.batch_size if c.batch_size else 0.0
+                if policy.profile.mixed_step_time(c.batch_size, context, budget) > policy.slo.itl_s:
+                    continue
+            return w
+        return None if prefill_serving else order[0]
 
     # -- lost workers -----------------------------------------------------------------------
     def lost(self, worker_id: str, now: float) -> None:

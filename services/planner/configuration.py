@@ -25,10 +25,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from common.load import SLO, LoadForecast
+from common.load import SLO, LoadForecast, Split
 from common.profile import LatencyProfile
-from services.planner.core import PoolShape
-from services.planner.split import decode_need, prefill_need
+from services.planner.split import PoolShape, decode_need, prefill_need
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ def _aggregated_state(rate: float, mean_prompt: float, mean_output: float, conte
     """One worker at `rate` req/s: a prompt is chunked as soon as it arrives, a whole budget beside
     the decodes every step until it is done (as LocalPrefill does), so a step either carries a full
     chunk or only decodes. None: the chunks alone would take all its time."""
-    tpot = profile.decode_step_time(1, context)
+    tpot = max(profile.decode_step_time(1, context), 1e-9)
     state = None
     for _ in range(60):  # a fixed point in the batch; a contraction while the rate is feasible
         batch = rate * mean_output * tpot
@@ -76,7 +75,9 @@ def _aggregated_state(rate: float, mean_prompt: float, mean_output: float, conte
         if chunk < 1:
             return None
         b = max(1, round(batch))
-        full, plain = profile.mixed_step_time(b, context, int(chunk)), profile.decode_step_time(b, context)
+        # (a zero-cost profile's steps take no time: a floor keeps the fixed point finite)
+        full = max(profile.mixed_step_time(b, context, int(chunk)), 1e-9)
+        plain = max(profile.decode_step_time(b, context), 1e-9)
         chunk_steps_per_s = rate * mean_prompt / chunk
         chunk_time = chunk_steps_per_s * full
         if chunk_time >= 1.0:
@@ -91,6 +92,21 @@ def _aggregated_state(rate: float, mean_prompt: float, mean_output: float, conte
     return state
 
 
+TAIL_OUTPUT_QUANTILE = 0.25
+TAIL_Z = 2.5
+
+
+def _tail_tpot(st: _AggregatedState, mean_prompt: float, output: float) -> float:
+    """The TPOT of a request near the tail (its z-score TAIL_Z): it sees `output` steps, and the
+    chunk steps among them come in runs, one run a prompt (mean_prompt / chunk steps long), so their
+    count varies as a Poisson count of runs does."""
+    plain = (st.tpot - st.chunk_steps * st.full_step) / max(1e-9, 1.0 - st.chunk_steps)
+    run = max(1.0, mean_prompt / st.chunk)
+    runs = st.chunk_steps * output / run
+    share = min(1.0, (runs + TAIL_Z * math.sqrt(runs)) * run / output) if runs > 0 else 0.0
+    return plain + share * (st.full_step - plain)
+
+
 def aggregated_capacity(forecast: LoadForecast, profile: LatencyProfile, slo: SLO, workers: int, budget: int,
                         shape: PoolShape) -> Capacity:
     dec = decode_need(1.0, forecast.prompt, forecast.output, profile, slo, kv_blocks=shape.kv_blocks,
@@ -98,13 +114,14 @@ def aggregated_capacity(forecast: LoadForecast, profile: LatencyProfile, slo: SL
     context, c_kv = dec.context, dec.c_kv
     mean_prompt, mean_output = forecast.prompt.mean, max(forecast.output.mean, 1.0)
     p90 = forecast.prompt.quantile(0.9)
+    tail_output = max(forecast.output.quantile(TAIL_OUTPUT_QUANTILE), 1.0)
 
     def limit(rate: float) -> str | None:
         """What the rate breaks, or None when it is within every bound."""
         st = _aggregated_state(rate, mean_prompt, mean_output, context, budget, profile)
         if st is None:
             return "budget"
-        if st.tpot > slo.tpot_s:
+        if _tail_tpot(st, mean_prompt, tail_output) > slo.tpot_s:
             return "tpot"
         if st.batch > min(shape.max_batch_size, c_kv):
             return "batch" if shape.max_batch_size <= c_kv else "kv"
@@ -135,3 +152,73 @@ def rank_configurations(forecast: LoadForecast, profile: LatencyProfile, slo: SL
     out = [split_capacity(forecast, profile, slo, p, workers - p, shape) for p in range(1, workers)]
     out += [aggregated_capacity(forecast, profile, slo, workers, b, shape) for b in budgets]
     return sorted(out, key=lambda c: (-c.rate, c.name))
+
+
+# Aggregation's chunk budgets the core chooses among (vLLM's 2048 and the matrix's 512 and 8192
+# among them). A budget changes no role: a mixed worker's next step takes it.
+BUDGETS = (256, 512, 1024, 2048, 8192)
+# The current configuration is kept while the forecast is within this share of its predicted
+# capacity: every configuration carries such a load, and changing would only churn.
+HEADROOM = 0.8
+# Past that, another family (a split or aggregation) is taken only for this predicted gain over the
+# current one's capacity: the change pauses work (a prefill worker drains, decodes migrate when
+# mixed workers become prefill workers), which a small predicted gain may not repay.
+GAIN_TO_CHANGE = 1.15
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The configuration chosen, and why: its predicted capacity, the runner-up's, the current's."""
+
+    target: Split
+    predicted: Capacity
+    runner_up: Capacity | None
+    current: Capacity | None
+    why: str
+
+    def record(self) -> dict:
+        """For the decision record and `dopd status`."""
+        def cap(c: Capacity | None) -> dict | None:
+            return None if c is None else {"name": c.name, "rate": round(c.rate, 3), "limited_by": c.limited_by}
+        return {"target": self.target.name, "predicted": cap(self.predicted), "runner_up": cap(self.runner_up),
+                "current": cap(self.current), "why": self.why}
+
+
+def _family(split: Split) -> str:
+    return f"aggregated {split.chunk_budget}" if split.mixed and not split.prefill else "split"
+
+
+def choose_configuration(forecast: LoadForecast, profile: LatencyProfile, slo: SLO, workers: int,
+                         shape: PoolShape, split_target: Split, current: Split | None,
+                         budgets: tuple[int, ...] = BUDGETS) -> Choice:
+    """Aggregation at its best budget, or the split family (`split_target`: the P:D split of
+    services/planner/split.py, whose capacity is the best split's), by predicted capacity at the
+    forecast's mix; `current` (the configuration chosen last; None: none yet) is kept while it
+    carries the forecast with HEADROOM, or while the best other family gains less than
+    GAIN_TO_CHANGE."""
+    splits = [split_capacity(forecast, profile, slo, p, workers - p, shape) for p in range(1, workers)]
+    best_split = max(splits, key=lambda c: c.rate) if splits else Capacity("split", 0.0, "workers")
+    aggregated = sorted((aggregated_capacity(forecast, profile, slo, workers, b, shape) for b in budgets),
+                        key=lambda c: (-c.rate, c.name))
+    families = {"split": (best_split, split_target)}
+    best_agg = aggregated[0]
+    budget = int(best_agg.name.split()[-1])
+    families[best_agg.name] = (best_agg, Split(0, 0, mixed=workers, chunk_budget=budget))
+    ranked = sorted(families.items(), key=lambda kv: -kv[1][0].rate)
+    (best_name, (best_cap, best_target)), (_, (second_cap, _)) = ranked[0], ranked[1]
+    if current is None:
+        return Choice(best_target, best_cap, second_cap, None, "first choice: the highest predicted capacity")
+    cur_name = _family(current)
+    if cur_name.startswith("aggregated"):
+        cur_name = best_agg.name  # a budget changes no role: the best budget is free to take
+    cur_cap, cur_target = families.get(cur_name, (None, None))
+    if cur_cap is None or best_name == cur_name:
+        return Choice(best_target, best_cap, second_cap, cur_cap, "the highest predicted capacity")
+    if forecast.rate <= HEADROOM * cur_cap.rate:
+        return Choice(cur_target, cur_cap, best_cap, cur_cap,
+                      f"kept: {forecast.rate:.1f} req/s is within {HEADROOM:.0%} of its capacity")
+    if best_cap.rate < GAIN_TO_CHANGE * cur_cap.rate:
+        return Choice(cur_target, cur_cap, best_cap, cur_cap,
+                      f"kept: {best_cap.name} gains less than {GAIN_TO_CHANGE:.2f}x")
+    return Choice(best_target, best_cap, cur_cap, cur_cap,
+                  f"changed: {best_cap.rate:.1f} req/s predicted against {cur_cap.rate:.1f}")

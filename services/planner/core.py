@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 from common.load import SLO, IntervalLoad, LoadForecast, Predictor, Split, WorkerLoad
 from common.profile import LatencyProfile
+from services.planner.configuration import Choice, choose_configuration
 from services.planner.policy import PolicyConfig, ReconfigPolicy, RoleChange
-from services.planner.split import compute_split
+from services.planner.split import PoolShape, compute_split
 
 # The history a prediction sees: enough for ARIMA's window and more, bounded so a decision's cost
 # does not grow with the planner's age.
@@ -29,16 +30,6 @@ PREDICT_WINDOW = 300
 HISTORY_KEPT = 10_000
 
 
-@dataclass(frozen=True)
-class PoolShape:
-    """What the split needs to know of the workers' engines."""
-
-    kv_blocks: int
-    block_size: int
-    max_batch_size: int
-    prefill_token_budget: int
-
-
 @dataclass
 class Decision:
     forecast: LoadForecast
@@ -46,6 +37,7 @@ class Decision:
     changes: list[RoleChange]
     horizon: int
     seconds: float  # the decision's own time (model fit included), on the host's clock
+    choice: Choice | None = None  # the configuration core's choice and why (None: mixed workers off)
 
 
 @dataclass
@@ -58,6 +50,10 @@ class PlannerCore:
     switching: bool = True  # False: forecast and target only (the `static` mode)
     policy: ReconfigPolicy = field(default_factory=lambda: ReconfigPolicy(PolicyConfig()))
     switch_seconds: float = 0.0  # smoothed time of one role switch (EWMA of measured ones)
+    # The configuration core (services/planner/configuration.py) chooses between the split and
+    # aggregation with mixed workers; False: the split only (the planner before mixed workers).
+    mixed: bool = False
+    chosen: Split | None = None  # the configuration chosen last
 
     def horizon(self) -> int:
         """Intervals ahead to forecast: the next one, plus those a switch takes to complete."""
@@ -72,12 +68,19 @@ class PlannerCore:
         started = time.perf_counter()
         horizon = self.horizon()
         forecast = self.predictor.predict(history[-PREDICT_WINDOW:], horizon)
-        total = sum(1 for w in workers if w.role in ("prefill", "decode"))
+        total = sum(1 for w in workers if w.role in ("prefill", "decode", "mixed"))
         target = compute_split(forecast, self.profile, self.slo, max(total, 1), kv_blocks=self.shape.kv_blocks,
                                block_size=self.shape.block_size, max_batch_size=self.shape.max_batch_size,
                                prefill_token_budget=self.shape.prefill_token_budget)
+        choice = None
+        if self.mixed and self.switching and total >= 2:
+            current = self.chosen
+            if current is None and workers and all(w.role == "mixed" for w in workers):
+                current = Split(0, 0, mixed=total, chunk_budget=self.shape.prefill_token_budget)
+            choice = choose_configuration(forecast, self.profile, self.slo, total, self.shape, target, current)
+            target = self.chosen = choice.target
         changes = self.policy.decide(now, workers, target) if self.switching and total >= 2 else []
-        return Decision(forecast, target, changes, horizon, time.perf_counter() - started)
+        return Decision(forecast, target, changes, horizon, time.perf_counter() - started, choice)
 
 
 def merge_reports(reports: list[IntervalLoad], start: float, duration: float) -> IntervalLoad:

@@ -45,6 +45,17 @@ tokens; ties by worker_id. A worker whose switch failed is skipped for cooldown_
 Invariants (every call): at most max_switches_per_interval changes, all toward one role, at most
 one per worker, none for a worker that is `switching` or has a change of ours under way, and a
 role never drops below min_per_role workers that serve it (not switching, no change under way).
+
+Mixed workers (services/planner/configuration.py). A target names the role of its non-prefill
+workers (`Split.rest_role`: decode or mixed). The rules above count prefill against the rest (a
+mixed worker decodes, so it counts as a decode worker), and a worker that leaves prefill takes the
+rest's role. Prefill may drop to zero when the rest is mixed (mixed workers prefill for
+themselves): then a missing prefill worker is no emergency. A non-prefill worker of the other kind
+(decode where the target is mixed, or the reverse) is switched once the target has persisted
+(hysteresis) and no switch is under way, all such workers together and outside the cooldown: the
+change moves no KV (a decode worker only starts or stops taking prompts), and the configuration
+core changed the target only for a predicted gain. Prefill workers become mixed ones all at once
+too (each drains its queue, no KV moves), and a prefill queue is no emergency then.
 """
 
 from __future__ import annotations
@@ -56,11 +67,18 @@ from common.load import Split, WorkerLoad
 
 PREFILL = "prefill"
 DECODE = "decode"
-ROLES = (PREFILL, DECODE)
+MIXED = "mixed"
+ROLES = (PREFILL, DECODE)  # prefill, and the rest (decode or mixed workers, counted as decode)
+WORKER_ROLES = (PREFILL, DECODE, MIXED)
 
 
 def _other(role: str) -> str:
     return DECODE if role == PREFILL else PREFILL
+
+
+def _side(role: str) -> str:
+    """prefill, or decode for any worker that decodes (decode or mixed)."""
+    return PREFILL if role == PREFILL else DECODE
 
 
 @dataclass(frozen=True)
@@ -101,7 +119,7 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class RoleChange:
     worker_id: str
-    to_role: str  # "prefill" | "decode"
+    to_role: str  # "prefill" | "decode" | "mixed"
     reason: str  # "forecast: ..." | "emergency: ..."
 
     @property
@@ -143,69 +161,88 @@ class ReconfigPolicy:
 
     def decide(self, now: float, workers: Sequence[WorkerLoad], target: Split) -> list[RoleChange]:
         cfg = self.config
-        ws = {w.worker_id: w for w in workers if w.role in ROLES}
+        ws = {w.worker_id: w for w in workers if w.role in WORKER_ROLES}
         self._forget(now, ws)
-        role = {wid: self._pending[wid].change.to_role if wid in self._pending else w.role for wid, w in ws.items()}
+        exact = {wid: self._pending[wid].change.to_role if wid in self._pending else w.role for wid, w in ws.items()}
+        role = {wid: _side(r) for wid, r in exact.items()}  # prefill, or decode for decode and mixed
         count = {r: sum(1 for x in role.values() if x == r) for r in ROLES}
         # Serving: counted toward a role and free to leave it. Only these may move, and a role
         # keeps at least min_per_role of them: a switching worker is not serving anyone.
         movable = {wid for wid, w in ws.items() if not w.switching and wid not in self._pending}
         serving = {r: sum(1 for wid in movable if role[wid] == r) for r in ROLES}
+        rest = target.rest_role if target.total > 0 else DECODE
+        floor = {PREFILL: 0 if rest == MIXED else cfg.min_per_role, DECODE: cfg.min_per_role}
 
-        desired = self._desired_prefill(len(ws), target)
+        desired = self._desired_prefill(len(ws), target, floor[PREFILL])
         diff = desired - count[PREFILL] if desired is not None else 0
-        self._update_streak(diff)
+        kind = [wid for wid in movable if role[wid] == DECODE and exact[wid] != rest]
+        self._update_streak(diff, bool(kind))
 
-        self._missing_calls = self._missing_calls + 1 if ws and min(count.values()) == 0 else 0
+        needed = [r for r in ROLES if floor[r] > 0]
+        self._missing_calls = self._missing_calls + 1 if ws and min(count[r] for r in needed) == 0 else 0
         if self._missing_calls == 1:
             return []  # perhaps a heartbeat not in yet: look again next call before acting
-        emergency = self._emergency(ws, role, count, serving, movable, target)
+        emergency = self._emergency(ws, role, count, serving, movable, target, floor)
         if emergency is not None:
             return self._issue(now, [emergency])
 
-        if abs(diff) < cfg.min_diff or self._streak < cfg.persist_intervals:
+        if self._streak < cfg.persist_intervals or (abs(diff) < cfg.min_diff and not kind):
             return []
         if self._pending or any(w.switching for w in ws.values()):
             return []  # a switch is under way: the counts are in flux
+        if kind and rest == DECODE and count[PREFILL] < cfg.min_per_role:
+            kind = []  # mixed workers are the only ones that prefill: a prefill worker first
+        if kind:  # decode <-> mixed: no KV moves, so every such worker at once, cooldown or not
+            reason = f"configuration: {target.name}, {len(kind)} worker(s) to {rest}"
+            return self._issue(now, [RoleChange(wid, rest, reason) for wid in sorted(kind)])
+        to_role = PREFILL if diff > 0 else rest
+        if to_role == MIXED:  # prefill -> mixed drains a queue and moves no KV: every one at once
+            chosen = self._pick(ws, role, movable, PREFILL)[:-diff]
+            reason = f"configuration: {target.name}, {len(chosen)} prefill worker(s) to mixed"
+            return self._issue(now, [RoleChange(wid, MIXED, reason) for wid in chosen])
         if self._last_switch_at is not None and now - self._last_switch_at < cfg.cooldown_s:
             return []
-        to_role = PREFILL if diff > 0 else DECODE
-        need = target.detail.get(f"{to_role}_need_workers")
-        if need is not None and count[to_role] >= need and abs(diff) < cfg.spare_min_diff:
+        need = target.detail.get(f"{_side(to_role)}_need_workers")
+        if need is not None and count[_side(to_role)] >= need and abs(diff) < cfg.spare_min_diff:
             return []  # only spare capacity would move: not worth the churn unless the gap is large
-        donor = _other(to_role)
-        room = max(0, serving[donor] - cfg.min_per_role)
+        donor = _other(_side(to_role))
+        room = max(0, serving[donor] - floor[donor])
         while room and self._decode_seats_short(ws, donor, room, target):
             room -= 1
         chosen = self._pick(ws, role, movable, donor)[:min(abs(diff), cfg.max_switches_per_interval, room)]
-        reason = (f"forecast: target {target.prefill}P/{target.decode}D, "
+        reason = (f"forecast: target {target.prefill}P/{target.total - target.prefill}{rest[0].upper()}, "
                   f"now {count[PREFILL]}P/{count[DECODE]}D")
         return self._issue(now, [RoleChange(wid, to_role, reason) for wid in chosen])
 
     # -- the rules ---------------------------------------------------------------------------
 
-    def _desired_prefill(self, n: int, target: Split) -> int | None:
+    def _desired_prefill(self, n: int, target: Split, least: int) -> int | None:
         """The target's prefill count for the n workers there are now (the target may have been
-        computed for another total: scale it), kept within [min_per_role, n - min_per_role]."""
-        if target.total <= 0 or n < 2 * self.config.min_per_role:
-            return None  # no usable target, or too few workers to have min_per_role of each
+        computed for another total: scale it), kept within [least, n - min_per_role]."""
+        if target.total <= 0 or n < least + self.config.min_per_role:
+            return None  # no usable target, or too few workers to have the floor of each
         p = target.prefill if target.total == n else int(target.prefill * n / target.total + 0.5)
-        return min(max(p, self.config.min_per_role), n - self.config.min_per_role)
+        return min(max(p, least), n - self.config.min_per_role)
 
-    def _update_streak(self, diff: int) -> None:
+    def _update_streak(self, diff: int, kind: bool) -> None:
+        """`kind`: some non-prefill workers are of the other kind than the target's (a direction of
+        its own, 2, for the streak)."""
         direction = 0 if abs(diff) < self.config.min_diff else (1 if diff > 0 else -1)
+        if direction == 0 and kind:
+            direction = 2
         self._streak = self._streak + 1 if direction != 0 and direction == self._direction else int(direction != 0)
         self._direction = direction
 
     def _emergency(self, ws: Mapping[str, WorkerLoad], role: Mapping[str, str], count: Mapping[str, int],
-                   serving: Mapping[str, int], movable: set[str], target: Split) -> RoleChange | None:
+                   serving: Mapping[str, int], movable: set[str], target: Split,
+                   floor: Mapping[str, int]) -> RoleChange | None:
         cfg = self.config
         if not ws:
             return None
         pressure: dict[str, str] = {}
         pre = [w for w in ws.values() if w.role == PREFILL and not w.switching]
-        dec = [w for w in ws.values() if w.role == DECODE and not w.switching]
-        if pre:
+        dec = [w for w in ws.values() if w.role != PREFILL and not w.switching]
+        if pre and floor[PREFILL] > 0:  # (mixed workers prefill the prompts prefill workers cannot)
             queued = sum(w.prefill_waiting_tokens for w in pre) / len(pre)
             if queued > cfg.emergency_prefill_queue_tokens:
                 pressure[PREFILL] = f"prefill queue {queued:.0f} tokens/worker > {cfg.emergency_prefill_queue_tokens}"
@@ -214,18 +251,19 @@ class ReconfigPolicy:
             usage = sum(w.kv_blocks_used for w in dec) / total_kv
             if usage > cfg.emergency_kv_usage:
                 pressure[DECODE] = f"decode KV usage {usage:.2f} > {cfg.emergency_kv_usage:.2f}"
-        missing = [r for r in ROLES if count[r] == 0]
+        missing = [r for r in ROLES if count[r] == 0 and floor[r] > 0]
         if missing:  # nothing can be served without both roles: this outranks any queue
             pressure = {missing[0]: f"no {missing[0]} worker"}
         if len(pressure) != 1:
             return None  # none, or both: moving a worker would only shift the overload
-        (to_role, why), = pressure.items()
-        if any(p.change.emergency and p.change.to_role == to_role for p in self._pending.values()):
+        (side, why), = pressure.items()
+        if any(p.change.emergency and _side(p.change.to_role) == side for p in self._pending.values()):
             return None  # one emergency move toward a role at a time: let it land first
-        donor = _other(to_role)
-        if serving[donor] <= cfg.min_per_role or self._decode_seats_short(ws, donor, 1, target):
+        donor = _other(side)
+        if serving[donor] <= floor[donor] or self._decode_seats_short(ws, donor, 1, target):
             return None
         chosen = self._pick(ws, role, movable, donor)[:1]
+        to_role = side if side == PREFILL else (target.rest_role if target.total > 0 else DECODE)
         return RoleChange(chosen[0], to_role, f"emergency: {why}") if chosen else None
 
     @staticmethod
@@ -235,7 +273,7 @@ class ReconfigPolicy:
         seats = target.detail.get("decode_c_tpot")
         if donor != DECODE or not seats:
             return False
-        dec = [w for w in ws.values() if w.role == DECODE and not w.switching]
+        dec = [w for w in ws.values() if w.role != PREFILL and not w.switching]
         held = sum(w.decode_running + w.decode_waiting for w in dec)
         return held > (len(dec) - leaving) * seats
 

@@ -38,6 +38,16 @@ DECODE = "decode"
 
 
 @dataclass(frozen=True)
+class PoolShape:
+    """What the split needs to know of the workers' engines."""
+
+    kv_blocks: int
+    block_size: int
+    max_batch_size: int
+    prefill_token_budget: int
+
+
+@dataclass(frozen=True)
 class PrefillFigures:
     mean_work_s: float  # E[w(L)]: seconds of prefill worker time one request costs
     residual_s: float  # E[w^2] / (2 E[w]): mean residual work a newcomer finds in service

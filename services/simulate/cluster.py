@@ -81,6 +81,8 @@ class Cluster:
                                         link_gbps, chunk_tokens) for i, role in enumerate(roles)]
         self.by_id = {w.worker_id: w for w in self.workers}
         self._prefill_views = {w.worker_id: WorkerView(w.worker_id, w.worker_id, 0, block_size) for w in self.workers}
+        self.chunk_tokens = chunk_tokens  # a decode worker's step budget (its ultra-short prompts)
+        self.chunk_budget = chunk_tokens  # a mixed worker's, as the planner's configuration sets it
         self.switches = Switcher(self)
         self.recorder = LoadRecorder()
         # The gateway's dispatch core and its books: what it sent each prefill worker, not yet
@@ -122,13 +124,28 @@ class Cluster:
             self._fail(r, "INVALID_ARGUMENT")
             return
         path = self.dispatch.path(r.prompt, self.policy)
+        prefill_ids = self._prefill_ids()
+        mixed = [w.view() for w in self.workers if w.serves(Role.MIXED)] if self.mode.disaggregated else []
+        here = self.dispatch.local_worker(mixed, r.prompt, self.chunk_budget, self.policy, bool(prefill_ids),
+                                          self.loop.now) if mixed else None
         if self.policy is not None:
-            reason = self.dispatch.admission_refusal(r.prompt, path, self.policy, self._prefill_ids(), self.loop.now)
+            if here is not None:
+                late = self.policy.admission and self.dispatch.local_ttft_s(
+                    here, r.prompt, self.chunk_budget, self.policy) > self.policy.slo.ttft_s
+                reason = "predicted TTFT past the SLO" if late else None
+            else:
+                reason = self.dispatch.admission_refusal(r.prompt, path, self.policy, prefill_ids, self.loop.now)
             if reason is not None:  # admission control: refused at once, counted as an SLO miss
                 self.refused += 1
                 self.recorder.refused_by_admission(r.prompt, r.max_tokens)
                 self._fail(r, "RESOURCE_EXHAUSTED")
                 return
+        worker = self._reserve_on(self.by_id[here.worker_id], r) if here is not None else None
+        if worker is None and here is not None and not prefill_ids:  # the mixed workers' turn: any with room
+            worker = self._reserve_decode(r, only=Role.MIXED)
+        if worker is not None:
+            self._prefill_here(worker, r)
+            return
         worker = self._reserve_decode(r)
         if worker is None:
             self.recorder.rejected()
@@ -155,6 +172,27 @@ class Cluster:
         else:
             self._dispatch([r])
 
+    def _prefill_here(self, worker: SimWorker, r: SimRequest) -> None:
+        """r, reserved on mixed `worker`, is prefilled there in chunks beside its decodes."""
+        r.decode_worker = worker
+        self.count_decode(worker, r, +1)
+        self.recorder.arrived(r.prompt, r.max_tokens)
+        self.loop.after(self.request_timeout_s, self._timeout, r)
+        self._queue_local(worker, r)
+
+    def _queue_local(self, worker: SimWorker, r: SimRequest) -> None:
+        r.phase, r.local_on = "local", True
+        self.dispatch.local_ledger.sent(worker.worker_id, r, r.prompt, self.loop.now)
+        worker.local.add(r, r.prompt)
+        self.kick_decode(worker)
+
+    def set_chunk_budget(self, budget: int) -> None:
+        """The planner's chunk budget for mixed workers: each one's next step takes it."""
+        self.chunk_budget = budget
+        for w in self.workers:
+            if w.state.role is Role.MIXED:
+                w.local.step_token_budget = budget
+
     def _prefill_ids(self) -> list[str]:
         return [w.worker_id for w in self.workers if w.serves(Role.PREFILL)]
 
@@ -162,21 +200,25 @@ class Cluster:
         """(tokens outstanding, seconds busy) of the serving prefill worker with the fewest tokens."""
         return self.dispatch.least_loaded_prefill_work(self._prefill_ids(), self.loop.now)
 
-    def _reserve_decode(self, r: SimRequest) -> SimWorker | None:
-        """Reserve r's whole KV on the first decode worker, in the dispatcher's order (the
-        workers' reports are their pools: never stale here), that has the blocks. None: no
-        worker has room (or, under admission control, a seat)."""
-        views = [w.view() for w in self.workers if w.serves(Role.DECODE)]
+    def _reserve_decode(self, r: SimRequest, only: Role = Role.DECODE) -> SimWorker | None:
+        """Reserve r's whole KV on the first worker that serves `only` (decode: decode and mixed
+        workers), in the dispatcher's order (the workers' reports are their pools: never stale
+        here), that has the blocks. None: no worker has room (or, under admission control, a seat)."""
+        views = [w.view() for w in self.workers if w.serves(only)]
         order = self.dispatch.decode_order(views, r.prompt, r.max_tokens, self.policy, self.loop.now)
-        params = SamplingParams(max_tokens=r.max_tokens)
         for view in order:  # a seat in each, under admission control: nothing else runs meanwhile
-            worker = self.by_id[view.worker_id]
-            try:
-                worker.decode.reserve(DecodeSeq(r.rid, r.prompt, params))
-            except OutOfBlocks:
-                continue
-            return worker
+            worker = self._reserve_on(self.by_id[view.worker_id], r)
+            if worker is not None:
+                return worker
         return None
+
+    def _reserve_on(self, worker: SimWorker, r: SimRequest) -> SimWorker | None:
+        """Reserve r's whole KV on `worker`: it, or None when it has not the blocks."""
+        try:
+            worker.decode.reserve(DecodeSeq(r.rid, r.prompt, SamplingParams(max_tokens=r.max_tokens)))
+        except OutOfBlocks:
+            return None
+        return worker
 
     def count_decode(self, worker: SimWorker, r: SimRequest, sign: int) -> None:
         """r joins (+1) or leaves (-1) `worker`'s decode batch, as the gateway counts it."""
@@ -193,7 +235,10 @@ class Cluster:
     def _dispatch(self, batch: list[SimRequest]) -> None:
         """Queue prompts, together, on the prefill worker with the fewest outstanding prompt tokens."""
         chosen = self.dispatch.pick_prefill([self._prefill_views[w] for w in self._prefill_ids()], self.loop.now)
-        assert chosen is not None, "no prefill worker serves"  # the policy never switches the last one away
+        if chosen is None:  # the last prefill worker became a mixed one: held prompts are prefilled
+            for r in batch:  # where they decode (a decode worker, too, prefills in chunks)
+                self._queue_local(r.decode_worker, r)
+            return
         p = self.by_id[chosen.worker_id]
         for r in batch:
             self.prefill_ledger.sent(p.worker_id, r, r.prompt, self.loop.now)
@@ -257,9 +302,12 @@ class Cluster:
     def _first_token(self, r: SimRequest) -> None:
         """r's KV is complete on its decode worker and the gateway has its first token."""
         now = self.loop.now
+        d = r.decode_worker
+        if r.local_on:
+            self.dispatch.local_ledger.done(d.worker_id, r, now)
+            r.local_on = False
         r.phase, r.first_at, r.last_at, r.tokens = "decode", now, now, 1
         self.recorder.first_token(now - r.t)
-        d = r.decode_worker
         seq = d.decode.kv_complete(r.rid, FIRST_TOKEN)
         if seq.state is SeqState.FINISHED:  # max_tokens 1
             self._complete(r)
@@ -271,7 +319,7 @@ class Cluster:
     def became_ready(self, d: SimWorker, seq: DecodeSeq) -> None:
         """A request can run on d (its KV arrived, or it was moved here): it joins d's next step,
         or, when d is leaving decode, it moves on."""
-        if d.switch is not None and d.state.role is Role.DECODE:
+        if d.switch is not None and d.switch.to_role is Role.PREFILL:
             self.switches.start_move(d, seq)
         self.kick_decode(d)
 
@@ -347,6 +395,9 @@ class Cluster:
             self.batcher.remove(r)
         elif r.phase == "local":
             r.decode_worker.local.remove(r)  # a chunk in the step in flight runs for nothing
+            if r.local_on:
+                self.dispatch.local_ledger.done(r.decode_worker.worker_id, r)
+                r.local_on = False
         d = r.decode_worker
         self.count_decode(d, r, -1)
         self._release(d, r.rid)
@@ -369,6 +420,7 @@ class Cluster:
                 s.prefill_running += pr + dr
             else:
                 s.decode_workers += 1
+                s.mixed_workers += w.state.role is Role.MIXED
                 s.decode_waiting += pw + dw
                 s.decode_running += pr + dr
                 s.kv_blocks_used += w.pool.num_used
@@ -406,7 +458,8 @@ class Cluster:
             out.append(f"{len(unended)} requests never ended, e.g. {unended[:5]}")
         if any(r.phase == "done" and r.error is None and r.done_at is None for r in self.requests):
             out.append("a request ended without a time")
-        if not self.prefill_ledger.empty() or any(self.dispatch.decode_load.counts.values()):
+        if (not self.prefill_ledger.empty() or not self.dispatch.local_ledger.empty()
+                or any(self.dispatch.decode_load.counts.values())):
             out.append("the gateway's outstanding counts are not back to zero")
         if self.open or self.pending_arrivals:
             out.append(f"{self.open} requests open, {self.pending_arrivals} arrivals pending")

@@ -21,6 +21,7 @@ class PlannerDriver:
         self.core = core
         self.intervals: list[IntervalLoad] = []
         self.decisions: list[tuple[float, int, int, float]] = []  # (t, target P, target D, forecast rate)
+        self.choices: list[dict] = []  # the configuration core's choice at each tick, and why
         self.decision_seconds = 0.0  # the core's own time on the host's clock (not simulated)
 
     def start(self) -> None:
@@ -33,7 +34,12 @@ class PlannerDriver:
         del self.intervals[:-HISTORY_KEPT]
         decision = self.core.decide(now, self.intervals, [w.load() for w in c.workers])
         self.decision_seconds += decision.seconds
-        self.decisions.append((now, decision.target.prefill, decision.target.decode, decision.forecast.rate))
+        target = decision.target
+        self.decisions.append((now, target.prefill, target.total - target.prefill, decision.forecast.rate))
+        if decision.choice is not None:
+            self.choices.append({"t": now, **decision.choice.record()})
+        if target.mixed:
+            c.set_chunk_budget(target.chunk_budget)
         c.set_forecast(decision.forecast, self.core.slo)
         for change in decision.changes:
             worker = c.by_id[change.worker_id]

@@ -128,7 +128,8 @@ def simulate(requests: list[BenchRequest], cfg: SimConfig) -> SimOutcome:
             predictor=make_predictor(cfg.predictor), profile=cfg.profile,
             slo=SLO(cfg.slo_ttft_s, cfg.slo_tpot_s, cfg.slo_itl_s),
             shape=PoolShape(cfg.kv_blocks, cfg.block_size, cfg.max_batch_size, cfg.prefill_token_budget),
-            interval_s=cfg.interval_s, switching=mode.switching, policy=ReconfigPolicy(cfg.policy))
+            interval_s=cfg.interval_s, switching=mode.switching, policy=ReconfigPolicy(cfg.policy),
+            mixed=mode.mixed)
         planner = PlannerDriver(cluster, core)
         planner.start()
     samples: list[StatusSample] = []

@@ -3,9 +3,12 @@ the target's real DecodeScheduler/BlockPool, as services/worker/role_switch.py a
 services/decode/migration.py do them:
 
     prefill -> decode   RoleState refuses new prompts; the switch ends when the prompts accepted
-                        have run and their KV has left (PrefillEngine.busy)
+    prefill -> mixed    have run and their KV has left (PrefillEngine.busy)
+    decode <-> mixed    at once: its requests stay; a mixed worker's queued prompts are prefilled
+                        there still, and a decode worker's next step takes the mixed chunk budget
     decode -> prefill   RoleState refuses new reservations; every request held moves to the
-                        serving decode worker with the most free blocks that can hold it (its
+    mixed -> prefill    (a mixed worker's own prompts move once their last chunk has run)
+                        serving decode (or mixed) worker with the most free blocks that can hold it (its
                         whole reservation, reserved there at once, as `begin.adopt`). A request
                         still waiting for its KV moves once it lands. One with no room anywhere
                         finishes here. The switch ends when no request is left.
@@ -81,12 +84,17 @@ class Switcher:
     def begin(self, w: SimWorker, to: Role, on_done: Callable[[Switch], None], reason: str = "") -> Switch:
         c = self.c
         from_role = w.state.role
-        peers = [x for x in c.workers if x is not w and x.serves(from_role)]
-        # The policy never moves the last serving worker of a role; role_switch.py refuses it too.
-        assert peers, f"{w.worker_id} is the last {from_role} worker serving"
+        if from_role.decodes and to is Role.PREFILL:
+            # The policy never moves the last worker that decodes; role_switch.py refuses it too.
+            assert any(x is not w and x.serves(Role.DECODE) for x in c.workers), \
+                f"{w.worker_id} is the last worker that decodes"
+        if from_role is Role.PREFILL and to is Role.DECODE:
+            # Nor the last prefill worker while no mixed worker prefills for itself.
+            assert any(x is not w and (x.serves(Role.PREFILL) or x.serves(Role.MIXED)) for x in c.workers), \
+                f"{w.worker_id} is the last prefill worker serving"
         w.state.begin_switch(to)
         sw = w.switch = Switch(w, from_role, to, c.loop.now, on_done, reason)
-        if from_role is Role.DECODE:
+        if from_role.decodes and to is Role.PREFILL:
             for seq in movable(list(w.decode.seqs.values()), lambda rid: False):
                 self.start_move(w, seq)
         self.check(w)
@@ -100,9 +108,11 @@ class Switcher:
         if sw.from_role is Role.PREFILL:
             if w.prefill_busy:
                 return
-        elif w.decode.seqs or sw.moves_in_flight:
+        elif sw.to_role is Role.PREFILL and (w.decode.seqs or sw.moves_in_flight):
             return
+        # decode <-> mixed ends at once: its requests stay, a mixed worker's queued prompts finish
         w.state.finish_switch()
+        w.local.step_token_budget = self.c.chunk_budget if sw.to_role is Role.MIXED else self.c.chunk_tokens
         w.switch = None
         w.stuck.clear()
         sw.ended = self.c.loop.now

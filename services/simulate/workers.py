@@ -34,6 +34,7 @@ class SimRequest:
     prefill_worker: SimWorker | None = None
     decode_worker: SimWorker | None = None
     move: object | None = None  # a services.simulate.switching.Move under way
+    local_on: bool = False  # queued for its own prefill on a mixed worker (the dispatcher's local_ledger)
     first_at: float | None = None
     last_at: float = 0.0
     done_at: float | None = None

@@ -32,7 +32,7 @@ class RoleState:
             return "is draining"
         if self.switching_to is not None:
             return f"is switching from {self.role} to {self.switching_to}"
-        if self.role != role:
+        if not self.role.covers(role):
             return f"serves {self.role}, not {role}"
         return None
 

@@ -147,11 +147,12 @@ def test_the_bounds_hold_through_role_switches_and_migrations():
     """dopd on 8 workers at a load where the planner switches roles and moves running requests
     (a moved request's KV travels; a replayed one is prefilled again): no request beats its bounds.
     On llama3-8b-h100-v1 (the profile before the 2026-12-07 recalibration): this load was chosen so
-    that its slower prefill makes the planner switch roles and move requests."""
+    that its slower prefill makes the planner switch roles and move requests; `dopd-split`, as dopd
+    would choose aggregation here and move nothing."""
     p = load_profile("llama3-8b-h100-v1")
     reqs = generate("phase-shift", 20, 30, seed=0, burstiness=0.5, max_context=8192)
     limits = Limits(max_batch=256, max_forward_tokens=8192 + 256, max_context=8192)
-    out = simulate(reqs, SimConfig(p, 8, mode="dopd", split=(5, 3), predictor="ewma", max_batch_size=256,
+    out = simulate(reqs, SimConfig(p, 8, mode="dopd-split", split=(5, 3), predictor="ewma", max_batch_size=256,
                                    prefill_token_budget=8192, kv_blocks=4096))
     assert sum(s["migrated"] for s in out.switches) > 0, "no request moved: the test would not exercise a move"
     cost = cheapest_prefill_s(p, max(r.prompt_tokens for r in reqs), limits)
