@@ -52,6 +52,9 @@ class PlannerSettings(_Base):
     slo_ttft_ms: float = 2000.0
     slo_tpot_ms: float = 200.0
     slo_itl_ms: float | None = None  # the stall SLO (each request's p99 gap); none by default
+    # The configuration core may choose mixed workers (aggregation) besides prefill/decode splits
+    # (`dopd up --mode dopd` sets it; dopd-split does not).
+    mixed_workers: bool = False
     history_max_age_s: float = 6 * 3600.0
     # GetTopology answers UNAVAILABLE this long after a start, until the workers' heartbeats are
     # in: a restarted planner must not hand the gateway an empty topology.

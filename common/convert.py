@@ -6,7 +6,8 @@ from common.load import LengthDist, LoadForecast
 from common.pb import common_pb2
 from common.types import Role, SamplingParams
 
-ROLE_TO_PB = {Role.PREFILL: common_pb2.ROLE_PREFILL, Role.DECODE: common_pb2.ROLE_DECODE}
+ROLE_TO_PB = {Role.PREFILL: common_pb2.ROLE_PREFILL, Role.DECODE: common_pb2.ROLE_DECODE,
+              Role.MIXED: common_pb2.ROLE_MIXED}
 ROLE_FROM_PB = {v: k for k, v in ROLE_TO_PB.items()}
 FINISH_TO_PB = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
                 "abort": common_pb2.FINISH_REASON_ABORT}

@@ -123,7 +123,8 @@ def _role(args) -> int:
 
     load_token_file(args.target)  # SetRole is internal: the cluster token `dopd up` left here
     try:
-        reply = asyncio.run(set_worker_role(args.target, args.worker, args.role, timeout=args.timeout))
+        reply = asyncio.run(set_worker_role(args.target, args.worker, args.role, timeout=args.timeout,
+                                            chunk_budget=args.chunk_budget))
     except (grpc.aio.AioRpcError, LookupError) as exc:
         detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
         print(f"error: {detail}", file=sys.stderr)
@@ -170,12 +171,20 @@ def _status(args) -> int:
     plan = status.get("plan")
     if plan:
         console.print(f"planner: {plan['mode']} ({plan['predictor']}); split now {plan['split_now']}, "
-                      f"target {plan['target_prefill']}P:{plan['target_decode']}D; observed "
+                      f"target {plan['target_prefill']}P:{plan['target_decode']}D"
+                      + (f":{plan['target_mixed']}M at {plan['target_chunk_budget']} tokens a step"
+                         if plan.get("target_mixed") else "") + "; observed "
                       f"{plan['observed_rate']:.2f} req/s, predicted {plan['predicted_rate']:.2f} req/s "
                       f"(prompt p50 {plan['predicted_prompt_p50']:.0f}, p90 {plan['predicted_prompt_p90']:.0f}; "
                       f"output p50 {plan['predicted_output_p50']:.0f}); {plan['intervals_recorded']} intervals "
                       f"recorded, Redis {'ok' if plan['redis_ok'] else 'away'}; last decision "
                       f"{plan['decision_seconds'] * 1e3:.1f} ms")
+        choice = plan.get("configuration")
+        if choice:
+            def cap(c):
+                return f"{c['name']} ({c['rate']:.1f} req/s, by {c['limited_by']})" if c else "-"
+            console.print(f"configuration: {choice['target']}: predicted {cap(choice['predicted'])}, runner-up "
+                          f"{cap(choice['runner_up'])}; {choice['why']}")
         switches = Table(title="last role switches")
         for col in ("at", "worker", "from", "to", "ms", "moved", "MB", "ok", "reason / error"):
             switches.add_column(col)
@@ -254,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     role = sub.add_parser("role", help="switch one worker's role in place and wait until it is done")
     role.add_argument("worker", help="the worker as `dopd status` names it, e.g. decode-0")
-    role.add_argument("role", choices=["prefill", "decode"])
+    role.add_argument("role", choices=["prefill", "decode", "mixed"])
+    role.add_argument("--chunk-budget", type=int, default=0,
+                      help="mixed: tokens a step for its own prefill (default: the worker's setting)")
     role.add_argument("--target", default=DEFAULT_TARGET, help="the gateway")
     role.add_argument("--timeout", type=float, default=120.0)
     role.add_argument("--json", action="store_true")

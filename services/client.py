@@ -3,6 +3,7 @@ benchmarks use to talk to a cluster."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import grpc
@@ -92,7 +93,10 @@ async def cluster_status(target: str, timeout: float = 5.0) -> dict:
     plan = await planner_plan(status.planner_address, timeout)
     if plan is not None:
         roles = [ROLE_FROM_PB.get(w.role) for w in status.topology.workers]
-        plan["split_now"] = f"{roles.count(Role.PREFILL)}P:{roles.count(Role.DECODE)}D"
+        plan["split_now"] = f"{roles.count(Role.PREFILL)}P:{roles.count(Role.DECODE)}D" + (
+            f":{roles.count(Role.MIXED)}M" if Role.MIXED in roles else "")
+        if plan.get("configuration"):
+            plan["configuration"] = json.loads(plan["configuration"])
     return {"model": status.model, "serving_mode": status.serving_mode, "topology_version": status.topology.version,
             "services": services, "plan": plan}
 
@@ -126,9 +130,10 @@ async def planner_plan(address: str, timeout: float = 5.0) -> dict | None:
     return doc
 
 
-async def set_worker_role(target: str, worker: str, role: str, timeout: float = 120.0) -> dict:
-    """Switch `worker` (its id in the topology, e.g. decode-0) to `role` through SetRole; wait until
-    it is done and return its timings. Raises LookupError when the gateway's topology lacks it."""
+async def set_worker_role(target: str, worker: str, role: str, timeout: float = 120.0, chunk_budget: int = 0) -> dict:
+    """Switch `worker` (its id in the topology, e.g. decode-0) to `role` through SetRole (a mixed
+    worker's `chunk_budget`, 0: its own setting); wait until it is done and return its timings.
+    Raises LookupError when the gateway's topology lacks it."""
     async with grpc.aio.insecure_channel(target) as channel:
         status = await gateway_pb2_grpc.GatewayStub(channel).GetStatus(gateway_pb2.GetStatusRequest(), timeout=10)
     match = [w for w in status.topology.workers if w.worker_id == worker]
@@ -137,7 +142,7 @@ async def set_worker_role(target: str, worker: str, role: str, timeout: float = 
         raise LookupError(f"no worker {worker!r} in the topology (workers: {known})")
     async with internal_channel(match[0].address) as channel:
         reply = await worker_pb2_grpc.WorkerStub(channel).SetRole(
-            worker_pb2.SetRoleRequest(role=ROLE_TO_PB[Role(role)]), timeout=timeout)
+            worker_pb2.SetRoleRequest(role=ROLE_TO_PB[Role(role)], chunk_budget=chunk_budget), timeout=timeout)
     return _role_names(_pb_dict(reply))
 
 

@@ -345,6 +345,7 @@ class Cluster:
             "DOPD_REDIS_URL": self.redis_url, "DOPD_REDIS_PREFIX": s.redis_prefix or f"dopd:{s.port}:",
             "DOPD_PLANNER_MODE": s.planner, "DOPD_PREDICTOR": s.predictor, "DOPD_INTERVAL_S": str(s.interval_s),
             "DOPD_SLO_TTFT_MS": str(s.slo_ttft_ms), "DOPD_SLO_TPOT_MS": str(s.slo_tpot_ms),
+            "DOPD_MIXED_WORKERS": str(serving_mode(s.mode).mixed).lower(),
             **({"DOPD_SLO_ITL_MS": str(s.slo_itl_ms)} if s.slo_itl_ms is not None else {})})
         self._spawn("gateway", "gateway", "services.gateway", s.port, metrics_ports[1], {
             **common, "DOPD_GATEWAY_PORT": str(s.port), "DOPD_GATEWAY_METRICS_PORT": str(metrics_ports[1]),

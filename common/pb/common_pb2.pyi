@@ -13,6 +13,7 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_UNSPECIFIED: _ClassVar[Role]
     ROLE_PREFILL: _ClassVar[Role]
     ROLE_DECODE: _ClassVar[Role]
+    ROLE_MIXED: _ClassVar[Role]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -23,6 +24,7 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 ROLE_UNSPECIFIED: Role
 ROLE_PREFILL: Role
 ROLE_DECODE: Role
+ROLE_MIXED: Role
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -47,7 +49,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., index_offset: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "metrics_address", "model", "kv_blocks_total", "kv_blocks_used", "running_requests", "waiting_requests", "block_size", "serving", "prefill_waiting", "prefill_waiting_tokens", "decode_running", "decode_waiting", "switching", "kv_transports")
+    __slots__ = ("worker_id", "role", "address", "metrics_address", "model", "kv_blocks_total", "kv_blocks_used", "running_requests", "waiting_requests", "block_size", "serving", "prefill_waiting", "prefill_waiting_tokens", "decode_running", "decode_waiting", "switching", "kv_transports", "chunk_budget")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +67,7 @@ class WorkerInfo(_message.Message):
     DECODE_WAITING_FIELD_NUMBER: _ClassVar[int]
     SWITCHING_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BUDGET_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     address: str
@@ -82,4 +85,5 @@ class WorkerInfo(_message.Message):
     decode_waiting: int
     switching: bool
     kv_transports: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., model: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., block_size: _Optional[int] = ..., serving: _Optional[bool] = ..., prefill_waiting: _Optional[int] = ..., prefill_waiting_tokens: _Optional[int] = ..., decode_running: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., switching: _Optional[bool] = ..., kv_transports: _Optional[_Iterable[str]] = ...) -> None: ...
+    chunk_budget: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., model: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., block_size: _Optional[int] = ..., serving: _Optional[bool] = ..., prefill_waiting: _Optional[int] = ..., prefill_waiting_tokens: _Optional[int] = ..., decode_running: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., switching: _Optional[bool] = ..., kv_transports: _Optional[_Iterable[str]] = ..., chunk_budget: _Optional[int] = ...) -> None: ...

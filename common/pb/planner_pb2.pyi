@@ -111,7 +111,7 @@ class RoleSwitch(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., from_role: _Optional[_Union[_common_pb2.Role, str]] = ..., to_role: _Optional[_Union[_common_pb2.Role, str]] = ..., at_unix: _Optional[float] = ..., seconds: _Optional[float] = ..., migrated_requests: _Optional[int] = ..., migrated_bytes: _Optional[int] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., fell_back_to_drain: _Optional[bool] = ...) -> None: ...
 
 class PlanStatus(_message.Message):
-    __slots__ = ("mode", "predictor", "target_prefill", "target_decode", "predicted_rate", "predicted_prompt_p50", "predicted_prompt_p90", "predicted_output_p50", "observed_rate", "intervals_recorded", "redis_ok", "recent_switches", "split_detail", "decision_seconds")
+    __slots__ = ("mode", "predictor", "target_prefill", "target_decode", "predicted_rate", "predicted_prompt_p50", "predicted_prompt_p90", "predicted_output_p50", "observed_rate", "intervals_recorded", "redis_ok", "recent_switches", "split_detail", "decision_seconds", "target_mixed", "target_chunk_budget", "configuration")
     MODE_FIELD_NUMBER: _ClassVar[int]
     PREDICTOR_FIELD_NUMBER: _ClassVar[int]
     TARGET_PREFILL_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,9 @@ class PlanStatus(_message.Message):
     RECENT_SWITCHES_FIELD_NUMBER: _ClassVar[int]
     SPLIT_DETAIL_FIELD_NUMBER: _ClassVar[int]
     DECISION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MIXED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CHUNK_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    CONFIGURATION_FIELD_NUMBER: _ClassVar[int]
     mode: str
     predictor: str
     target_prefill: int
@@ -140,4 +143,7 @@ class PlanStatus(_message.Message):
     recent_switches: _containers.RepeatedCompositeFieldContainer[RoleSwitch]
     split_detail: str
     decision_seconds: float
-    def __init__(self, mode: _Optional[str] = ..., predictor: _Optional[str] = ..., target_prefill: _Optional[int] = ..., target_decode: _Optional[int] = ..., predicted_rate: _Optional[float] = ..., predicted_prompt_p50: _Optional[float] = ..., predicted_prompt_p90: _Optional[float] = ..., predicted_output_p50: _Optional[float] = ..., observed_rate: _Optional[float] = ..., intervals_recorded: _Optional[int] = ..., redis_ok: _Optional[bool] = ..., recent_switches: _Optional[_Iterable[_Union[RoleSwitch, _Mapping]]] = ..., split_detail: _Optional[str] = ..., decision_seconds: _Optional[float] = ...) -> None: ...
+    target_mixed: int
+    target_chunk_budget: int
+    configuration: str
+    def __init__(self, mode: _Optional[str] = ..., predictor: _Optional[str] = ..., target_prefill: _Optional[int] = ..., target_decode: _Optional[int] = ..., predicted_rate: _Optional[float] = ..., predicted_prompt_p50: _Optional[float] = ..., predicted_prompt_p90: _Optional[float] = ..., predicted_output_p50: _Optional[float] = ..., observed_rate: _Optional[float] = ..., intervals_recorded: _Optional[int] = ..., redis_ok: _Optional[bool] = ..., recent_switches: _Optional[_Iterable[_Union[RoleSwitch, _Mapping]]] = ..., split_detail: _Optional[str] = ..., decision_seconds: _Optional[float] = ..., target_mixed: _Optional[int] = ..., target_chunk_budget: _Optional[int] = ..., configuration: _Optional[str] = ...) -> None: ...

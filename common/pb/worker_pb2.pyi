@@ -217,10 +217,12 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SetRoleRequest(_message.Message):
-    __slots__ = ("role",)
+    __slots__ = ("role", "chunk_budget")
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BUDGET_FIELD_NUMBER: _ClassVar[int]
     role: _common_pb2.Role
-    def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ...) -> None: ...
+    chunk_budget: int
+    def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ..., chunk_budget: _Optional[int] = ...) -> None: ...
 
 class SetRoleResponse(_message.Message):
     __slots__ = ("from_role", "to_role", "total_seconds", "drain_seconds", "migration_seconds", "migrated_requests", "migrated_bytes", "drained_requests", "fell_back_to_drain", "note", "longest_request_pause_seconds", "longest_request_migration_seconds", "migrated_bytes_shared", "migrated_bytes_nixl")

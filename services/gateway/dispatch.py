@@ -142,37 +142,50 @@ class Dispatcher:
         return pick_prefill(trusted, self.prefill_ledger.tokens)
 
     # -- local prefill on mixed workers ----------------------------------------------------
-    def local_ttft_s(self, worker: WorkerView, prompt_len: int, budget: int, policy: SchedulingPolicy) -> float:
+    def local_ttft_s(self, worker: WorkerView, prompt_len: int, policy: SchedulingPolicy) -> float:
         """Profile seconds until `prompt_len` tokens queued on mixed `worker` have had their last
-        chunk: its queued prompts' chunks first, each step `budget` tokens less its decodes."""
+        chunk: its queued prompts' chunks first, each step its chunk budget less its decodes."""
         c = self.decode_load.candidate(worker)
-        chunk = max(1, budget - c.batch_size)
+        chunk = max(1, worker.chunk_budget - c.batch_size)
         steps = math.ceil((self.local_ledger.tokens[worker.worker_id] + prompt_len) / chunk)
         context = c.context_tokens / c.batch_size if c.batch_size else 0.0
         return steps * policy.profile.mixed_step_time(c.batch_size, context, min(chunk, prompt_len))
 
-    def local_worker(self, mixed: list[WorkerView], prompt_len: int, budget: int, policy: SchedulingPolicy | None,
+    def local_worker(self, mixed: list[WorkerView], prompt_len: int, policy: SchedulingPolicy | None,
                      prefill_serving: bool, now: float) -> WorkerView | None:
         """The mixed worker that prefills the prompt itself, or None: disaggregate it. Least
         queued local work first; one fits when the prompt's predicted TTFT there meets the SLO and
-        (under a stall SLO) a step with a whole chunk meets it. With no prefill worker serving,
-        the least queued one, fit or not."""
+        (under a stall SLO) a step with a whole chunk meets it (with no policy, and so no profile:
+        when it has no prompt of its own queued). With no prefill worker serving, the least queued
+        one, fit or not."""
         trusted = [w for w in mixed if not self.recently_lost(w.worker_id, now)] or mixed
         order = sorted(trusted, key=lambda w: (self.local_ledger.tokens[w.worker_id], w.worker_id))
         if not order:
             return None
-        if policy is None:
-            return None if prefill_serving else order[0]
+        if policy is None:  # no profile to predict with: a mixed worker with no prompt of its own queued
+            idle = [w for w in order if not self.local_ledger.tokens[w.worker_id]]
+            return idle[0] if idle else (None if prefill_serving else order[0])
         for w in order:
-            if self.local_ttft_s(w, prompt_len, budget, policy) > policy.slo.ttft_s:
+            if self.local_ttft_s(w, prompt_len, policy) > policy.slo.ttft_s:
                 continue
             if policy.slo.itl_s is not None:
                 c = self.decode_load.candidate(w)
                 context = c.context_tokens / c.batch_size if c.batch_size else 0.0
-                if policy.profile.mixed_step_time(c.batch_size, context, budget) > policy.slo.itl_s:
+                if policy.profile.mixed_step_time(c.batch_size, context, w.chunk_budget) > policy.slo.itl_s:
                     continue
             return w
         return None if prefill_serving else order[0]
+
+    def local_refusal(self, worker: WorkerView, prompt_len: int, policy: SchedulingPolicy | None) -> str | None:
+        """Admission control on a mixed worker: why the prompt is refused there (its predicted
+        TTFT, behind that worker's queued prompts, is past the SLO), or None."""
+        if policy is None or not policy.admission:
+            return None
+        ttft = self.local_ttft_s(worker, prompt_len, policy)
+        if ttft <= policy.slo.ttft_s:
+            return None
+        return (f"overloaded: predicted time to first token {ttft * 1e3:.0f} ms on mixed worker {worker.worker_id} "
+                f"is past the {policy.slo.ttft_s * 1e3:.0f} ms SLO, and no prefill worker serves")
 
     # -- lost workers -----------------------------------------------------------------------
     def lost(self, worker_id: str, now: float) -> None:

@@ -18,7 +18,9 @@ from common.types import SamplingParams
 from services.gateway.events import DecodeEvent, Finished, Moved, Reserved, Tokens
 from services.gateway.routing import WorkerView
 
-_ROLES = {"prefill": common_pb2.ROLE_PREFILL, "decode": common_pb2.ROLE_DECODE}
+# Who serves each kind of work: a mixed worker decodes too (and takes whole prompts: "mixed").
+_ROLES = {"prefill": {common_pb2.ROLE_PREFILL}, "decode": {common_pb2.ROLE_DECODE, common_pb2.ROLE_MIXED},
+          "mixed": {common_pb2.ROLE_MIXED}}
 
 
 def event_from_pb(event: worker_pb2.DecodeEvent) -> DecodeEvent:
@@ -78,10 +80,11 @@ class GrpcBackend:
             pass
 
     def workers(self, role: str) -> list[WorkerView]:
-        """Workers serving `role` by the last topology; none in the middle of a role switch."""
+        """Workers serving `role` by the last topology (decode: mixed workers too); none in the
+        middle of a role switch."""
         return [WorkerView(w.worker_id, w.address, w.kv_blocks_total - w.kv_blocks_used, w.block_size,
-                           tuple(w.kv_transports))
-                for w in self.topology.workers if w.role == _ROLES[role] and w.serving and not w.switching]
+                           tuple(w.kv_transports), w.chunk_budget)
+                for w in self.topology.workers if w.role in _ROLES[role] and w.serving and not w.switching]
 
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         return worker_pb2_grpc.WorkerStub(self.channels.get(address))

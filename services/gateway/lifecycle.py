@@ -143,11 +143,24 @@ class RequestCore:
         worker = pick_prefill(self.backend.workers("prefill"), self.dispatch.prefill_ledger.tokens)
         return worker.worker_id if worker else None
 
-    def _admit(self, req: GenerationRequest, path: Path, policy: SchedulingPolicy | None) -> None:
+    def _local_worker(self, req: GenerationRequest, policy: SchedulingPolicy | None) -> WorkerView | None:
+        """The mixed worker that prefills the prompt itself (Dispatcher.local_worker), or None."""
+        if not self.mode.disaggregated:
+            return None
+        mixed = self.backend.workers("mixed")
+        if not mixed:
+            return None
+        return self.dispatch.local_worker(mixed, len(req.prompt), policy, bool(self._prefill_ids()), time.monotonic())
+
+    def _admit(self, req: GenerationRequest, path: Path, policy: SchedulingPolicy | None,
+               here: WorkerView | None = None) -> None:
         """Admission control: RESOURCE_EXHAUSTED at once, saying why, when the predicted TTFT is
         already past the SLO."""
-        reason = self.dispatch.admission_refusal(len(req.prompt), path, policy, self._prefill_ids(),
-                                                 time.monotonic())
+        if here is not None:
+            reason = self.dispatch.local_refusal(here, len(req.prompt), policy)
+        else:
+            reason = self.dispatch.admission_refusal(len(req.prompt), path, policy, self._prefill_ids(),
+                                                     time.monotonic())
         if reason is not None:
             metrics.ADMISSION_REFUSED.inc()
             raise ResourceExhausted(reason)
@@ -162,8 +175,11 @@ class RequestCore:
         try:
             policy = self.policy()
             path = self.dispatch.path(len(req.prompt), policy)
+            here = self._local_worker(req, policy)
+            if here is not None:
+                path = Path.MIXED
             try:
-                self._admit(req, path, policy)
+                self._admit(req, path, policy, here)
             except ResourceExhausted:
                 self.recorder.refused_by_admission(len(req.prompt), req.params.max_tokens)
                 raise
@@ -176,7 +192,7 @@ class RequestCore:
                 attempt = self._replay_of(req, generated) if replays else req
                 try:
                     async with contextlib.aclosing(self._attempt(attempt, path, policy, remaining,
-                                                                 first=not replays)) as events:
+                                                                 first=not replays, here=here)) as events:
                         async for item in events:
                             if isinstance(item, str):
                                 finish = item
@@ -206,6 +222,9 @@ class RequestCore:
                     # A replay prefills the prompt and the tokens so far on a prefill worker (or,
                     # with no prefill role, where it decodes): never held for a short batch.
                     path = Path.LONG if self.mode.disaggregated else Path.ULTRA_SHORT
+                    here = self._local_worker(attempt, None) if path is Path.LONG and not self._prefill_ids() else None
+                    if here is not None:
+                        path = Path.MIXED
             if detok.stopped:
                 finish = "stop"
             done = time.perf_counter()
@@ -248,20 +267,22 @@ class RequestCore:
                                       index_offset=req.params.index_offset + n))
 
     async def _attempt(self, req: GenerationRequest, path: Path, policy: SchedulingPolicy | None, remaining,
-                       first: bool) -> AsyncIterator[tuple[int, ...] | str]:
+                       first: bool, here: WorkerView | None = None) -> AsyncIterator[tuple[int, ...] | str]:
         """One try at serving `req`: reserve, prefill, relay. Yields token tuples (indices
         counted from this try's first token), then the finish reason. A worker that dies or
         breaks the stream ends the try with WorkerLost; leaving by any path cancels the decode
-        stream, which frees the try's blocks."""
+        stream, which frees the try's blocks. Path.MIXED: reserved on a mixed worker (`here`
+        first), which prefills the prompt itself."""
         stream = decode_worker = None
-        local = path is Path.ULTRA_SHORT
+        local = path in (Path.ULTRA_SHORT, Path.MIXED)
         if policy is not None and not first:
             # A replay was admitted already: it is served, seated or not, and waits up to its deadline.
             policy = replace(policy, admission=False)
         try:
             try:
-                stream, decode_worker = await self._reserve_decode(req, remaining, policy, local,
-                                                                   self._decode_wait_budget(req, path, policy))
+                stream, decode_worker = await self._reserve_decode(
+                    req, remaining, policy, local, self._decode_wait_budget(req, path, policy),
+                    here if path is Path.MIXED else None, path is Path.MIXED)
             except ResourceExhausted:
                 if first:
                     self.recorder.rejected()
@@ -270,7 +291,14 @@ class RequestCore:
                 metrics.PATHS.labels(path.value).inc()
                 self.recorder.arrived(len(req.prompt), req.params.max_tokens)
             if local:
-                firsts = await self._first_tokens_here(stream, decode_worker)
+                ledger = self.dispatch.local_ledger
+                ledger.sent(decode_worker.worker_id, req.worker_request_id, len(req.prompt), time.monotonic())
+                finished_at = None
+                try:
+                    firsts = await self._first_tokens_here(stream, decode_worker)
+                    finished_at = time.monotonic()
+                finally:
+                    ledger.done(decode_worker.worker_id, req.worker_request_id, finished_at)
             else:
                 prefer = None
                 if path is Path.SHORT and self._least_loaded_prefill_work()[0] > 0:
@@ -402,7 +430,8 @@ class RequestCore:
                     self.short_gate.worker_freed()  # late binding: the short prompts held go now
 
     async def _reserve_decode(self, req: GenerationRequest, remaining, policy: SchedulingPolicy | None = None,
-                              local: bool = False, wait_budget_s: float = 0.0) -> tuple[DecodeStream, WorkerView]:
+                              local: bool = False, wait_budget_s: float = 0.0, here: WorkerView | None = None,
+                              mixed: bool = False) -> tuple[DecodeStream, WorkerView]:
         """Open Decode on the first decode worker that reserves the request's KV blocks (`local`:
         and prefills the prompt there). When every worker refused because roles are changing
         (not for want of KV), wait for a new topology. When they are out of KV, wait in the
@@ -413,10 +442,10 @@ class RequestCore:
         if len(self.decode_queue):
             self._refuse_hopeless_seat_wait(req, policy, wait_budget_s)
             return await self._queue_for_decode(req, remaining, policy, local, wait_budget_s,
-                                                "requests that came first are waiting for KV")
+                                                "requests that came first are waiting for KV", mixed)
         since = time.monotonic()
         while True:
-            got, full, refusals = await self._try_reserve(req, remaining, policy, local)
+            got, full, refusals = await self._try_reserve(req, remaining, policy, local, here, mixed)
             if got is not None:
                 return got
             if full:
@@ -424,7 +453,8 @@ class RequestCore:
                     self._refuse_hopeless_seat_wait(req, policy, wait_budget_s)
                     metrics.SEAT_WAITS.inc()
                 return await self._queue_for_decode(req, remaining, policy, local, wait_budget_s,
-                                                    "no decode worker can hold this request: " + "; ".join(refusals))
+                                                    "no decode worker can hold this request: " + "; ".join(refusals),
+                                                    mixed)
             await self._wait_for_workers(since, remaining, "no decode worker is serving" + (
                 ": " + "; ".join(refusals) if refusals else ""))
 
@@ -439,14 +469,18 @@ class RequestCore:
             raise ResourceExhausted(reason)
 
     async def _try_reserve(self, req: GenerationRequest, remaining, policy: SchedulingPolicy | None,
-                           local: bool) -> tuple[tuple[DecodeStream, WorkerView] | None, bool, list[str]]:
-        """One pass over the decode workers, best first: (the reservation, or None; whether any
-        refused for want of KV; each refusal)."""
+                           local: bool, here: WorkerView | None = None,
+                           mixed: bool = False) -> tuple[tuple[DecodeStream, WorkerView] | None, bool, list[str]]:
+        """One pass over the decode workers (`mixed`: the mixed workers, `here` first), best
+        first: (the reservation, or None; whether any refused for want of KV; each refusal)."""
         refusals, full = [], False
         no_seat = [self.dispatch.no_seat(policy)] if policy is not None else []
-        workers = self.backend.workers("decode")
+        workers = self.backend.workers("mixed" if mixed else "decode")
         prompt_len, max_tokens = len(req.prompt), req.params.max_tokens
         order = self.dispatch.decode_order(workers, prompt_len, max_tokens, policy, time.monotonic())
+        if here is not None:
+            order = [w for w in order if w.worker_id == here.worker_id] + [
+                w for w in order if w.worker_id != here.worker_id]
         if not order and no_seat and workers:
             return None, True, no_seat
         for worker in order:
@@ -470,9 +504,10 @@ class RequestCore:
         return None, full, refusals
 
     async def _queue_for_decode(self, req: GenerationRequest, remaining, policy: SchedulingPolicy | None,
-                                local: bool, budget_s: float, why: str) -> tuple[DecodeStream, WorkerView]:
+                                local: bool, budget_s: float, why: str,
+                                mixed: bool = False) -> tuple[DecodeStream, WorkerView]:
         async def attempt():
-            got, _, _ = await self._try_reserve(req, remaining, policy, local)
+            got, _, _ = await self._try_reserve(req, remaining, policy, local, mixed=mixed)
             return got
 
         # Give up a little before the deadline, so that the client hears why, not just DEADLINE_EXCEEDED.

@@ -18,6 +18,7 @@ class WorkerView:
     kv_free_blocks: int
     block_size: int
     kv_transports: tuple[str, ...] = ()  # how it reads peers' KV besides PushKV chunks (WorkerInfo)
+    chunk_budget: int = 0  # a mixed worker's tokens a step, for its own prefill (WorkerInfo)
 
 
 def pick_prefill(workers: list[WorkerView], outstanding_tokens: dict[str, int]) -> WorkerView | None:

@@ -51,6 +51,7 @@ class Path(enum.StrEnum):
     LONG = "long"
     SHORT = "short"
     ULTRA_SHORT = "ultra-short"
+    MIXED = "mixed"  # prefilled by the mixed worker that decodes it (services/gateway/dispatch.py)
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ class SchedulingPolicy:
         prompts since the oldest was sent), and (short, when that worker is busy) the longest
         wait for a batch. Never less than the prompt's own prefill."""
         own = self._prefill_s(prompt_tokens)
-        if path is Path.ULTRA_SHORT:
+        if path in (Path.ULTRA_SHORT, Path.MIXED):  # (a mixed worker's queue: Dispatcher.local_ttft_s)
             return own
         wait = self.batch_wait_cap_s if path is Path.SHORT and queued_tokens > 0 else 0.0
         return max(own, self._prefill_s(queued_tokens + prompt_tokens) - busy_s) + wait

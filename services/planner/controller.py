@@ -101,10 +101,15 @@ class PlannerController:
         if self.core is not None:
             self.last = self.core.decide(self.clock.now(), self.intervals, workers)
             doc["forecast_rate"] = self.last.forecast.rate
-            doc["target"] = [self.last.target.prefill, self.last.target.decode]
+            target = self.last.target
+            doc["target"] = [target.prefill, target.decode, target.mixed]
+            if self.last.choice is not None:
+                doc["configuration"] = self.last.choice.record()
             self._publish(self.last)
             for change in self.last.changes:
-                self._spawn(self._apply(change))
+                self._spawn(self._apply(change, target.chunk_budget))
+            if target.mixed and not self.last.changes:
+                self._retune(workers, target.chunk_budget)
         await self.history.append(wall, doc)
         metrics.HISTORY_INTERVALS.set(len(self.intervals))
 
@@ -112,6 +117,7 @@ class PlannerController:
         metrics.PREDICTED_RATE.set(decision.forecast.rate)
         metrics.TARGET_WORKERS.labels("prefill").set(decision.target.prefill)
         metrics.TARGET_WORKERS.labels("decode").set(decision.target.decode)
+        metrics.TARGET_WORKERS.labels("mixed").set(decision.target.mixed)
         metrics.DECISION_SECONDS.observe(decision.seconds)
 
     def _spawn(self, coro) -> None:
@@ -119,12 +125,24 @@ class PlannerController:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _apply(self, change: RoleChange) -> None:
-        record = await self.switch(change.worker_id, Role(change.to_role), change.reason)
+    async def _apply(self, change: RoleChange, chunk_budget: int = 0) -> None:
+        budget = chunk_budget if change.to_role == Role.MIXED else 0
+        record = await self.switch(change.worker_id, Role(change.to_role), change.reason, budget)
         self.core.observe_switch(self.clock.now(), change, record.ok, record.seconds / self.clock.time_scale)
 
-    async def switch(self, worker_id: str, to: Role, reason: str) -> planner_pb2.RoleSwitch:
-        """SetRole on one worker; the outcome is recorded and counted, never raised."""
+    def _retune(self, workers: list[WorkerLoad], chunk_budget: int) -> None:
+        """Mixed workers whose chunk budget is not the configuration's get it (SetRole to mixed
+        with the budget: no switch, the next step takes it)."""
+        by_id = {w.worker_id: w for w in self.registry.live(time.monotonic())}
+        for w in workers:
+            info = by_id.get(w.worker_id)
+            if w.role == Role.MIXED and not w.switching and info is not None and info.chunk_budget != chunk_budget:
+                self._spawn(self.switch(w.worker_id, Role.MIXED, f"configuration: chunk budget {chunk_budget}",
+                                        chunk_budget))
+
+    async def switch(self, worker_id: str, to: Role, reason: str, chunk_budget: int = 0) -> planner_pb2.RoleSwitch:
+        """SetRole on one worker (`chunk_budget`: a mixed worker's, 0 for its own setting); the
+        outcome is recorded and counted, never raised."""
         info = next((w for w in self.registry.live(time.monotonic()) if w.worker_id == worker_id), None)
         record = planner_pb2.RoleSwitch(worker_id=worker_id, to_role=ROLE_TO_PB[to], at_unix=time.time(),
                                         reason=reason)
@@ -135,7 +153,7 @@ class PlannerController:
             record.from_role = info.role
             stub = worker_pb2_grpc.WorkerStub(self.channels.get(info.address))
             try:
-                reply = await stub.SetRole(worker_pb2.SetRoleRequest(role=ROLE_TO_PB[to]),
+                reply = await stub.SetRole(worker_pb2.SetRoleRequest(role=ROLE_TO_PB[to], chunk_budget=chunk_budget),
                                            timeout=self.switch_timeout_s)
                 record.ok = True
                 record.migrated_requests, record.migrated_bytes = reply.migrated_requests, reply.migrated_bytes
@@ -157,6 +175,9 @@ class PlannerController:
         if self.last is not None:
             f, t = self.last.forecast, self.last.target
             out.target_prefill, out.target_decode = t.prefill, t.decode
+            out.target_mixed, out.target_chunk_budget = t.mixed, t.chunk_budget
+            if self.last.choice is not None:
+                out.configuration = json.dumps(self.last.choice.record())
             out.predicted_rate = f.rate
             out.predicted_prompt_p50, out.predicted_prompt_p90 = f.prompt.quantile(0.5), f.prompt.quantile(0.9)
             out.predicted_output_p50 = f.output.quantile(0.5)

@@ -50,12 +50,12 @@ Mixed workers (services/planner/configuration.py). A target names the role of it
 workers (`Split.rest_role`: decode or mixed). The rules above count prefill against the rest (a
 mixed worker decodes, so it counts as a decode worker), and a worker that leaves prefill takes the
 rest's role. Prefill may drop to zero when the rest is mixed (mixed workers prefill for
-themselves): then a missing prefill worker is no emergency. A non-prefill worker of the other kind
-(decode where the target is mixed, or the reverse) is switched once the target has persisted
-(hysteresis) and no switch is under way, all such workers together and outside the cooldown: the
-change moves no KV (a decode worker only starts or stops taking prompts), and the configuration
-core changed the target only for a predicted gain. Prefill workers become mixed ones all at once
-too (each drains its queue, no KV moves), and a prefill queue is no emergency then.
+themselves): then a missing prefill worker (or its queue) is no emergency. Moves that carry no KV
+come first, all at once, outside the cooldown and without hysteresis (the configuration core
+changes its choice only for a predicted gain, services/planner/configuration.py): a non-prefill
+worker of the other kind (decode where the target is mixed, or the reverse: a decode worker only
+starts or stops taking prompts), and prefill workers the mixed target has no place for (each
+drains its queue). A decode worker becomes mixed -> decode only once a prefill worker exists.
 """
 
 from __future__ import annotations
@@ -182,24 +182,28 @@ class ReconfigPolicy:
         self._missing_calls = self._missing_calls + 1 if ws and min(count[r] for r in needed) == 0 else 0
         if self._missing_calls == 1:
             return []  # perhaps a heartbeat not in yet: look again next call before acting
+        if kind and rest == DECODE and count[PREFILL] < cfg.min_per_role:
+            kind = []  # mixed workers are the only ones that prefill: a prefill worker first
+        # Toward the configuration's kind: decode <-> mixed, and prefill -> mixed where the
+        # target has fewer prefill workers. No KV moves, so every such worker at once, ahead of
+        # the emergency rules (it is what relieves them), outside the cooldown, and without
+        # hysteresis: the configuration core changes its choice only for a predicted gain.
+        cheap = [RoleChange(wid, rest, f"configuration: {target.name}, {exact[wid]} to {rest}")
+                 for wid in sorted(kind)]
+        if rest == MIXED and diff < 0:
+            cheap += [RoleChange(wid, MIXED, f"configuration: {target.name}, prefill to mixed")
+                      for wid in self._pick(ws, role, movable, PREFILL)[:-diff]]
+        if cheap:
+            return self._issue(now, cheap)
         emergency = self._emergency(ws, role, count, serving, movable, target, floor)
         if emergency is not None:
             return self._issue(now, [emergency])
 
-        if self._streak < cfg.persist_intervals or (abs(diff) < cfg.min_diff and not kind):
+        if self._streak < cfg.persist_intervals or abs(diff) < cfg.min_diff:
             return []
         if self._pending or any(w.switching for w in ws.values()):
             return []  # a switch is under way: the counts are in flux
-        if kind and rest == DECODE and count[PREFILL] < cfg.min_per_role:
-            kind = []  # mixed workers are the only ones that prefill: a prefill worker first
-        if kind:  # decode <-> mixed: no KV moves, so every such worker at once, cooldown or not
-            reason = f"configuration: {target.name}, {len(kind)} worker(s) to {rest}"
-            return self._issue(now, [RoleChange(wid, rest, reason) for wid in sorted(kind)])
         to_role = PREFILL if diff > 0 else rest
-        if to_role == MIXED:  # prefill -> mixed drains a queue and moves no KV: every one at once
-            chosen = self._pick(ws, role, movable, PREFILL)[:-diff]
-            reason = f"configuration: {target.name}, {len(chosen)} prefill worker(s) to mixed"
-            return self._issue(now, [RoleChange(wid, MIXED, reason) for wid in chosen])
         if self._last_switch_at is not None and now - self._last_switch_at < cfg.cooldown_s:
             return []
         need = target.detail.get(f"{_side(to_role)}_need_workers")

@@ -52,7 +52,8 @@ def build_core(settings: PlannerSettings, kv_blocks: int, block_size: int) -> Pl
         slo=SLO(settings.slo_ttft_ms / 1e3, settings.slo_tpot_ms / 1e3,
                 settings.slo_itl_ms / 1e3 if settings.slo_itl_ms is not None else None),
         shape=PoolShape(kv_blocks, block_size, settings.max_batch_size, settings.prefill_token_budget),
-        interval_s=settings.interval_s, switching=settings.planner_mode == "dynamic", policy=policy)
+        interval_s=settings.interval_s, switching=settings.planner_mode == "dynamic", policy=policy,
+        mixed=settings.mixed_workers)
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServicer):

@@ -126,13 +126,11 @@ class Cluster:
         path = self.dispatch.path(r.prompt, self.policy)
         prefill_ids = self._prefill_ids()
         mixed = [w.view() for w in self.workers if w.serves(Role.MIXED)] if self.mode.disaggregated else []
-        here = self.dispatch.local_worker(mixed, r.prompt, self.chunk_budget, self.policy, bool(prefill_ids),
+        here = self.dispatch.local_worker(mixed, r.prompt, self.policy, bool(prefill_ids),
                                           self.loop.now) if mixed else None
         if self.policy is not None:
             if here is not None:
-                late = self.policy.admission and self.dispatch.local_ttft_s(
-                    here, r.prompt, self.chunk_budget, self.policy) > self.policy.slo.ttft_s
-                reason = "predicted TTFT past the SLO" if late else None
+                reason = self.dispatch.local_refusal(here, r.prompt, self.policy)
             else:
                 reason = self.dispatch.admission_refusal(r.prompt, path, self.policy, prefill_ids, self.loop.now)
             if reason is not None:  # admission control: refused at once, counted as an SLO miss

@@ -83,7 +83,8 @@ class SimWorker:
         return bool(self.prefill.num_waiting or self.prefill_batch or self.handoffs)
 
     def view(self) -> WorkerView:
-        return WorkerView(self.worker_id, self.worker_id, self.pool.num_free, self.block_size)
+        return WorkerView(self.worker_id, self.worker_id, self.pool.num_free, self.block_size,
+                          chunk_budget=self.local.step_token_budget)
 
     def counts(self) -> tuple[int, int, int, int]:
         """(prefill waiting, prefill running, decode waiting, decode running), as WorkerInfo."""

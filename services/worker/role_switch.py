@@ -2,13 +2,18 @@
 worker from the start; the role only says which takes work).
 
     prefill -> decode   refuse new prompts, finish those accepted (their KV is handed off), switch
+    prefill -> mixed
     decode -> prefill   refuse new reservations, live-migrate every request held to the other
-                        decode workers (services/decode/migration.py), then switch. Requests
-                        still waiting for their KV are moved as soon as it lands. A request that no
-                        other worker has room for is finished here instead (drain fallback, said
-                        in the result)
+    mixed -> prefill    decode (or mixed) workers (services/decode/migration.py), then switch.
+                        Requests still waiting for their KV, or for their last chunk here, are
+                        moved as soon as it is in. A request that no other worker has room for is
+                        finished here instead (drain fallback, said in the result)
+    decode <-> mixed    at once: the requests held stay; a mixed worker takes prompts of its own
+                        (DecodeRequest.prompt_token_ids) at its chunk budget, a decode worker's
+                        queued prompts are still prefilled here
 
-The worker never switches away the last serving worker of a role (FAILED_PRECONDITION).
+The worker never switches away the last serving worker that decodes, nor the last prefill worker
+to decode while no mixed worker prefills for itself (FAILED_PRECONDITION).
 """
 
 from __future__ import annotations
@@ -52,10 +57,15 @@ async def switch_role(rt, to: Role) -> SwitchResult:
     started = time.perf_counter()
     from_role = rt.state.role
     topology = await rt.fetch_topology()
-    peers = [w for w in topology if w.worker_id != rt.worker_id and w.role == from_role and w.serving
-             and not w.switching]
-    if to != from_role and not peers:
-        raise FailedPrecondition(f"{rt.worker_id} is the last {from_role} worker serving; it keeps its role")
+    serving = [w for w in topology if w.worker_id != rt.worker_id and w.role is not None and w.serving
+               and not w.switching]
+    peers = [w for w in serving if w.role.decodes]  # where this worker's requests may move
+    if to != from_role:
+        if from_role.decodes and to is Role.PREFILL and not peers:
+            raise FailedPrecondition(f"{rt.worker_id} is the last worker that decodes; it keeps its role")
+        if from_role is Role.PREFILL and to is Role.DECODE and not any(
+                w.role in (Role.PREFILL, Role.MIXED) for w in serving):
+            raise FailedPrecondition(f"{rt.worker_id} is the last prefill worker serving; it keeps its role")
     rt.state.begin_switch(to)
     rt.on_state_change()
     result = SwitchResult(from_role, to)
@@ -65,6 +75,8 @@ async def switch_role(rt, to: Role) -> SwitchResult:
             while rt.prefill.busy:
                 await asyncio.sleep(POLL_S)
             result.drain_seconds = time.perf_counter() - t0
+        elif to is not Role.PREFILL:
+            pass  # decode <-> mixed: nothing to drain or move
         else:
             targets = [Target(w.worker_id, w.address, w.kv_free_blocks) for w in peers]
             await _empty_decode(rt, targets, result)

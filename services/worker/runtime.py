@@ -202,7 +202,8 @@ class WorkerRuntime:
             kv_blocks_used=self.pool.num_used if self.pool else 0, running_requests=running,
             waiting_requests=waiting, block_size=self.pool.block_size if self.pool else 0, serving=self.ready,
             prefill_waiting=prefill_waiting, prefill_waiting_tokens=prefill_tokens, decode_running=decode_running,
-            decode_waiting=decode_waiting, switching=self.state.switching, kv_transports=self.kv_transports)
+            decode_waiting=decode_waiting, switching=self.state.switching, kv_transports=self.kv_transports,
+            chunk_budget=self.decode.local.step_token_budget if self.ready else 0)
 
     def is_idle(self) -> bool:
         return not self.ready or (not self.decode.scheduler.seqs and not self.prefill.busy)

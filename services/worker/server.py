@@ -125,11 +125,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def SetRole(self, request, context):
         to = ROLE_FROM_PB.get(request.role)
         if to is None:
-            raise InvalidArgument("role must be ROLE_PREFILL or ROLE_DECODE")
+            raise InvalidArgument("role must be ROLE_PREFILL, ROLE_DECODE or ROLE_MIXED")
+        if request.chunk_budget < 0 or (request.chunk_budget and to is not Role.MIXED):
+            raise InvalidArgument("chunk_budget is a mixed worker's: >= 0, and only with ROLE_MIXED")
         if not self.rt.ready:
             raise Refused("worker is still loading its model")
         async with self.rt.switch_lock:
+            budget = request.chunk_budget or self.rt.settings.step_token_budget
+            if to is Role.MIXED and self.rt.state.role is Role.MIXED and not self.rt.state.switching:
+                self.rt.decode.local.step_token_budget = budget  # a new budget only: no switch
+                self.rt.on_state_change()
+                return worker_pb2.SetRoleResponse(from_role=ROLE_TO_PB[to], to_role=ROLE_TO_PB[to])
             result = await switch_role(self.rt, to)
+            # A mixed worker prefills at the planner's budget; any other at the worker's own
+            # (a decode worker's ultra-short prompts).
+            self.rt.decode.local.step_token_budget = budget if to is Role.MIXED else self.rt.settings.step_token_budget
         metrics.ROLE_SWITCH_SECONDS.labels(result.from_role.value, result.to_role.value).observe(result.total_seconds)
         moved = result.migrated
         log.info("%s switched %s -> %s in %.1f ms (%d moved, %d drained)", self.rt.worker_id, result.from_role,

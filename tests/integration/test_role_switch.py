@@ -91,7 +91,7 @@ async def switcher(handle, stop: asyncio.Event, log: list) -> None:
             name = sorted(n for n in candidates if n != log[-1][0])[0]
         reply = await set_role(handle.workers[name], want)
         log.append((name, reply))
-        want = want.other
+        want = Role.DECODE if want is Role.PREFILL else Role.PREFILL
         await asyncio.sleep(0.05)
 
 
