@@ -23,9 +23,10 @@ whole budget of chunk stays within it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from common.load import SLO, LoadForecast, Split
+from common.load import SLO, IntervalLoad, LoadForecast, Split
 from common.profile import LatencyProfile
 from services.planner.split import PoolShape, decode_need, prefill_need
 
@@ -188,17 +189,81 @@ def _family(split: Split) -> str:
     return f"aggregated {split.chunk_budget}" if split.mixed and not split.prefill else "split"
 
 
+def family_of(split: Split) -> str:
+    """The family a configuration belongs to, as observed ceilings are kept: "split" or "aggregated"."""
+    return "aggregated" if split.mixed and not split.prefill else "split"
+
+
+def _capped(cap: Capacity, ceiling: float | None) -> Capacity:
+    """`cap`, no higher than the rate at which its family was seen to fail the SLOs."""
+    if ceiling is None or cap.rate <= ceiling:
+        return cap
+    return Capacity(cap.name, ceiling, "observed", {**cap.detail, "model_rate": cap.rate})
+
+
+# A configuration is judged by what it served once it has settled: the intervals after
+# SETTLE_INTERVALS of it, OBSERVE_INTERVALS of them together, with at least OBSERVE_MIN_REQUESTS.
+SETTLE_INTERVALS = 2
+OBSERVE_INTERVALS = 5
+OBSERVE_MIN_REQUESTS = 20
+OBSERVED_TARGET = 0.9  # the share of requests within every SLO that rate goodput asks for (DistServe's)
+CEILING_TTL_S = 120.0  # a ceiling is forgotten after this (the load's mix may have changed)
+
+
+def observed_attainment(intervals: Sequence[IntervalLoad], slo: SLO) -> tuple[float, float, int] | None:
+    """(share of requests within the TTFT and TPOT SLOs, the offered rate, requests seen) over
+    `intervals`, from what the gateway recorded: first tokens (refusals count as misses) and
+    finished requests' TPOTs, the worse of the two. None: too few requests to judge."""
+    ttft = [x for i in intervals for x in i.ttft]
+    tpot = [x for i in intervals for x in i.tpot]
+    refused = sum(i.rejected for i in intervals)
+    if len(ttft) + refused < OBSERVE_MIN_REQUESTS or len(tpot) < OBSERVE_MIN_REQUESTS // 2:
+        return None
+    ttft_ok = sum(x <= slo.ttft_s for x in ttft) / (len(ttft) + refused)
+    tpot_ok = sum(x <= slo.tpot_s for x in tpot) / len(tpot)
+    duration = sum(i.duration for i in intervals)
+    rate = sum(i.arrivals + i.rejected for i in intervals) / duration if duration > 0 else 0.0
+    return min(ttft_ok, tpot_ok), rate, len(ttft) + refused
+
+
+@dataclass
+class ObservedCeilings:
+    """The model's check against what was served: when the configuration in effect, settled,
+    meets the SLOs for fewer than OBSERVED_TARGET of its requests, its family cannot carry the rate
+    it was offered, whatever the model predicts (the model predicts a mean step; a tail of slow
+    steps, a burst, a mix it does not know can break it). That rate caps its family's predicted
+    capacity for CEILING_TTL_S, so the core can choose the other family. Pure: the caller passes
+    the intervals and its clock."""
+
+    ceilings: dict[str, tuple[float, float]] = field(default_factory=dict)  # family -> (rate, since)
+
+    def observe(self, now: float, family: str, intervals: Sequence[IntervalLoad], slo: SLO) -> None:
+        """`intervals`: the settled ones served by `family` only, oldest first."""
+        judged = observed_attainment(intervals[-OBSERVE_INTERVALS:], slo) \
+            if len(intervals) >= OBSERVE_INTERVALS else None
+        if judged is not None and judged[0] < OBSERVED_TARGET and judged[1] > 0:
+            old = self.ceilings.get(family)
+            self.ceilings[family] = (min(judged[1], old[0]) if old else judged[1], now)
+
+    def active(self, now: float) -> dict[str, float]:
+        self.ceilings = {f: c for f, c in self.ceilings.items() if now - c[1] < CEILING_TTL_S}
+        return {f: rate for f, (rate, _) in self.ceilings.items()}
+
+
 def choose_configuration(forecast: LoadForecast, profile: LatencyProfile, slo: SLO, workers: int,
                          shape: PoolShape, split_target: Split, current: Split | None,
-                         budgets: tuple[int, ...] = BUDGETS) -> Choice:
+                         budgets: tuple[int, ...] = BUDGETS, ceilings: Mapping[str, float] | None = None) -> Choice:
     """Aggregation at its best budget, or the split family (`split_target`: the P:D split of
     services/planner/split.py, whose capacity is the best split's), by predicted capacity at the
-    forecast's mix; `current` (the configuration chosen last; None: none yet) is kept while it
-    carries the forecast with HEADROOM, or while the best other family gains less than
-    GAIN_TO_CHANGE."""
+    forecast's mix, each family's no higher than its observed ceiling (ObservedCeilings);
+    `current` (the configuration chosen last; None: none yet) is kept while it carries the
+    forecast with HEADROOM, or while the best other family gains less than GAIN_TO_CHANGE."""
+    ceilings = ceilings or {}
     splits = [split_capacity(forecast, profile, slo, p, workers - p, shape) for p in range(1, workers)]
     best_split = max(splits, key=lambda c: c.rate) if splits else Capacity("split", 0.0, "workers")
-    aggregated = sorted((aggregated_capacity(forecast, profile, slo, workers, b, shape) for b in budgets),
+    best_split = _capped(best_split, ceilings.get("split"))
+    aggregated = sorted((_capped(aggregated_capacity(forecast, profile, slo, workers, b, shape),
+                                 ceilings.get("aggregated")) for b in budgets),
                         key=lambda c: (-c.rate, c.name))
     families = {"split": (best_split, split_target)}
     best_agg = aggregated[0]

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 
 from common.load import SLO, IntervalLoad, LoadForecast, Predictor, Split, WorkerLoad
 from common.profile import LatencyProfile
-from services.planner.configuration import Choice, choose_configuration
+from services.planner.configuration import (
+    SETTLE_INTERVALS,
+    Choice,
+    ObservedCeilings,
+    choose_configuration,
+    family_of,
+)
 from services.planner.policy import PolicyConfig, ReconfigPolicy, RoleChange
 from services.planner.split import PoolShape, compute_split
 
@@ -54,6 +60,9 @@ class PlannerCore:
     # aggregation with mixed workers; False: the split only (the planner before mixed workers).
     mixed: bool = False
     chosen: Split | None = None  # the configuration chosen last
+    decisions: int = 0  # decide() calls so far (each after one more interval)
+    chosen_since: int = 0  # the decision at which the current family was chosen
+    observed: ObservedCeilings = field(default_factory=ObservedCeilings)
 
     def horizon(self) -> int:
         """Intervals ahead to forecast: the next one, plus those a switch takes to complete."""
@@ -66,6 +75,7 @@ class PlannerCore:
 
     def decide(self, now: float, history: list[IntervalLoad], workers: list[WorkerLoad]) -> Decision:
         started = time.perf_counter()
+        self.decisions += 1
         horizon = self.horizon()
         forecast = self.predictor.predict(history[-PREDICT_WINDOW:], horizon)
         total = sum(1 for w in workers if w.role in ("prefill", "decode", "mixed"))
@@ -77,7 +87,13 @@ class PlannerCore:
             current = self.chosen
             if current is None and workers and all(w.role == "mixed" for w in workers):
                 current = Split(0, 0, mixed=total, chunk_budget=self.shape.prefill_token_budget)
-            choice = choose_configuration(forecast, self.profile, self.slo, total, self.shape, target, current)
+            if current is not None:  # what the configuration served, once settled, against the SLOs
+                served = self.decisions - self.chosen_since - SETTLE_INTERVALS  # intervals since it settled
+                self.observed.observe(now, family_of(current), history[-served:] if served > 0 else [], self.slo)
+            choice = choose_configuration(forecast, self.profile, self.slo, total, self.shape, target, current,
+                                          ceilings=self.observed.active(now))
+            if current is None or family_of(choice.target) != family_of(current):
+                self.chosen_since = self.decisions
             target = self.chosen = choice.target
         changes = self.policy.decide(now, workers, target) if self.switching and total >= 2 else []
         return Decision(forecast, target, changes, horizon, time.perf_counter() - started, choice)
