@@ -152,7 +152,8 @@ def results_doc(requests, outcome, cfg, args, schedule_duration: float) -> dict:
         "switches": outcome.switches, "migrated_requests": sum(s["migrated"] for s in outcome.switches),
         "migrated_bytes": sum(s["migrated_bytes"] for s in outcome.switches),
         "drained_requests": sum(s["drained"] for s in outcome.switches), "refused": outcome.refused,
-        "decisions": [list(x) for x in outcome.decisions], "leaks": outcome.leaks,
+        "decisions": [list(x) for x in outcome.decisions], "configurations": outcome.configurations,
+        "leaks": outcome.leaks,
         # Host figures: the only ones that differ between two runs of the same arguments.
         "host": {"wall_s": outcome.wall_s, "cpu_s": outcome.cpu_s, "decision_seconds": outcome.decision_seconds,
                  "sim_to_wall": outcome.duration / outcome.wall_s if outcome.wall_s > 0 else None}}

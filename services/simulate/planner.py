@@ -37,7 +37,9 @@ class PlannerDriver:
         target = decision.target
         self.decisions.append((now, target.prefill, target.total - target.prefill, decision.forecast.rate))
         if decision.choice is not None:
-            self.choices.append({"t": now, **decision.choice.record()})
+            record = decision.choice.record()
+            if not self.choices or self.choices[-1]["target"] != record["target"]:
+                self.choices.append({"t": now, **record})
         if target.mixed:
             c.set_chunk_budget(target.chunk_budget)
         c.set_forecast(decision.forecast, self.core.slo)

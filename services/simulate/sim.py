@@ -104,6 +104,8 @@ class SimOutcome:
     cpu_s: float
     decision_seconds: float = 0.0
     refused: int = 0  # by admission control (also counted in `results` as RESOURCE_EXHAUSTED)
+    # The configuration core's choices where they changed (each with its time, predicted rates and why).
+    configurations: list[dict] = field(default_factory=list)
 
 
 def simulate(requests: list[BenchRequest], cfg: SimConfig) -> SimOutcome:
@@ -155,4 +157,4 @@ def simulate(requests: list[BenchRequest], cfg: SimConfig) -> SimOutcome:
         decisions=planner.decisions if planner else [], duration=duration, events=loop.processed,
         decode_steps=cluster.decode_steps, prefill_batches=cluster.prefill_batches, leaks=cluster.leaks(),
         wall_s=wall, cpu_s=cpu, decision_seconds=planner.decision_seconds if planner else 0.0,
-        refused=cluster.refused)
+        refused=cluster.refused, configurations=planner.choices if planner else [])
