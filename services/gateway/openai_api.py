@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 class Front(Protocol):
-    """What the API needs of the gateway (GatewayServicer has it)."""
+    """What the API needs of the gateway (services/gateway/front.Gateway)."""
 
     serving: bool
 
