@@ -38,6 +38,9 @@ NO_SEAT = "every decode worker's batch is at its seats within the TPOT SLO"
 # A worker whose stream broke goes last in every choice for this long (the planner drops a dead
 # worker within its heartbeat TTL; this is the gateway not waiting for that).
 LOST_WORKER_S = 10.0
+# A request leaves the decode queue this long before its deadline, so that the client hears why
+# (RESOURCE_EXHAUSTED with the reason, not a bare DEADLINE_EXCEEDED).
+QUEUE_GIVE_UP_S = 0.25
 
 
 class Dispatcher:

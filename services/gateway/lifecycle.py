@@ -40,7 +40,7 @@ from common.types import SamplingParams
 from services.gateway import metrics
 from services.gateway.decode_queue import DecodeQueue
 from services.gateway.detokenizer import Detokenizer
-from services.gateway.dispatch import NO_SEAT, Dispatcher
+from services.gateway.dispatch import NO_SEAT, QUEUE_GIVE_UP_S, Dispatcher
 from services.gateway.events import DecodeEvent, Finished, Moved, TokenEvent, Tokens
 from services.gateway.load_recorder import LoadRecorder
 from services.gateway.routing import WorkerView, pick_prefill
@@ -511,7 +511,7 @@ class RequestCore:
             return got
 
         # Give up a little before the deadline, so that the client hears why, not just DEADLINE_EXCEEDED.
-        budget_s = min(budget_s, remaining() - 0.25)
+        budget_s = min(budget_s, remaining() - QUEUE_GIVE_UP_S)
         if budget_s <= 0:
             raise ResourceExhausted(why)
         metrics.DECODE_QUEUE.inc()

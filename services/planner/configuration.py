@@ -165,6 +165,8 @@ HEADROOM = 0.8
 # current one's capacity: the change pauses work (a prefill worker drains, decodes migrate when
 # mixed workers become prefill workers), which a small predicted gain may not repay.
 GAIN_TO_CHANGE = 1.15
+# A mixed worker's budget is retuned (a SetRole each) only for this predicted gain over the one it has.
+BUDGET_GAIN = 1.05
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,7 @@ class Choice:
     runner_up: Capacity | None
     current: Capacity | None
     why: str
+    model_rates: dict = field(default_factory=dict, compare=False)  # family -> the model's capacity, not derated
 
     def record(self) -> dict:
         """For the decision record and `dopd status`."""
@@ -194,11 +197,11 @@ def family_of(split: Split) -> str:
     return "aggregated" if split.mixed and not split.prefill else "split"
 
 
-def _capped(cap: Capacity, ceiling: float | None) -> Capacity:
-    """`cap`, no higher than the rate at which its family was seen to fail the SLOs."""
-    if ceiling is None or cap.rate <= ceiling:
+def _derated(cap: Capacity, factor: float | None) -> Capacity:
+    """`cap` times the factor its family was seen to fall short of the model by (ObservedDerating)."""
+    if factor is None or factor >= 1.0:
         return cap
-    return Capacity(cap.name, ceiling, "observed", {**cap.detail, "model_rate": cap.rate})
+    return Capacity(cap.name, cap.rate * factor, "observed", {**cap.detail, "model_rate": cap.rate})
 
 
 # A configuration is judged by what it served once it has settled: the intervals after
@@ -207,7 +210,7 @@ SETTLE_INTERVALS = 2
 OBSERVE_INTERVALS = 5
 OBSERVE_MIN_REQUESTS = 20
 OBSERVED_TARGET = 0.9  # the share of requests within every SLO that rate goodput asks for (DistServe's)
-CEILING_TTL_S = 120.0  # a ceiling is forgotten after this (the load's mix may have changed)
+DERATING_TTL_S = 120.0  # a derating is forgotten after this (the load's mix may have changed)
 
 
 def observed_attainment(intervals: Sequence[IntervalLoad], slo: SLO) -> tuple[float, float, int] | None:
@@ -227,63 +230,74 @@ def observed_attainment(intervals: Sequence[IntervalLoad], slo: SLO) -> tuple[fl
 
 
 @dataclass
-class ObservedCeilings:
+class ObservedDerating:
     """The model's check against what was served: when the configuration in effect, settled,
-    meets the SLOs for fewer than OBSERVED_TARGET of its requests, its family cannot carry the rate
-    it was offered, whatever the model predicts (the model predicts a mean step; a tail of slow
-    steps, a burst, a mix it does not know can break it). That rate caps its family's predicted
-    capacity for CEILING_TTL_S, so the core can choose the other family. Pure: the caller passes
-    the intervals and its clock."""
+    meets the SLOs for fewer than OBSERVED_TARGET of its requests at a rate its model said it
+    carries (the model predicts a mean step; a tail of slow steps, a burst, a mix it does not
+    know can break it), its family's predictions are scaled by offered / predicted for
+    DERATING_TTL_S, so the core can choose the other family. A failure at a rate the model already
+    said was too much teaches nothing (every configuration may fail there) and changes nothing.
+    Pure: the caller passes the intervals, the model's rate and its clock."""
 
-    ceilings: dict[str, tuple[float, float]] = field(default_factory=dict)  # family -> (rate, since)
+    factors: dict[str, tuple[float, float]] = field(default_factory=dict)  # family -> (factor, since)
 
-    def observe(self, now: float, family: str, intervals: Sequence[IntervalLoad], slo: SLO) -> None:
-        """`intervals`: the settled ones served by `family` only, oldest first."""
-        judged = observed_attainment(intervals[-OBSERVE_INTERVALS:], slo) \
-            if len(intervals) >= OBSERVE_INTERVALS else None
-        if judged is not None and judged[0] < OBSERVED_TARGET and judged[1] > 0:
-            old = self.ceilings.get(family)
-            self.ceilings[family] = (min(judged[1], old[0]) if old else judged[1], now)
+    def observe(self, now: float, family: str, intervals: Sequence[IntervalLoad], slo: SLO,
+                model_rate: float | None) -> None:
+        """`intervals`: the settled ones served by `family` only, oldest first; `model_rate`: the
+        capacity the model last predicted for it (None: unknown, nothing is learnt)."""
+        if model_rate is None or model_rate <= 0 or len(intervals) < OBSERVE_INTERVALS:
+            return
+        judged = observed_attainment(intervals[-OBSERVE_INTERVALS:], slo)
+        if judged is None or judged[0] >= OBSERVED_TARGET or not 0 < judged[1] <= model_rate:
+            return
+        old = self.factors.get(family)
+        factor = judged[1] / model_rate
+        self.factors[family] = (min(factor, old[0]) if old else factor, now)
 
     def active(self, now: float) -> dict[str, float]:
-        self.ceilings = {f: c for f, c in self.ceilings.items() if now - c[1] < CEILING_TTL_S}
-        return {f: rate for f, (rate, _) in self.ceilings.items()}
+        self.factors = {f: c for f, c in self.factors.items() if now - c[1] < DERATING_TTL_S}
+        return {f: factor for f, (factor, _) in self.factors.items()}
 
 
 def choose_configuration(forecast: LoadForecast, profile: LatencyProfile, slo: SLO, workers: int,
                          shape: PoolShape, split_target: Split, current: Split | None,
-                         budgets: tuple[int, ...] = BUDGETS, ceilings: Mapping[str, float] | None = None) -> Choice:
+                         budgets: tuple[int, ...] = BUDGETS, derating: Mapping[str, float] | None = None) -> Choice:
     """Aggregation at its best budget, or the split family (`split_target`: the P:D split of
     services/planner/split.py, whose capacity is the best split's), by predicted capacity at the
-    forecast's mix, each family's no higher than its observed ceiling (ObservedCeilings);
+    forecast's mix, each family's scaled by its observed derating (ObservedDerating);
     `current` (the configuration chosen last; None: none yet) is kept while it carries the
     forecast with HEADROOM, or while the best other family gains less than GAIN_TO_CHANGE."""
-    ceilings = ceilings or {}
+    derating = derating or {}
     splits = [split_capacity(forecast, profile, slo, p, workers - p, shape) for p in range(1, workers)]
     best_split = max(splits, key=lambda c: c.rate) if splits else Capacity("split", 0.0, "workers")
-    best_split = _capped(best_split, ceilings.get("split"))
-    aggregated = sorted((_capped(aggregated_capacity(forecast, profile, slo, workers, b, shape),
-                                 ceilings.get("aggregated")) for b in budgets),
-                        key=lambda c: (-c.rate, c.name))
+    model = {"split": best_split.rate}
+    best_split = _derated(best_split, derating.get("split"))
+    aggregated = [aggregated_capacity(forecast, profile, slo, workers, b, shape) for b in budgets]
+    model["aggregated"] = max(c.rate for c in aggregated)
+    aggregated = sorted((_derated(c, derating.get("aggregated")) for c in aggregated), key=lambda c: (-c.rate, c.name))
     families = {"split": (best_split, split_target)}
     best_agg = aggregated[0]
+    if current is not None and current.mixed and not current.prefill:  # the budget it has, unless
+        held = next((c for c in aggregated if c.name == f"aggregated {current.chunk_budget}"), None)
+        if held is not None and best_agg.rate <= BUDGET_GAIN * held.rate:  # another is clearly better
+            best_agg = held
     budget = int(best_agg.name.split()[-1])
     families[best_agg.name] = (best_agg, Split(0, 0, mixed=workers, chunk_budget=budget))
     ranked = sorted(families.items(), key=lambda kv: -kv[1][0].rate)
     (best_name, (best_cap, best_target)), (_, (second_cap, _)) = ranked[0], ranked[1]
     if current is None:
-        return Choice(best_target, best_cap, second_cap, None, "first choice: the highest predicted capacity")
+        return Choice(best_target, best_cap, second_cap, None, "first choice: the highest predicted capacity", model)
     cur_name = _family(current)
     if cur_name.startswith("aggregated"):
         cur_name = best_agg.name  # a budget changes no role: the best budget is free to take
     cur_cap, cur_target = families.get(cur_name, (None, None))
     if cur_cap is None or best_name == cur_name:
-        return Choice(best_target, best_cap, second_cap, cur_cap, "the highest predicted capacity")
+        return Choice(best_target, best_cap, second_cap, cur_cap, "the highest predicted capacity", model)
     if forecast.rate <= HEADROOM * cur_cap.rate:
         return Choice(cur_target, cur_cap, best_cap, cur_cap,
-                      f"kept: {forecast.rate:.1f} req/s is within {HEADROOM:.0%} of its capacity")
+                      f"kept: {forecast.rate:.1f} req/s is within {HEADROOM:.0%} of its capacity", model)
     if best_cap.rate < GAIN_TO_CHANGE * cur_cap.rate:
         return Choice(cur_target, cur_cap, best_cap, cur_cap,
-                      f"kept: {best_cap.name} gains less than {GAIN_TO_CHANGE:.2f}x")
+                      f"kept: {best_cap.name} gains less than {GAIN_TO_CHANGE:.2f}x", model)
     return Choice(best_target, best_cap, cur_cap, cur_cap,
-                  f"changed: {best_cap.rate:.1f} req/s predicted against {cur_cap.rate:.1f}")
+                  f"changed: {best_cap.rate:.1f} req/s predicted against {cur_cap.rate:.1f}", model)

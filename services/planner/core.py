@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from common.load import SLO, IntervalLoad, LoadForecast, Predictor, Split, WorkerLoad
 from common.profile import LatencyProfile
 from services.planner.configuration import (
+    OBSERVE_INTERVALS,
     SETTLE_INTERVALS,
     Choice,
-    ObservedCeilings,
+    ObservedDerating,
     choose_configuration,
     family_of,
 )
@@ -62,7 +63,9 @@ class PlannerCore:
     chosen: Split | None = None  # the configuration chosen last
     decisions: int = 0  # decide() calls so far (each after one more interval)
     chosen_since: int = 0  # the decision at which the current family was chosen
-    observed: ObservedCeilings = field(default_factory=ObservedCeilings)
+    observed: ObservedDerating = field(default_factory=ObservedDerating)
+    last_choice: Choice | None = None
+    recent_choices: list[Choice] = field(default_factory=list)  # the last OBSERVE_INTERVALS
 
     def horizon(self) -> int:
         """Intervals ahead to forecast: the next one, plus those a switch takes to complete."""
@@ -89,9 +92,15 @@ class PlannerCore:
                 current = Split(0, 0, mixed=total, chunk_budget=self.shape.prefill_token_budget)
             if current is not None:  # what the configuration served, once settled, against the SLOs
                 served = self.decisions - self.chosen_since - SETTLE_INTERVALS  # intervals since it settled
-                self.observed.observe(now, family_of(current), history[-served:] if served > 0 else [], self.slo)
-            choice = choose_configuration(forecast, self.profile, self.slo, total, self.shape, target, current,
-                                          ceilings=self.observed.active(now))
+                # The model's least capacity for it over the judged intervals (their forecasts differ).
+                rates = [c.model_rates.get(family_of(current), 0.0) for c in self.recent_choices[-OBSERVE_INTERVALS:]]
+                model = min(rates) if len(rates) >= OBSERVE_INTERVALS else None
+                self.observed.observe(now, family_of(current), history[-served:] if served > 0 else [], self.slo,
+                                      model)
+            choice = self.last_choice = choose_configuration(
+                forecast, self.profile, self.slo, total, self.shape, target, current,
+                derating=self.observed.active(now))
+            self.recent_choices = [*self.recent_choices[-OBSERVE_INTERVALS + 1:], choice]
             if current is None or family_of(choice.target) != family_of(current):
                 self.chosen_since = self.decisions
             target = self.chosen = choice.target

@@ -2,17 +2,20 @@
 loops (services/prefill/engine.py, services/decode/engine.py) as events around the real pure
 cores. Pure: no I/O, no clock but the EventLoop's. Where a request goes is decided by the
 gateway's own dispatch core (services/gateway/dispatch.py: path, admission, decode order and
-seats, prefill choice, and the books they read), driven here on the virtual clock.
+seats, the seat-wait refusal, prefill choice, mixed workers, and the books they read), driven
+here on the virtual clock.
 
     arrival    validation.validate_context (else INVALID_ARGUMENT, at once); the path, by the
                serving mode (common/modes.py): first come first served (static), DOPD's
                scheduling policy (services/gateway/scheduling.py: long, short, ultra-short, and
                admission on predicted TTFT: RESOURCE_EXHAUSTED, at once), or on the decode
-               worker itself (aggregated); reserve decode blocks on the first worker that has
-               them (routing.decode_preference, or the policy's order; none: RESOURCE_EXHAUSTED,
-               at once); queue the prompt on the prefill worker of routing.pick_prefill (fewest
-               outstanding prompt tokens), hold it in the policy's ShortBatcher, or queue it on
-               the decode worker's LocalPrefill
+               worker itself (aggregated), or on a mixed worker whose chunks fit (the
+               dispatcher's local_worker); reserve decode blocks on the first worker that has
+               them (routing.decode_preference, or the policy's order; none: wait in the decode
+               queue, first come first served, for the gateway's wait budget, or RESOURCE_EXHAUSTED
+               when a seat cannot free in time); queue the prompt on the prefill worker of
+               routing.pick_prefill (fewest outstanding prompt tokens), hold it in the policy's
+               ShortBatcher, or queue it on the decode worker's LocalPrefill
     prefill    a worker runs PrefillScheduler.schedule()'s batch for profile.prefill_time(total
                tokens); the next batch starts at once. The KV streams layer by layer during the
                forward over the worker's link (hardware.Link.stream_layers); when its last byte
@@ -33,6 +36,8 @@ Role switches are services/simulate/switching.py.
 
 from __future__ import annotations
 
+from collections import deque
+
 from common.errors import InvalidArgument
 from common.kv.block_pool import OutOfBlocks
 from common.load import SLO, LoadForecast
@@ -43,7 +48,7 @@ from services.bench.metrics import RequestResult
 from services.bench.outcome import StatusSample
 from services.decode.local_prefill import Chunk
 from services.decode.scheduler import DecodeSeq, SeqState
-from services.gateway.dispatch import Dispatcher
+from services.gateway.dispatch import QUEUE_GIVE_UP_S, Dispatcher
 from services.gateway.load_recorder import LoadRecorder
 from services.gateway.routing import WorkerView
 from services.gateway.scheduling import Path, SchedulingPolicy, ShortBatcher
@@ -59,7 +64,8 @@ FIRST_TOKEN = 0  # the simulator has no vocabulary; every token is this id and n
 class Cluster:
     def __init__(self, loop: EventLoop, profile: LatencyProfile, prefill: int, decode: int, *, kv_blocks: int,
                  block_size: int, max_batch_size: int, prefill_token_budget: int, link_gbps: float,
-                 request_timeout_s: float, mode: ServingMode | None = None, chunk_tokens: int = 2048) -> None:
+                 request_timeout_s: float, mode: ServingMode | None = None, chunk_tokens: int = 2048,
+                 decode_queue_limit: int = 1024) -> None:
         self.mode = mode or serving_mode("static")
         if not self.mode.disaggregated:
             prefill, decode = 0, prefill + decode  # every worker decodes, and prefills its own requests
@@ -90,6 +96,9 @@ class Cluster:
         self.dispatch = Dispatcher(self.mode)
         self.prefill_ledger = self.dispatch.prefill_ledger
         self.requests: list[SimRequest] = []
+        # Requests waiting for decode room, first come first served: (request, path, local on mixed).
+        self.decode_queue: deque[tuple[SimRequest, Path, bool]] = deque()
+        self.decode_queue_limit = decode_queue_limit
         self.by_rid: dict[str, SimRequest] = {}
         self.open = 0  # arrived and not ended
         self.pending_arrivals = 0
@@ -138,21 +147,28 @@ class Cluster:
                 self.recorder.refused_by_admission(r.prompt, r.max_tokens)
                 self._fail(r, "RESOURCE_EXHAUSTED")
                 return
-        worker = self._reserve_on(self.by_id[here.worker_id], r) if here is not None else None
-        if worker is None and here is not None and not prefill_ids:  # the mixed workers' turn: any with room
-            worker = self._reserve_decode(r, only=Role.MIXED)
-        if worker is not None:
+        self.loop.at(r.t + self.request_timeout_s, self._timeout, r)
+        # As the gateway: behind others waiting for decode room, or when no worker has it now, the
+        # request waits in the decode queue (first come first served) for its wait budget.
+        if self.decode_queue or not self._place(r, path, here):
+            self._queue_for_decode(r, path, here is not None)
+
+    def _place(self, r: SimRequest, path: Path, here: WorkerView | None) -> bool:
+        """Reserve r's decode KV and send its prompt on its way: on the mixed workers (`here`
+        first) when one prefills it itself, else on the decode workers by `path`. False: no worker
+        has room (or a seat) now."""
+        if here is not None:
+            worker = self._reserve_decode(r, only=Role.MIXED, first=here.worker_id)
+            if worker is None:
+                return False
             self._prefill_here(worker, r)
-            return
+            return True
         worker = self._reserve_decode(r)
         if worker is None:
-            self.recorder.rejected()
-            self._fail(r, "RESOURCE_EXHAUSTED")
-            return
+            return False
         r.decode_worker = worker
         self.count_decode(worker, r, +1)
         self.recorder.arrived(r.prompt, r.max_tokens)
-        self.loop.after(self.request_timeout_s, self._timeout, r)
         if path is Path.ULTRA_SHORT:
             r.phase = "local"
             worker.local.add(r, r.prompt)
@@ -169,14 +185,68 @@ class Cluster:
                 self.loop.at(max(self.loop.now, self.batcher.due()), self._poll_batcher)
         else:
             self._dispatch([r])
+        return True
 
     def _prefill_here(self, worker: SimWorker, r: SimRequest) -> None:
         """r, reserved on mixed `worker`, is prefilled there in chunks beside its decodes."""
         r.decode_worker = worker
         self.count_decode(worker, r, +1)
         self.recorder.arrived(r.prompt, r.max_tokens)
-        self.loop.after(self.request_timeout_s, self._timeout, r)
         self._queue_local(worker, r)
+
+    # -- the decode queue (services/gateway/decode_queue.py) --------------------------------
+    def _queue_for_decode(self, r: SimRequest, path: Path, local: bool) -> None:
+        """r waits, behind those already waiting, for decode room: until its deadline, and under
+        admission control no longer than its predicted TTFT leaves before the SLO; refused at once
+        (RESOURCE_EXHAUSTED) when the queue is full, the budget is spent, or no seat is predicted to
+        free for it within the budget (Dispatcher.hopeless_seat_wait)."""
+        now = self.loop.now
+        budget = r.t + self.request_timeout_s - now - QUEUE_GIVE_UP_S
+        slack = self.dispatch.ttft_slack_s(r.prompt, Path.MIXED if local else path, self.policy,
+                                           self._prefill_ids(), now)
+        if slack is not None:
+            budget = min(budget, slack)
+        views = [w.view() for w in self.workers if w.serves(Role.MIXED if local else Role.DECODE)]
+        hopeless = self.dispatch.hopeless_seat_wait(views, r.prompt, r.max_tokens, self.policy,
+                                                    len(self.decode_queue), budget)
+        if hopeless is not None:
+            self.refused += 1
+        if hopeless is not None or budget <= 0 or len(self.decode_queue) >= self.decode_queue_limit:
+            self.recorder.rejected()
+            self._fail(r, "RESOURCE_EXHAUSTED")
+            return
+        r.phase = "queued"
+        self.decode_queue.append((r, path, local))
+        self.loop.at(now + budget, self._queue_expired, r)
+
+    def _queue_expired(self, r: SimRequest) -> None:
+        if r.phase != "queued":
+            return
+        self._leave_queue(r)
+        self.recorder.rejected()
+        self._fail(r, "RESOURCE_EXHAUSTED")
+
+    def _leave_queue(self, r: SimRequest) -> None:
+        for i, (q, _, _) in enumerate(self.decode_queue):
+            if q is r:
+                del self.decode_queue[i]
+                break
+
+    def _serve_queue(self) -> None:
+        """Room may have freed: the head tries again, and the next while each one is placed."""
+        while self.decode_queue:
+            r, path, local = self.decode_queue[0]
+            here = None
+            if local:  # the mixed worker with the least queued now (any, fit or not: it waited)
+                mixed = [w.view() for w in self.workers if w.serves(Role.MIXED)]
+                here = self.dispatch.local_worker(mixed, r.prompt, self.policy, False, self.loop.now)
+                if here is None:
+                    return
+            r.phase = "new"
+            if not self._place(r, path, here):
+                r.phase = "queued"
+                return
+            self.decode_queue.popleft()
 
     def _queue_local(self, worker: SimWorker, r: SimRequest) -> None:
         r.phase, r.local_on = "local", True
@@ -198,12 +268,15 @@ class Cluster:
         """(tokens outstanding, seconds busy) of the serving prefill worker with the fewest tokens."""
         return self.dispatch.least_loaded_prefill_work(self._prefill_ids(), self.loop.now)
 
-    def _reserve_decode(self, r: SimRequest, only: Role = Role.DECODE) -> SimWorker | None:
+    def _reserve_decode(self, r: SimRequest, only: Role = Role.DECODE, first: str | None = None) -> SimWorker | None:
         """Reserve r's whole KV on the first worker that serves `only` (decode: decode and mixed
-        workers), in the dispatcher's order (the workers' reports are their pools: never stale
-        here), that has the blocks. None: no worker has room (or, under admission control, a seat)."""
+        workers), in the dispatcher's order (`first` ahead; the workers' reports are their pools:
+        never stale here), that has the blocks. None: no worker has room (or, under admission
+        control, a seat)."""
         views = [w.view() for w in self.workers if w.serves(only)]
         order = self.dispatch.decode_order(views, r.prompt, r.max_tokens, self.policy, self.loop.now)
+        if first is not None:
+            order = [v for v in order if v.worker_id == first] + [v for v in order if v.worker_id != first]
         for view in order:  # a seat in each, under admission control: nothing else runs meanwhile
             worker = self._reserve_on(self.by_id[view.worker_id], r)
             if worker is not None:
@@ -363,6 +436,8 @@ class Cluster:
         for rid, seq in end.paused.items():
             d.pause_waiters.pop(rid)(seq)
         self._prefilled_here(d, chunks)
+        if self.decode_queue:  # blocks may have freed (finished, released, moved): the head tries
+            self._serve_queue()
         self._step(d)  # the engine's loop starts the next step at once
         self.switches.check(d)
 
@@ -386,6 +461,10 @@ class Cluster:
     def _timeout(self, r: SimRequest) -> None:
         if r.phase == "done":
             return
+        if r.phase == "queued":
+            self._leave_queue(r)
+            self._fail(r, "DEADLINE_EXCEEDED")
+            return
         if r.phase == "prefill":
             r.prefill_worker.prefill.remove(r)  # still queued: it never runs (else it runs for nothing)
             self.prefill_ledger.done(r.prefill_worker.worker_id, r)
@@ -401,6 +480,8 @@ class Cluster:
         self._release(d, r.rid)
         self.switches.abort_move(r)
         self._fail(r, "DEADLINE_EXCEEDED")
+        if self.decode_queue:
+            self._serve_queue()
         self.switches.check(d)
         if r.prefill_worker is not None:
             self.switches.check(r.prefill_worker)
@@ -451,6 +532,8 @@ class Cluster:
                 out.append(f"{w.worker_id}: a switch, abort or pause still pending")
         if self.batcher is not None and len(self.batcher):
             out.append(f"{len(self.batcher)} short prompts still held for a batch")
+        if self.decode_queue:
+            out.append(f"{len(self.decode_queue)} requests still in the decode queue")
         unended = [r.rid for r in self.requests if r.phase != "done"]
         if unended:
             out.append(f"{len(unended)} requests never ended, e.g. {unended[:5]}")

@@ -5,13 +5,21 @@ prompt itself (services/gateway/dispatch.py)."""
 
 from __future__ import annotations
 
-from common.load import SLO, LengthDist, LoadForecast, Split, WorkerLoad
+import pytest
+
+from common.load import SLO, IntervalLoad, LengthDist, LoadForecast, Split, WorkerLoad
 from common.modes import serving_mode
 from common.profile import load_profile
 from services.gateway.dispatch import Dispatcher
 from services.gateway.routing import WorkerView
 from services.gateway.scheduling import SchedulingPolicy
-from services.planner.configuration import HEADROOM, choose_configuration, split_capacity
+from services.planner.configuration import (
+    DERATING_TTL_S,
+    HEADROOM,
+    ObservedDerating,
+    choose_configuration,
+    split_capacity,
+)
 from services.planner.policy import DECODE, MIXED, PREFILL, PolicyConfig, ReconfigPolicy
 from services.planner.split import PoolShape, compute_split
 
@@ -124,3 +132,34 @@ def test_a_mixed_worker_takes_a_prompt_whose_chunks_fit_else_it_is_disaggregated
     assert d.local_worker(mixed, 600, None, prefill_serving=True, now=0.0).worker_id == "m1"
     d.local_ledger.sent("m1", "b", 10, 0.0)
     assert d.local_worker(mixed, 600, None, prefill_serving=True, now=0.0) is None
+
+
+def interval(t: float, arrivals: int, ttft: float, tpot: float) -> IntervalLoad:
+    return IntervalLoad(start=t, duration=1.0, arrivals=arrivals, ttft=(ttft,) * arrivals, tpot=(tpot,) * arrivals)
+
+
+def test_a_family_that_misses_the_slos_where_its_model_said_it_carries_is_derated():
+    slo = SLO(1.0, 0.05)
+    seen = ObservedDerating()
+    bad = [interval(t, 10, 0.2, 0.09) for t in range(5)]  # 10 req/s, every TPOT past the SLO
+    seen.observe(10.0, "aggregated", bad[:4], slo, 40.0)
+    assert seen.active(10.0) == {}  # too few settled intervals to judge
+    seen.observe(10.0, "aggregated", bad, slo, 8.0)
+    assert seen.active(10.0) == {}  # the model said 8 req/s: a miss at 10 teaches nothing
+    seen.observe(10.0, "aggregated", bad, slo, 40.0)
+    assert seen.active(10.0) == {"aggregated": pytest.approx(0.25)}
+    good = [interval(t, 10, 0.2, 0.01) for t in range(5)]
+    seen.observe(11.0, "split", good, slo, 40.0)
+    assert "split" not in seen.active(11.0)
+    assert seen.active(10.0 + DERATING_TTL_S) == {}  # forgotten
+
+
+def test_a_derated_family_gives_way():
+    split = target_split(1.0)
+    aggregated = Split(0, 0, mixed=8, chunk_budget=512)
+    plain = choose_configuration(forecast(1.0), H100, LOOSE, 8, SHAPE, split, None)
+    family = "aggregated" if plain.target.mixed else "split"
+    derated = choose_configuration(forecast(1.0), H100, LOOSE, 8, SHAPE, split, None, derating={family: 0.01})
+    assert bool(derated.target.mixed) != bool(plain.target.mixed)
+    assert derated.runner_up.limited_by == "observed" and derated.model_rates[family] > derated.runner_up.rate
+    assert aggregated.name == "aggregated 512"

@@ -67,7 +67,9 @@ def test_a_slow_link_stretches_the_hand_off_to_the_whole_transfer(profile):
 
 
 def test_requests_with_no_room_are_refused_and_timeouts_free_everything(profile):
-    loop, c = cluster(profile, kv_blocks=12, timeout=1.0)  # 12 blocks: one request of 150 + 30 tokens
+    # 12 blocks: one request of 150 + 30 tokens; the second waits in the decode queue until 0.25 s
+    # before its deadline, then is refused (as the gateway does).
+    loop, c = cluster(profile, kv_blocks=12, timeout=1.0)
     c.submit([(0.0, 150, 30), (0.1, 150, 30), (0.2, 10, 5000)])
     loop.run()
     assert [r.error for r in c.results()] == ["DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"]
