@@ -30,6 +30,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -125,9 +126,14 @@ def churn(cell_dir: Path, doc: dict, best_fixed: str) -> dict | None:
         return None
     rate, fixed, ours = best
     ratio = ours["p99_ttft_ms"] / fixed["p99_ttft_ms"] if fixed["p99_ttft_ms"] else None
+    sim = ours.get("simulation", {})
+    # Why each switch was made: the configuration core's choice (its record says the predicted rates),
+    # the split's forecast move, or an emergency (a queue or KV the forecast did not foresee).
+    reasons = Counter(s["reason"].split(":")[0] for s in sim.get("switches", []))
     return {"rate": rate, "design": fixed_sweep_dir(doc, best_fixed), "design_p99_ttft_ms": fixed["p99_ttft_ms"],
             "dopd_p99_ttft_ms": ours["p99_ttft_ms"], "ratio": ratio, "within_10pct": ratio is not None and ratio <= 1.1,
-            "dopd_switches": len(ours.get("simulation", {}).get("switches", []))}
+            "dopd_switches": len(sim.get("switches", [])), "switch_reasons": dict(reasons),
+            "configurations": [f"{c['target']} at {c['t']:.0f} s ({c['why']})" for c in sim.get("configurations", [])]}
 
 
 def markdown(matrix: dict) -> str:
@@ -159,10 +165,13 @@ def markdown(matrix: dict) -> str:
     if churned:
         lines += ["", "No churn: at the highest swept rate where the best fixed design met >= 99% of requests, "
                       "dopd's p99 TTFT against that design's (the goal: within 10%), and the role switches dopd made "
-                      "there.", "", "| cell | rate req/s | design | its p99 TTFT ms | dopd p99 TTFT ms | ratio | "
-                      "dopd switches |", "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+                      "there, by reason (configuration: the configuration core's choice, each with a predicted gain "
+                      "in its record; forecast: the split's move; emergency: a queue or KV pressure the forecast "
+                      "missed).", "", "| cell | rate req/s | design | its p99 TTFT ms | dopd p99 TTFT ms | ratio | "
+                      "dopd switches | by reason |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
         lines += [f"| {k} | {c['rate']:g} | {c['design']} | {c['design_p99_ttft_ms']:.1f} | "
-                  f"{c['dopd_p99_ttft_ms']:.1f} | {c['ratio']:.2f}x | {c['dopd_switches']} |"
+                  f"{c['dopd_p99_ttft_ms']:.1f} | {c['ratio']:.2f}x | {c['dopd_switches']} | "
+                  + (", ".join(f"{n} {r}" for r, n in sorted(c.get("switch_reasons", {}).items())) or "-") + " |"
                   for k, c in churned.items()]
     return "\n".join(lines) + "\n"
 
