@@ -154,7 +154,7 @@ class GatewaySettings(_Base):
     # Serving mode (common/modes.py): static (first come first served), dopd and dopd-no-planner
     # (DOPD's scheduling policy, services/gateway/scheduling.py), dopd-no-policy, aggregated
     # (every worker prefills the requests it decodes). `dopd up --mode` sets it.
-    mode: str = Field("static", pattern="^(aggregated|static|dopd|dopd-no-policy|dopd-no-planner)$")
+    mode: str = Field("static", pattern="^(aggregated|static|dopd|dopd-split|dopd-no-policy|dopd-no-planner)$")
     # Admission control: refuse at once a request whose predicted TTFT is past the SLO.
     # "" = the mode's default (on where the scheduling policy runs).
     admission: str = Field("", pattern="^(|on|off)$")
@@ -163,6 +163,7 @@ class GatewaySettings(_Base):
     # engine's time scale (the policy reasons in profile seconds).
     slo_ttft_ms: float = 2000.0
     slo_tpot_ms: float = 200.0
+    slo_itl_ms: float | None = None  # the stall SLO (each request's p99 gap): counted, and mixed workers' chunks
     prefill_token_budget: int = 512
     planner_profile: str = ""
     time_scale: float = 1.0

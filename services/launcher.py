@@ -351,7 +351,8 @@ class Cluster:
             **common, "DOPD_GATEWAY_PORT": str(s.port), "DOPD_GATEWAY_METRICS_PORT": str(metrics_ports[1]),
             "DOPD_HTTP_PORT": str(self.http_port),
             "DOPD_LOAD_INTERVAL_S": str(s.interval_s * s.time_scale), "DOPD_MODE": s.mode,
-            "DOPD_SLO_TTFT_MS": str(s.slo_ttft_ms), "DOPD_SLO_TPOT_MS": str(s.slo_tpot_ms)})
+            "DOPD_SLO_TTFT_MS": str(s.slo_ttft_ms), "DOPD_SLO_TPOT_MS": str(s.slo_tpot_ms),
+            **({"DOPD_SLO_ITL_MS": str(s.slo_itl_ms)} if s.slo_itl_ms is not None else {})})
         roles = ["prefill"] * s.prefill + ["decode"] * s.decode
         if not serving_mode(s.mode).disaggregated:
             roles = ["decode"] * n_workers  # each prefills the requests it decodes

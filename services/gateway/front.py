@@ -41,7 +41,8 @@ def build_core(settings: GatewaySettings, backend: GrpcBackend, tokenizer) -> Re
     if settings.admission:
         mode = replace(mode, admission=settings.admission == "on")
     profile = load_profile(serving_profile_name(settings.model, settings.planner_profile))
-    slo = SLO(settings.slo_ttft_ms / 1e3, settings.slo_tpot_ms / 1e3)
+    slo = SLO(settings.slo_ttft_ms / 1e3, settings.slo_tpot_ms / 1e3,
+              settings.slo_itl_ms / 1e3 if settings.slo_itl_ms is not None else None)
     core: RequestCore
 
     def policy_for(forecast: LoadForecast) -> SchedulingPolicy:
@@ -55,6 +56,8 @@ def build_core(settings: GatewaySettings, backend: GrpcBackend, tokenizer) -> Re
                        decode_queue_limit=settings.decode_queue_limit, slo=slo)
     metrics.SLO_SECONDS.labels("ttft").set(slo.ttft_s * settings.time_scale)
     metrics.SLO_SECONDS.labels("tpot").set(slo.tpot_s * settings.time_scale)
+    if slo.itl_s is not None:
+        metrics.SLO_SECONDS.labels("itl").set(slo.itl_s * settings.time_scale)
     return core
 
 

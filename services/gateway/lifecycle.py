@@ -33,6 +33,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+import numpy as np
+
 from common.errors import PeerError, Refused, ResourceExhausted, ServiceError, Unavailable
 from common.load import SLO, LoadForecast
 from common.modes import ServingMode, serving_mode
@@ -185,7 +187,8 @@ class RequestCore:
                 raise
             detok = Detokenizer(self.tokenizer, req.stop)
             generated: list[int] = []  # what the client has been sent: kept across replays
-            first_at = None
+            gaps: list[float] = []  # between the tokens the client was sent (wall seconds), for the stall SLO
+            first_at = last_at = None
             finish = None
             replays = 0
             while True:
@@ -197,11 +200,17 @@ class RequestCore:
                             if isinstance(item, str):
                                 finish = item
                                 break
+                            now = time.perf_counter()
                             if first_at is None:
-                                first_at = time.perf_counter()
+                                first_at = now
                                 ttft = first_at - req.arrived
                                 metrics.TTFT.observe(ttft)
                                 self.recorder.first_token(ttft)
+                                gaps.extend([0.0] * (len(item) - 1))
+                            else:  # tokens that came in one message came together (as a client sees them)
+                                gaps.append(now - last_at)
+                                gaps.extend([0.0] * (len(item) - 1))
+                            last_at = now
                             generated.extend(item)
                             yield TokenEvent(req.request_id, item, detok.add(list(item)))
                             if detok.stopped:
@@ -246,15 +255,18 @@ class RequestCore:
             metrics.RUNNING.set(self.running)
             metrics.REQUESTS.labels(status).inc()
             if self.slo is not None and status != "cancelled":
-                met = status == "ok" and self._meets_slo(ttft, tpot)
+                met = status == "ok" and self._meets_slo(ttft, tpot, gaps)
                 metrics.SLO_REQUESTS.labels("met" if met else "missed").inc()
 
-    def _meets_slo(self, ttft: float | None, tpot: float | None) -> bool:
-        """Both SLOs met (wall seconds in, compared in profile seconds); a one-token request has
-        no TPOT and meets that SLO, as in services/bench/metrics.meets_slo."""
+    def _meets_slo(self, ttft: float | None, tpot: float | None, gaps: list[float]) -> bool:
+        """Every SLO met (wall seconds in, compared in profile seconds); a one-token request has
+        no TPOT and meets that SLO, and with a stall SLO the request's p99 gap between tokens must
+        be within it, as in services/bench/metrics.meets_slo."""
         if ttft is None or ttft / self.time_scale > self.slo.ttft_s:
             return False
-        return tpot is None or tpot / self.time_scale <= self.slo.tpot_s
+        if tpot is not None and tpot / self.time_scale > self.slo.tpot_s:
+            return False
+        return self.slo.itl_s is None or not gaps or float(np.percentile(gaps, 99)) / self.time_scale <= self.slo.itl_s
 
     @staticmethod
     def _replay_of(req: GenerationRequest, generated: list[int]) -> GenerationRequest:

@@ -30,8 +30,9 @@ SEAT_WAITS = Counter("dopd_gateway_seat_waits_total", "Requests that found every
 # SLO attainment and goodput (requests a second that met both SLOs), judged as `dopd bench` judges a
 # request (services/bench/metrics.py): every request that ended counts once; failed and refused
 # ones miss; cancelled ones (the client went away) are not counted.
-SLO_REQUESTS = Counter("dopd_slo_requests_total", "Requests that ended, by whether they met both the TTFT and the "
-                       "TPOT SLO (failed and refused ones miss; cancelled ones are not counted)", ["result"])
+SLO_REQUESTS = Counter("dopd_slo_requests_total", "Requests that ended, by whether they met every SLO: TTFT, TPOT "
+                       "and, when given, the stall SLO on their p99 gap (failed and refused ones miss; cancelled "
+                       "ones are not counted)", ["result"])
 SLO_SECONDS = Gauge("dopd_gateway_slo_seconds", "The SLOs requests are judged by, in wall seconds (the sim "
                     "engine's time scale applied)", ["slo"])
 # Every label value exists from the start, at 0: a series that first appears at 1 hides its first
