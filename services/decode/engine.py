@@ -28,7 +28,7 @@ from common.modeling.base import DecodeInputs, PromptChunk, Runner
 from common.types import SamplingParams
 from services.decode.local_prefill import Chunk, LocalPrefill
 from services.decode.scheduler import DecodeScheduler, DecodeSeq, Finish, SeqState
-from services.worker import metrics
+from services.engine import metrics
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,20 @@ class DecodeEngine:
         job = self._local[request_id] = LocalPrompt(seq, prompt)
         self.local.add(job, len(prompt))
         self._wake.set()
+
+    # -- what a PushKV stream writes into (services/kvtransfer/receiver.KVSink) ---------------
+    @property
+    def store(self):
+        """The pool a peer's pages are read into (shared memory, NIXL)."""
+        return self.runner.store
+
+    def held(self, request_id: str) -> DecodeSeq | None:
+        return self.scheduler.seqs.get(request_id)
+
+    def waiting_for_kv(self, seq: DecodeSeq) -> bool:
+        """`seq` is still this id's reservation and still waits for its KV (not decoding already,
+        nor a newer request that reuses the id)."""
+        return self.scheduler.seqs.get(seq.request_id) is seq and seq.state is SeqState.WAITING_KV
 
     def receiving_store(self, seq: DecodeSeq):
         """The pool a transfer writes `seq`'s KV into; Aborted when it ended meanwhile."""

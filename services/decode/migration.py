@@ -36,9 +36,9 @@ from common.rpc.errors import domain_error
 from services.decode.engine import DecodeEngine
 from services.decode.migration_plan import MovePlan, Pause, Send, targets_in_order
 from services.decode.scheduler import DecodeSeq
+from services.engine import metrics
 from services.kvtransfer.reader import chunk_ranges, read_kv
 from services.kvtransfer.sender import KVSender
-from services.worker import metrics
 
 log = logging.getLogger(__name__)
 READ_BATCH = 2  # wire chunks read ahead of gRPC per migrating request

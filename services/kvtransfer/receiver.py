@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -30,9 +31,41 @@ from common.kv.nixl_transport import NixlEndpoint, NixlError, NixlSource, read_d
 from common.kv.shared_memory import PeerPools, SharedPoolHandle
 from common.kv.wire import KVLayout
 from common.pb import worker_pb2
-from services.decode.engine import DecodeEngine
-from services.decode.scheduler import DecodeSeq, SeqState
-from services.worker import metrics
+from services.engine import metrics
+
+# A reservation of the sink's own (services/decode/scheduler.DecodeSeq for a decode engine): the
+# receiver reads its `request_id`, `prompt_len` and `block_table` and hands it back to the sink.
+Reservation = Any
+
+
+class KVSink(Protocol):
+    """What a PushKV stream writes into (services/decode/engine.DecodeEngine is one): the
+    receiver depends on this, not on the decode engine."""
+
+    @property
+    def store(self): ...  # the pool a peer's pages are read into (shm, NIXL)
+
+    def held(self, request_id: str) -> Reservation | None: ...  # the reservation of that id, if any
+
+    def waiting_for_kv(self, seq: Reservation) -> bool: ...  # still held and still waiting for its KV
+
+    def expect_kv(self, request_id: str, num_tokens: int) -> Reservation: ...
+
+    def adopt(self, request_id: str, prompt_len: int, params) -> Reservation: ...
+
+    def receiving_store(self, seq: Reservation): ...
+
+    def write_kv(self, seq: Reservation, chunk: wire.KVChunk) -> None: ...
+
+    def copying(self, seq: Reservation) -> None: ...
+
+    def copied(self, seq: Reservation) -> None: ...
+
+    def kv_complete(self, request_id: str, first_token: int) -> None: ...
+
+    def kv_complete_migrated(self, request_id: str, tokens: list[int]) -> None: ...
+
+    def fail(self, request_id: str, error: ServiceError) -> None: ...
 
 
 @dataclass
@@ -67,7 +100,7 @@ class _Source:
         return "nixl" if self.nixl is not None else "shm"
 
 
-async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeEngine, layout: KVLayout,
+async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: KVSink, layout: KVLayout,
                      vocab_size: int, may_adopt: bool, shared: SharedReads | None = None,
                      io_executor: Executor | None = None,
                      accepted: Callable[[], Awaitable[None]] | None = None) -> int:
@@ -82,12 +115,12 @@ async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: DecodeE
     begin = first.begin
     adopting = begin.HasField("adopt")
     # Before anything is reserved: a sender told "cannot map" sends the bytes over gRPC instead.
-    source = _map_source(begin.shared, shared, engine.runner.store) if begin.HasField("shared") else None
+    source = _map_source(begin.shared, shared, engine.store) if begin.HasField("shared") else None
     if adopting:
         num_tokens = _parse_begin(begin, layout)
         seq = _adopt(begin, engine, num_tokens, may_adopt)
     else:
-        seq = engine.scheduler.seqs.get(begin.request_id)
+        seq = engine.held(begin.request_id)
         if seq is None:
             raise InvalidArgument(f"KV pushed for unknown request {begin.request_id!r}: no reservation on this worker")
     try:
@@ -186,7 +219,7 @@ def _nixl_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None,
     return _Source(list(pb.block_table), source.shape[3], nixl=source)
 
 
-async def _write_chunk(engine: DecodeEngine, seq: DecodeSeq, chunk: wire.KVChunk, executor: Executor | None) -> None:
+async def _write_chunk(engine: KVSink, seq: Reservation, chunk: wire.KVChunk, executor: Executor | None) -> None:
     device = device_copy.pool_device(engine.receiving_store(seq))
     if not device_copy.is_cuda(device):
         engine.write_kv(seq, chunk)  # a CPU pool: inline, one memory copy of at most a chunk
@@ -195,7 +228,7 @@ async def _write_chunk(engine: DecodeEngine, seq: DecodeSeq, chunk: wire.KVChunk
     await _guarded(engine, seq, executor, device_copy.on_side_stream, device, engine.write_kv, seq, chunk)
 
 
-async def _copy_from_source(source: _Source, shared: SharedReads, engine: DecodeEngine, seq: DecodeSeq,
+async def _copy_from_source(source: _Source, shared: SharedReads, engine: KVSink, seq: Reservation,
                             start: int, end: int, layers: range, num_tokens: int) -> int:
     if not 0 <= start < end <= min(num_tokens, len(source.block_table) * source.block_size):
         raise wire.WireError(f"KV ready for positions [{start}, {end}) outside the transfer's "
@@ -217,7 +250,7 @@ async def _copy_from_source(source: _Source, shared: SharedReads, engine: Decode
                           store.slots(seq.block_table, start, end), layers)
 
 
-async def _guarded(engine: DecodeEngine, seq: DecodeSeq, executor: Executor | None, fn, *args):
+async def _guarded(engine: KVSink, seq: Reservation, executor: Executor | None, fn, *args):
     """Run a copy into `seq`'s blocks on `executor`: until it has ended (not merely until its
     awaiting coroutine was cancelled, the client gone), a release of `seq` waits and its blocks
     are lent to no one else."""
@@ -252,7 +285,7 @@ def _parse_begin(begin: worker_pb2.KVPush.Begin, layout: KVLayout) -> int:
         raise InvalidArgument(str(exc)) from None
 
 
-def _adopt(begin: worker_pb2.KVPush.Begin, engine: DecodeEngine, num_tokens: int, may_adopt: bool) -> DecodeSeq:
+def _adopt(begin: worker_pb2.KVPush.Begin, engine: KVSink, num_tokens: int, may_adopt: bool) -> Reservation:
     if not may_adopt:
         raise Unavailable("this worker takes no migrated requests now (draining, switching or not decoding)")
     params = sampling_from_pb(begin.adopt.sampling)
@@ -266,7 +299,7 @@ def _adopt(begin: worker_pb2.KVPush.Begin, engine: DecodeEngine, num_tokens: int
     return engine.adopt(begin.request_id, prompt_len, params)
 
 
-def _complete(end: worker_pb2.KVPush.End, seq: DecodeSeq, engine: DecodeEngine, written: torch.Tensor,
+def _complete(end: worker_pb2.KVPush.End, seq: Reservation, engine: KVSink, written: torch.Tensor,
               vocab_size: int, adopting: bool) -> None:
     if adopting:
         tokens = list(end.tokens)
@@ -289,9 +322,9 @@ def _complete(end: worker_pb2.KVPush.End, seq: DecodeSeq, engine: DecodeEngine, 
         engine.kv_complete(seq.request_id, tokens[0])
 
 
-def _fail_if_waiting(engine: DecodeEngine, seq: DecodeSeq, error: ServiceError) -> None:
+def _fail_if_waiting(engine: KVSink, seq: Reservation, error: ServiceError) -> None:
     """Fail the reservation this push was for, if it is still that one and still waiting for its
     KV: a stray or duplicate push must not end a request that is already decoding, nor a newer
     request that reuses the id."""
-    if engine.scheduler.seqs.get(seq.request_id) is seq and seq.state is SeqState.WAITING_KV:
+    if engine.waiting_for_kv(seq):
         engine.fail(seq.request_id, error)

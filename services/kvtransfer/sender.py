@@ -25,7 +25,7 @@ from common.kv import device_copy, wire
 from common.kv.wire import ChunkBuilder, KVLayout
 from common.pb import worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
-from services.worker import metrics
+from services.engine import metrics
 
 _END = object()
 # The receiver's initial metadata, sent once it has taken `begin` (services/kvtransfer/receiver.py).

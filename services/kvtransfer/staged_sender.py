@@ -30,8 +30,8 @@ from common.kv import wire
 from common.kv.block_pool import BlockPool, OutOfBlocks
 from common.kv.nixl_transport import READ_FAILED, NixlEndpoint
 from common.pb import worker_pb2
+from services.engine import metrics
 from services.kvtransfer.sender import KVSender
-from services.worker import metrics
 
 
 class Staging:

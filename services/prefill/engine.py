@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from common.errors import ResourceExhausted, ServiceError, Unavailable
 from common.modeling.base import Runner
 from common.types import SamplingParams
+from services.engine import metrics
 from services.kvtransfer.sender import OpenSender, PrefillSender
 from services.prefill.scheduler import PrefillScheduler
-from services.worker import metrics
 
 log = logging.getLogger(__name__)
 

@@ -31,11 +31,11 @@ from common.types import Role
 from services.decode.engine import DecodeEngine
 from services.decode.migration import Migrator
 from services.decode.scheduler import DecodeScheduler
+from services.engine import metrics
 from services.kvtransfer.receiver import SharedReads
 from services.kvtransfer.sender import grpc_sender_factory
 from services.kvtransfer.staged_sender import StagedSender, Staging
 from services.prefill.engine import PrefillEngine
-from services.worker import metrics
 from services.worker.role_state import RoleState
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ from common.rpc.errors import grpc_errors
 from common.rpc.server import Service, run_server
 from common.types import Role
 from services.decode.engine import ErrorEvent, FinishedEvent, MovedEvent, TokensEvent
+from services.engine import metrics
 from services.kvtransfer.receiver import receive_kv
 from services.kvtransfer.sender import KV_ACCEPTED
-from services.worker import metrics
 from services.worker.role_switch import switch_role
 from services.worker.runtime import WorkerRuntime
 

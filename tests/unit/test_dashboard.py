@@ -17,9 +17,9 @@ from services.dashboard.render import PanelData, write_overview, write_panel
 
 def defined_metrics() -> set[str]:
     """Every metric family the gateway, planner and worker define (their modules register them)."""
+    import services.engine.metrics  # noqa: F401
     import services.gateway.metrics  # noqa: F401
     import services.planner.metrics  # noqa: F401
-    import services.worker.metrics  # noqa: F401
 
     names = set()
     for family in prometheus_client.REGISTRY.collect():
