@@ -71,6 +71,7 @@ def regimes(profile_name: str) -> dict[str, dict]:
 def cell_argv(workload: str, regime: dict, args, out: Path, sweep_from: float) -> list[str]:
     argv = ["bench", "compare", "--modes", MODES, "--engine", "des", "--profile", args.profile,
             "--workers", str(args.workers), *WORKLOADS[workload], "--max-context", "8192", *ENGINE,
+            *(["--decode-queue-limit", str(args.decode_queue_limit)] if args.decode_queue_limit is not None else []),
             "--slo-ttft", f"{regime['ttft']:g}", "--slo-tpot", f"{regime['tpot']:g}",
             "--sweep-from", f"{sweep_from:g}", "--sweep-runs", str(args.sweep_runs),
             "--sweep-splits", str(args.sweep_splits), "--out", str(out), "--no-progress"]
@@ -223,6 +224,9 @@ def main() -> int:
     parser.add_argument("--regimes", default="loose,tight,stall")
     parser.add_argument("--sweep-from", type=float, default=None, help="default: 1 req/s per worker")
     parser.add_argument("--sweep-runs", type=int, default=10)
+    parser.add_argument("--decode-queue-limit", type=int,
+                        help="requests that may wait for decode room in the simulator (0: refused at once, as "
+                             "before 2026-12-08; default: the gateway's)")
     parser.add_argument("--sweep-splits", type=int, default=3,
                         help="static: each of its best K splits at the first rate gets its own rate goodput (0: all)")
     parser.add_argument("--report-only", action="store_true",

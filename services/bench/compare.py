@@ -380,6 +380,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=int)
     g.add_argument("--prefill-token-budget", type=int)
     g.add_argument("--chunk-tokens", type=int, help="tokens a step where a worker prefills its own prompts")
+    g.add_argument("--decode-queue-limit", type=int,
+                   help="des: requests that may wait for decode room (0: refused at once; default: the gateway's)")
     g.add_argument("--torch-threads", type=int, default=0,
                    help="sim engine or model: torch threads per worker (default: cores / workers)")
     g.add_argument("--predictor", help="the planner's predictor")

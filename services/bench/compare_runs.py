@@ -81,7 +81,7 @@ def simulate_argv(args, mode: str, split: tuple[int, int] | None, out: Path) -> 
         argv += ["--until", str(args.until)]
     if split is not None:
         argv += ["--split", f"{split[0]}:{split[1]}"]
-    for name in ("kv_blocks", "max_batch_size", "prefill_token_budget", "chunk_tokens"):
+    for name in ("kv_blocks", "max_batch_size", "prefill_token_budget", "chunk_tokens", "decode_queue_limit"):
         if getattr(args, name, None) is not None:
             argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     if args.predictor:

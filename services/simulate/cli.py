@@ -37,7 +37,7 @@ def _split(text: str) -> tuple[int, int]:
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     """Add `simulate` to a `dopd` subparsers object; it runs `run_simulate`."""
-    from common.config import PlannerSettings
+    from common.config import GatewaySettings, PlannerSettings
     from services.bench.workloads import WORKLOADS
     from services.planner.predictors import predictor_names
     from services.simulate.sim import DEFAULT_CHUNK_TOKENS, MODES, SimConfig, setting
@@ -75,6 +75,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
                        ("prefill_token_budget", "prompt tokens per prefill forward")):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(SimConfig, name),
                        help=f"{what} (default %(default)s, as the workers')")
+    p.add_argument("--decode-queue-limit", type=int, default=setting(GatewaySettings, "decode_queue_limit"),
+                   help="requests that may wait for decode room, as the gateway's (default %(default)s; 0: a "
+                        "request with no room is refused at once)")
     p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
                    help="tokens a step on a worker that prefills its own prompts (aggregated; DOPD's "
                         "ultra-short path): decodes plus prompt chunks (default %(default)s)")
@@ -115,7 +118,7 @@ def config_from_args(args):
         slo_tpot_s=args.slo_tpot / 1e3, slo_itl_s=args.slo_itl / 1e3 if args.slo_itl is not None else None,
         predictor=args.predictor,
         policy=replace(default_policy(), cooldown_s=args.cooldown), chunk_tokens=args.chunk_tokens,
-        admission=args.admission)
+        admission=args.admission, decode_queue_limit=args.decode_queue_limit)
 
 
 def results_doc(requests, outcome, cfg, args, schedule_duration: float) -> dict:
@@ -142,7 +145,7 @@ def results_doc(requests, outcome, cfg, args, schedule_duration: float) -> dict:
               "link_gbps": cfg.link_gbps, "kv_blocks": cfg.kv_blocks, "block_size": cfg.block_size,
               "max_batch_size": cfg.max_batch_size, "prefill_token_budget": cfg.prefill_token_budget,
               "cooldown_s": cfg.policy.cooldown_s, "chunk_tokens": cfg.chunk_tokens,
-              "admission": cfg.admission}
+              "admission": cfg.admission, "decode_queue_limit": cfg.decode_queue_limit}
     results = build_results(requests, run, config, schedule_duration, args.slo_ttft, args.slo_tpot, None,
                             slo_itl_ms=args.slo_itl)
     results["harness"] = {"simulated": True, "saturated": False, "saturation_reasons": [],

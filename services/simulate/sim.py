@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
-from common.config import PlannerSettings, WorkerSettings
+from common.config import GatewaySettings, PlannerSettings, WorkerSettings
 from common.kv.block_pool import DEFAULT_BLOCK_SIZE
 from common.load import SLO
 from common.modes import MODES as SERVING_MODES
@@ -70,6 +70,8 @@ class SimConfig:
     policy: PolicyConfig = field(default_factory=default_policy)
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # tokens a step (decodes + prompt chunks) on a worker that prefills
     admission: bool | None = None  # admission control; None: the mode's default
+    # Requests that may wait for decode room, as the gateway's DecodeQueue (0: refused at once).
+    decode_queue_limit: int = setting(GatewaySettings, "decode_queue_limit")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -122,7 +124,7 @@ def simulate(requests: list[BenchRequest], cfg: SimConfig) -> SimOutcome:
     cluster = Cluster(loop, cfg.profile, p, d, kv_blocks=cfg.kv_blocks, block_size=cfg.block_size,
                       max_batch_size=cfg.max_batch_size, prefill_token_budget=cfg.prefill_token_budget,
                       link_gbps=cfg.link_gbps, request_timeout_s=cfg.request_timeout_s, mode=mode,
-                      chunk_tokens=cfg.chunk_tokens)
+                      chunk_tokens=cfg.chunk_tokens, decode_queue_limit=cfg.decode_queue_limit)
     cluster.submit(arrivals)
     planner = None
     if mode.forecasting:
