@@ -9,7 +9,8 @@
                      plus the scheduling policy (services/gateway/scheduling.py), admission on
     dopd-split       ablation: dopd choosing among prefill/decode splits only (no mixed workers),
                      the planner before its configuration core
-    dopd-no-policy   ablation: the planner, with static's first come first served dispatch
+    dopd-no-policy   ablation: the planner (splits only: sending prompts to mixed workers needs
+                     the policy's profile), with static's first come first served dispatch
     dopd-no-planner  ablation: the scheduling policy on a fixed split (the planner still
                      forecasts, for the policy's thresholds, but switches nothing)
 """
@@ -39,7 +40,7 @@ MODES: dict[str, ServingMode] = {m.name: m for m in (
     ServingMode("static", disaggregated=True, switching=False, policy=False, admission=False),
     ServingMode("dopd", disaggregated=True, switching=True, policy=True, admission=True, mixed=True),
     ServingMode("dopd-split", disaggregated=True, switching=True, policy=True, admission=True),
-    ServingMode("dopd-no-policy", disaggregated=True, switching=True, policy=False, admission=False, mixed=True),
+    ServingMode("dopd-no-policy", disaggregated=True, switching=True, policy=False, admission=False),
     ServingMode("dopd-no-planner", disaggregated=True, switching=False, policy=True, admission=True),
 )}
 
