@@ -126,8 +126,10 @@ def aggregated_capacity(forecast: LoadForecast, profile: LatencyProfile, slo: SL
             return "tpot"
         if st.batch > min(shape.max_batch_size, c_kv):
             return "batch" if shape.max_batch_size <= c_kv else "kv"
-        # The p90 prompt's own chunks, each step stretched by the others' chunks queued with it.
-        if math.ceil(p90 / st.chunk) * st.full_step / (1.0 - st.chunk_time) > slo.ttft_s:
+        # The p90 prompt's own chunks (a step of at most its own tokens each), stretched by the
+        # others' chunks queued with it.
+        own = profile.mixed_step_time(max(1, round(st.batch)), context, int(min(st.chunk, p90)))
+        if math.ceil(p90 / st.chunk) * own / (1.0 - st.chunk_time) > slo.ttft_s:
             return "ttft"
         # A request's p99 gap is a chunk step as soon as one step in a hundred carries a chunk.
         if slo.itl_s is not None and st.chunk_steps >= 0.01 and st.full_step > slo.itl_s:
@@ -165,6 +167,9 @@ HEADROOM = 0.8
 # current one's capacity: the change pauses work (a prefill worker drains, decodes migrate when
 # mixed workers become prefill workers), which a small predicted gain may not repay.
 GAIN_TO_CHANGE = 1.15
+# A family seen to fail gives way to the other, not yet seen to fail, when the other's predicted
+# capacity is at least this share of the failing one's (derated) capacity.
+EXPLORE = 0.8
 # A mixed worker's budget is retuned (a SetRole each) only for this predicted gain over the one it has.
 BUDGET_GAIN = 1.05
 
@@ -291,13 +296,25 @@ def choose_configuration(forecast: LoadForecast, profile: LatencyProfile, slo: S
     if cur_name.startswith("aggregated"):
         cur_name = best_agg.name  # a budget changes no role: the best budget is free to take
     cur_cap, cur_target = families.get(cur_name, (None, None))
-    if cur_cap is None or best_name == cur_name:
+    if cur_cap is None:
         return Choice(best_target, best_cap, second_cap, cur_cap, "the highest predicted capacity", model)
-    if forecast.rate <= HEADROOM * cur_cap.rate:
-        return Choice(cur_target, cur_cap, best_cap, cur_cap,
+    # The best family other than the current one, and what it must promise to be taken.
+    other_name, (other_cap, other_target) = next((n, f) for n, f in ranked if n != cur_name)
+    if forecast.rate <= HEADROOM * cur_cap.rate:  # (derated or not)
+        return Choice(cur_target, cur_cap, other_cap, cur_cap,
                       f"kept: {forecast.rate:.1f} req/s is within {HEADROOM:.0%} of its capacity", model)
-    if best_cap.rate < GAIN_TO_CHANGE * cur_cap.rate:
-        return Choice(cur_target, cur_cap, best_cap, cur_cap,
-                      f"kept: {best_cap.name} gains less than {GAIN_TO_CHANGE:.2f}x", model)
-    return Choice(best_target, best_cap, cur_cap, cur_cap,
-                  f"changed: {best_cap.rate:.1f} req/s predicted against {cur_cap.rate:.1f}", model)
+    if cur_cap.limited_by == "observed":
+        # Seen to fail where its model said it carries: it gives way to a family not yet seen to
+        # fail that its model puts within EXPLORE of it (both models may be off; one is known to
+        # be), and else to any predicted gain.
+        gain = EXPLORE if other_cap.limited_by != "observed" else 1.0 + 1e-9
+    else:
+        if best_name == cur_name:
+            return Choice(cur_target, cur_cap, other_cap, cur_cap, "the highest predicted capacity", model)
+        gain = GAIN_TO_CHANGE
+    if other_cap.rate < gain * cur_cap.rate:
+        return Choice(cur_target, cur_cap, other_cap, cur_cap,
+                      f"kept: {other_cap.name} promises less than {gain:.2f}x of it", model)
+    return Choice(other_target, other_cap, cur_cap, cur_cap,
+                  f"changed: {other_cap.rate:.1f} req/s predicted against {cur_cap.rate:.1f}"
+                  + (" (seen to fail)" if cur_cap.limited_by == "observed" else ""), model)
