@@ -4,6 +4,9 @@ so the planner service runs it every interval and the virtual-time simulator run
 
     forecast = predictor.predict(history, horizon)   horizon: intervals ahead that a switch takes
     target   = compute_split(forecast, profile, SLO, workers)
+    target   = choose_configuration(..., target, ...)  with mixed workers (`mixed`): aggregation or
+                                                     the split, by predicted capacity, checked
+                                                     against what the configuration served
     changes  = policy.decide(now, workers, target)   hysteresis, cooldown, cap, emergency
 
 Proactive: the forecast looks `horizon` intervals ahead, where `horizon` covers the time a role
