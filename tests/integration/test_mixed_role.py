@@ -20,7 +20,7 @@ from common.convert import ROLE_FROM_PB, ROLE_TO_PB
 from common.pb import worker_pb2, worker_pb2_grpc
 from common.rpc.channels import internal_channel
 from common.types import Role
-from services.client import worker_stats
+from services.client import cluster_status, set_worker_role, worker_stats
 from tests.helpers import assert_no_leaks, start_cluster
 from tests.integration.test_role_switch import serve_all, workload
 
@@ -109,3 +109,10 @@ async def test_a_budget_change_and_bad_requests(mixed_cluster):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     await set_role(address, Role.DECODE)
     assert (await worker_stats(address)).chunk_budget == 64  # the worker's own setting again
+    # By hand, as `dopd role WORKER mixed --chunk-budget N` does, and as `dopd status` shows it.
+    reply = await set_worker_role(mixed_cluster.gateway, name, "mixed", chunk_budget=80)
+    assert reply["from_role"] == "decode" and reply["to_role"] == "mixed"
+    await asyncio.sleep(1.5)  # the planner's topology takes the heartbeat
+    status = await cluster_status(mixed_cluster.gateway)
+    assert {s["name"]: s["role"] for s in status["services"]}[name] == Role.MIXED
+    assert status["plan"] is None or "M" in status["plan"]["split_now"]
