@@ -103,7 +103,7 @@ def _generate(args) -> int:
 
     async def go():
         async with grpc.aio.insecure_channel(args.target) as channel:
-            return await generate(channel, args.prompt, timeout=args.timeout,
+            return await generate(channel, args.prompt, timeout=args.timeout, api_key=args.api_key,
                                   on_text=lambda t: print(t, end="", flush=True), **kw)
     try:
         out = asyncio.run(go())
@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--timeout", type=float, default=300.0)
+    gen.add_argument("--api-key", default=os.environ.get("DOPD_API_KEY", ""),
+                     help="the gateway's API key, when `dopd up --api-key` set one (default $DOPD_API_KEY)")
     gen.set_defaults(func=_generate)
 
     from services.bench.cli import add_bench_parser

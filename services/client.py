@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.convert import FINISH_FROM_PB, ROLE_FROM_PB, ROLE_TO_PB
 from common.pb import gateway_pb2, gateway_pb2_grpc, planner_pb2, planner_pb2_grpc, worker_pb2, worker_pb2_grpc
+from common.rpc.auth import api_key_metadata
 from common.rpc.channels import internal_channel
 from common.types import Role
 
@@ -34,11 +35,13 @@ def generate_request(prompt: str | list[int], **kw) -> gateway_pb2.GenerateReque
 
 
 async def generate(channel: grpc.aio.Channel, prompt: str | list[int], timeout: float = 300.0,
-                   on_text=None, **kw) -> Completion:
-    """Run one Generate call to its end; `on_text(str)` sees the text as it streams."""
+                   on_text=None, api_key: str = "", **kw) -> Completion:
+    """Run one Generate call to its end; `on_text(str)` sees the text as it streams; `api_key`:
+    the gateway's, when it has one (sent as `authorization: Bearer KEY`)."""
     stub = gateway_pb2_grpc.GatewayStub(channel)
     out = Completion()
-    async for msg in stub.Generate(generate_request(prompt, **kw), timeout=timeout):
+    async for msg in stub.Generate(generate_request(prompt, **kw), timeout=timeout,
+                                   metadata=api_key_metadata(api_key)):
         out.request_id = msg.request_id
         out.token_ids.extend(msg.token_ids)
         out.text += msg.text

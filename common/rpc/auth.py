@@ -1,5 +1,7 @@
 """The internal plane's credential: a cluster token that every internal RPC carries in its
-metadata, and that every server checks (in constant time) before any handler runs.
+metadata, and that every server checks (in constant time) before any handler runs. And the public
+gRPC API's: the gateway's API key (`ApiKeyInterceptor`, `api_key_metadata`), the same key as the
+OpenAI API's, sent as `authorization: Bearer KEY`.
 
 Internal: every method of dopd.v1.Worker and dopd.v1.Planner (Prefill, Decode, PushKV, SetRole,
 the topology, load reports, heartbeats...). Public: dopd.v1.Gateway (its clients use API keys
@@ -69,10 +71,10 @@ class ClusterTokenInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler, handler_call_details.method)
 
 
-def _refusing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _refusing(handler: grpc.RpcMethodHandler, method: str, message: str | None = None) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that answers UNAUTHENTICATED and does nothing."""
-    message = (f"{method} is an internal RPC: it needs this cluster's token in the '{TOKEN_KEY}' metadata "
-               f"(set {ENV}, or run the dopd command on the machine where `dopd up` runs)")
+    message = message or (f"{method} is an internal RPC: it needs this cluster's token in the '{TOKEN_KEY}' "
+                          f"metadata (set {ENV}, or run the dopd command on the machine where `dopd up` runs)")
 
     async def refuse(_request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -86,6 +88,47 @@ def _refusing(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHand
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(refuse, **serde)
     return grpc.unary_unary_rpc_method_handler(refuse, **serde)
+
+
+# What the API key guards: serving. GetStatus stays open, as health and reflection do: operators'
+# tools (`dopd status`, `dopd role`, `dopd up`'s readiness check) read it, and it serves nothing.
+API_KEY_METHODS = frozenset({"/dopd.v1.Gateway/Generate"})
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls to the public API's serving methods (API_KEY_METHODS) that do not carry the
+    API key as `authorization: Bearer KEY` metadata (UNAUTHENTICATED before any handler runs, so
+    the call changes nothing); health, reflection and GetStatus stay open. The key is compared in
+    constant time."""
+
+    def __init__(self, key: str, protected: frozenset[str] = API_KEY_METHODS) -> None:
+        if not key:
+            raise ValueError("an empty API key would let anyone in")
+        self._key = key.encode()
+        self._protected = protected
+
+    def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
+        if details.method not in self._protected:
+            return True
+        sent = next((v for k, v in (details.invocation_metadata or ()) if k == "authorization"), None)
+        if sent is None:
+            return False
+        sent = sent.decode(errors="replace") if isinstance(sent, bytes) else sent
+        scheme, _, key = sent.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self._key)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or self._allowed(handler_call_details):
+            return handler
+        return _refusing(handler, handler_call_details.method,
+                         f"{handler_call_details.method} needs the API key: send 'authorization: Bearer KEY' "
+                         "metadata (dopd generate/bench --api-key, or DOPD_API_KEY)")
+
+
+def api_key_metadata(key: str) -> tuple[tuple[str, str], ...]:
+    """The metadata a call to the public gRPC API carries for `key` (none when there is no key)."""
+    return (("authorization", f"Bearer {key}"),) if key else ()
 
 
 def server_interceptors(token: str, what: str) -> list[grpc.aio.ServerInterceptor]:

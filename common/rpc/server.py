@@ -66,15 +66,17 @@ class ServerHandle:
 async def run_server(*, host: str, port: int, metrics_port: int, services: list[Service],
                      start: Callable[[ServerHandle], Awaitable[None]] | None = None,
                      drain: Callable[[], Awaitable[None]] | None = None, grace: float = 10.0,
-                     cluster_token: str = "", internal: bool = True) -> None:
+                     cluster_token: str = "", internal: bool = True, api_key: str = "") -> None:
     """`internal`: a server of the internal plane (a worker, the planner), which listens with
-    mutual TLS when the process has TLS files (common/rpc/tls.py); the gateway's public port does not."""
-    from common.rpc.auth import server_interceptors
+    mutual TLS when the process has TLS files (common/rpc/tls.py); the gateway's public port does not.
+    `api_key`: the public API's methods need it (common/rpc/auth.ApiKeyInterceptor)."""
+    from common.rpc.auth import ApiKeyInterceptor, server_interceptors
     from common.rpc.errors import UndecodableIsInvalid
     from common.rpc.tls import server_credentials, tls_files
 
     tls = tls_files() if internal else None
-    interceptors = [*server_interceptors(cluster_token, ", ".join(s.name for s in services)), UndecodableIsInvalid()]
+    interceptors = [*server_interceptors(cluster_token, ", ".join(s.name for s in services)),
+                    *([ApiKeyInterceptor(api_key)] if api_key else []), UndecodableIsInvalid()]
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     for service in services:
         service.add_to_server(service.servicer, server)

@@ -61,7 +61,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="send requests through the gRPC API (default) or the OpenAI-compatible HTTP API")
     p.add_argument("--base-url", help="openai: the API's base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key", default=os.environ.get("DOPD_API_KEY", ""),
-                   help="openai: sent as 'Authorization: Bearer KEY' (default $DOPD_API_KEY)")
+                   help="the gateway's API key, sent as 'authorization: Bearer KEY' on either backend "
+                        "(default $DOPD_API_KEY)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--workload", choices=sorted(WORKLOADS), help="a built-in seeded workload")
     source.add_argument("--trace", type=Path, nargs="+",

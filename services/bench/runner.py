@@ -25,6 +25,7 @@ import numpy as np
 
 from common.convert import FINISH_FROM_PB
 from common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
+from common.rpc.auth import api_key_metadata
 from common.rpc.channels import CHANNEL_OPTIONS
 from services.bench.metrics import RequestResult
 from services.bench.outcome import RunOutcome, StatusSample
@@ -120,7 +121,8 @@ class _Run:
         return (wall - self.t0) / self.s.time_scale
 
     async def _grpc_pieces(self, stub, i: int) -> AsyncIterator[Piece]:
-        call = stub.Generate(self.pbs[i], timeout=self.s.request_timeout * self.s.time_scale)
+        call = stub.Generate(self.pbs[i], timeout=self.s.request_timeout * self.s.time_scale,
+                             metadata=api_key_metadata(self.s.api_key))
         try:
             async for msg in call:
                 finish = FINISH_FROM_PB[msg.finish_reason] if msg.finish_reason else None

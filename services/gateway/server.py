@@ -67,6 +67,6 @@ async def main() -> None:
                          services=[Service("dopd.v1.Gateway", GatewayServicer(gateway),
                                            gateway_pb2_grpc.add_GatewayServicer_to_server)],
                          start=gateway.start, drain=gateway.drain, grace=settings.drain_grace_s,
-                         cluster_token=settings.cluster_token, internal=False)
+                         cluster_token=settings.cluster_token, internal=False, api_key=settings.api_key)
     finally:
         await gateway.channels.close()

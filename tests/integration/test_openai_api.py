@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API on a real cluster (tiny-random, 1 prefill + 1 decode, an API key),
 driven by the official `openai` client (sync, async, streaming) and by raw HTTP for what the
-client hides (bad JSON, a disconnect mid-stream). Greedy output must equal the gRPC API's."""
+client hides (bad JSON, a disconnect mid-stream). Greedy output must equal the gRPC API's. The
+gRPC API takes the same key: without it Generate is refused UNAUTHENTICATED and changes nothing."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def sync_client(base_url: str, key: str = KEY) -> openai.OpenAI:
 
 async def grpc_text(handle, prompt, **kw) -> tuple[str, str, int, int]:
     async with handle.channel() as ch:
-        out = await generate(ch, prompt, temperature=0.0, **kw)
+        out = await generate(ch, prompt, temperature=0.0, api_key=KEY, **kw)
     return out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens
 
 
@@ -127,6 +128,43 @@ async def test_grpc_gives_the_same_message(api_cluster):
         await grpc_text(api_cluster, PROMPT, max_tokens=4, top_p=0.0)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == "top_p must be in (0, 1], got 0.0"
+
+
+async def test_the_grpc_api_needs_the_same_key(api_cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from common.pb import gateway_pb2, gateway_pb2_grpc
+    from services.client import generate_request, worker_stats
+
+    def served() -> float:
+        text = httpx.get(f"http://{gateway_metrics(api_cluster)}/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("dopd_requests_total{"))
+
+    before = served()
+    async with api_cluster.channel() as ch:
+        for metadata in ((), (("authorization", "Bearer wrong-key"),), (("authorization", KEY),)):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in gateway_pb2_grpc.GatewayStub(ch).Generate(
+                        generate_request(PROMPT, max_tokens=4), metadata=metadata, timeout=30):
+                    pass
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "API key" in info.value.details()
+        # Refused before any handler ran: nothing was counted, nothing reserved.
+        assert served() == before
+        used = [(await worker_stats(a)).kv_blocks_used for a in api_cluster.workers.values()]
+        assert used == [0] * len(used)
+        # Health, reflection's neighbours and GetStatus stay open; with the key, Generate serves.
+        health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        status = await gateway_pb2_grpc.GatewayStub(ch).GetStatus(gateway_pb2.GetStatusRequest(), timeout=10)
+        assert status.model
+        out = await generate(ch, PROMPT, max_tokens=4, temperature=0.0, api_key=KEY)
+        assert out.completion_tokens >= 1 and served() == before + 1
+
+
+def gateway_metrics(handle) -> str:
+    return next(p for p in handle.cluster.procs if p.name == "gateway").metrics_address
 
 
 async def test_api_key_and_raw_errors(base_url):
