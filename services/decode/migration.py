@@ -66,7 +66,8 @@ class MoveResult:
 class Migrator:
     def __init__(self, engine: DecodeEngine, worker_id: str, channels: ChannelPool, kv_executor: Executor,
                  chunk_max_bytes: int, timeout_s: float, shared_pool: SharedPoolHandle | None = None,
-                 transport: str = "auto", nixl: NixlEndpoint | None = None) -> None:
+                 transport: str = "auto", nixl: NixlEndpoint | None = None,
+                 peers: transports.PeerBook | None = None) -> None:
         self.engine = engine
         self.worker_id = worker_id
         self.channels = channels
@@ -81,13 +82,12 @@ class Migrator:
         self.shared_pool = shared_pool  # None: a gRPC-only worker, or a pool that is not shared
         self.nixl = nixl  # None: NIXL not installed, or not chosen (DOPD_KV_TRANSPORT)
         self.transport = transport
-        self._refused: dict[str, set[str]] = {"nixl": set(), "shm": set()}  # transport -> target addresses
+        self.peers = peers or transports.PeerBook()  # what each target refused (the worker's one book)
 
     def transports_for(self, address: str) -> list[str]:
         """The transports to try for a target, best first."""
         offered = {"nixl": self.nixl is not None, "shm": self.shared_pool is not None, "grpc": True}
-        return [t for t in transports.preference(self.transport)
-                if offered[t] and address not in self._refused.get(t, ())]
+        return self.peers.to_try(address, self.transport, offered)
 
     async def migrate(self, seq: DecodeSeq, targets: list[Target]) -> MoveResult:
         """Move `seq` to the first target that takes it (targets in order of preference)."""
@@ -173,7 +173,7 @@ class Migrator:
                     raise
                 log.info("%s does not take KV by %s from this worker (%s): trying %s", target.worker_id, via, exc,
                          order[i + 1])
-                self._refused[via].add(target.address)
+                self.peers.refused(target.address, via)
 
     async def _move_via(self, seq: DecodeSeq, target: Target, result: MoveResult, via: str) -> None:
         layout = self.engine.runner.store.layout

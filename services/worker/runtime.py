@@ -80,8 +80,7 @@ class WorkerRuntime:
         self.kv_transports: tuple[str, ...] = ()  # how this worker reads peers' KV (advertised)
         # What each decode worker advertised, as the gateway passed it on with a Prefill: how our
         # hand-offs to it may go.
-        self._peer_transports: dict[str, frozenset[str]] = {}
-        self._nixl_refused: set[str] = set()  # advertised NIXL, then refused to read us
+        self.peers = transports.PeerBook()  # what each peer reads, and refused: hand-offs and migrations
         self._heartbeat: asyncio.Task | None = None
         self._report_now = asyncio.Event()
         self._planner_warned = False
@@ -132,8 +131,7 @@ class WorkerRuntime:
             self.channels, self.runner_layout, s.kv_chunk_min_bytes, s.kv_chunk_max_bytes,
             staged=functools.partial(StagedSender.open, staging=staging, on_refused=self._refused_nixl)
             if staging is not None else None,
-            reads_us=lambda address: "nixl" in self._peer_transports.get(address, ())
-            and address not in self._nixl_refused)
+            reads_us=lambda address: self.peers.reads(address, "nixl"))
         self.prefill = PrefillEngine(runner, self.executor, open_sender, s.prefill_token_budget,
                                      s.prefill_queue_limit)
         self.decode = DecodeEngine(runner, DecodeScheduler(self.pool, s.max_batch_size), self.executor,
@@ -146,7 +144,7 @@ class WorkerRuntime:
                                             s.kv_timeout_s, self.nixl_executor)
         self.migrator = Migrator(self.decode, self.worker_id, self.channels, self.kv_executor,
                                  s.kv_chunk_max_bytes, s.kv_timeout_s, shared_pool if maps_peers else None,
-                                 s.kv_transport, self.nixl)
+                                 s.kv_transport, self.nixl, self.peers)
 
     def _nixl_endpoint(self, store) -> NixlEndpoint | None:
         """This worker's NIXL agent, its pool registered: under `nixl`, or `auto` where NIXL is
@@ -170,12 +168,11 @@ class WorkerRuntime:
         return endpoint
 
     def learn_transports(self, address: str, advertised) -> None:
-        self._peer_transports[address] = frozenset(advertised)
+        self.peers.learn(address, advertised)
 
     def _refused_nixl(self, address: str) -> None:
-        if address not in self._nixl_refused:
+        if self.peers.refused(address, "nixl"):
             log.warning("%s refused to read KV with NIXL from this worker: hand-offs to it send bytes", address)
-        self._nixl_refused.add(address)
 
     def _set_role_gauge(self) -> None:
         for role in Role:
