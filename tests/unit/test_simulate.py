@@ -76,6 +76,18 @@ def test_requests_with_no_room_are_refused_and_timeouts_free_everything(profile)
     assert c.leaks() == []
 
 
+def test_a_request_with_no_room_waits_in_the_decode_queue_and_is_served_when_room_frees(profile):
+    # Room for one request at a time: the second waits, first come first served, and is placed
+    # when the first finishes; nothing is refused while the deadline allows.
+    loop, c = cluster(profile, kv_blocks=12, timeout=600.0)
+    c.submit([(0.0, 150, 30), (0.1, 150, 30)])
+    loop.run()
+    first, second = c.results()
+    assert first.ok and second.ok and c.leaks() == []
+    assert second.ttft > first.e2e - 0.1  # it waited for the first to end
+    assert c.refused == 0
+
+
 def test_step_timer_is_the_profiles_decode_step_time():
     for name in ("llama3-8b-h100", "smollm2-cpu2", "zero"):
         p, timer, rng = load_profile(name), None, random.Random(0)
