@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.profile import load_profile  # noqa: E402
 from services.bench.metrics import RequestResult  # noqa: E402
 from services.bench.reach import cheapest_forward_s, cheapest_prefill_s  # noqa: E402
-from services.bench.reach_cli import recorded_args, run_limits  # noqa: E402
+from services.comparison.reach_cli import recorded_args, run_limits  # noqa: E402
 
 
 def slack(requests: list[RequestResult], profile, limits) -> tuple[float, int, float | None]:

@@ -22,8 +22,8 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.bench.reach_cli import reach_doc  # noqa: E402
 from services.cli import main as dopd  # noqa: E402
+from services.comparison.reach_cli import reach_doc  # noqa: E402
 
 RATES = (26, 64, 128)
 SLO_TTFT_MS = (300, 1000)

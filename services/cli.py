@@ -252,12 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     from services.bench.cli import add_bench_parser
-    from services.bench.reach_cli import add_reach_parser
+    from services.comparison.compare import add_compare_arguments, run_compare
+    from services.comparison.reach_cli import add_reach_parser
     from services.dashboard import add_parser as add_dashboard_parser
     from services.profiler import add_profile_parser
     from services.simulate.cli import add_simulate_parser
 
-    add_bench_parser(sub)
+    add_bench_parser(sub, compare=(add_compare_arguments, run_compare))
     add_reach_parser(sub)
     add_profile_parser(sub)
     add_simulate_parser(sub)

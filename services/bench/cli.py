@@ -7,7 +7,7 @@ DIR/*.png; `dopd bench sweep` runs it at several rates for DistServe's goodput.
                [--time-scale F] [--max-context N] [--request-timeout S]
     dopd bench sweep ... (--rates R1,R2,... | --min-rate R [--max-rate R]) [--max-runs N]
     dopd bench compare --modes aggregated,static,dopd [--engine des|sim --profile NAME | --model M]
-               --workers N ... (services/bench/compare.py: each mode's cluster brought up, run
+               --workers N ... (services/comparison/compare.py: each mode's cluster brought up, run
                and taken down in turn; the best static split searched)
 
 Traces: JSONL (services/bench/trace.py) or Azure CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`);
@@ -46,8 +46,10 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `bench` (and its `sweep` mode) to a `dopd` subparsers object; it runs `run_bench`."""
+def add_bench_parser(subparsers, compare=None) -> argparse.ArgumentParser:
+    """Add `bench` (and its `sweep` mode) to a `dopd` subparsers object; it runs `run_bench`.
+    `compare`: (add its arguments, run it) for the `compare` mode, from the tool above this one
+    (services/comparison, which services/cli.py hands in: the harness imports nothing of it)."""
     from services.bench.workloads import WORKLOADS
 
     p = subparsers.add_parser("bench", help="benchmark a cluster: latency percentiles, SLO attainment, goodput",
@@ -91,9 +93,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     sweep.add_argument("--max-runs", type=int, default=8, help="runs at most")
     sweep.add_argument("--attainment-target", type=float, default=0.9,
                        help="fraction of requests meeting both SLOs (DistServe: 0.9)")
-    from services.bench.compare import add_compare_arguments
-
-    add_compare_arguments(p)
+    if compare is not None:
+        add_arguments, run = compare
+        add_arguments(p)
+        p.set_defaults(compare_run=run)
     p.set_defaults(func=run_bench)
     return p
 
@@ -165,9 +168,10 @@ def run_bench(args) -> int:
     from services.bench.sweep import RateSearch, run_sweep
 
     if args.mode == "compare":
-        from services.bench.compare import run_compare
-
-        return run_compare(args)
+        if getattr(args, "compare_run", None) is None:
+            print("error: `bench compare` runs from the dopd command (services/cli.py)", file=sys.stderr)
+            return 2
+        return args.compare_run(args)
     if args.backend == "openai" and not args.base_url:
         print("error: --backend openai needs --base-url", file=sys.stderr)
         return 2

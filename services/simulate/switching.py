@@ -26,16 +26,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from common.kv.block_pool import kv_tokens_for
 from common.types import Role
 from services.decode.migration_plan import HandOver, MovePlan, Send, movable, targets_in_order
 from services.decode.scheduler import DecodeSeq
+from services.simulate.events import EventLoop
 from services.simulate.workers import SimRequest, SimWorker
 
-if TYPE_CHECKING:
-    from services.simulate.cluster import Cluster
+
+class SwitchHost(Protocol):
+    """What a switch needs of the cluster it runs in (services/simulate/cluster.Cluster is it)."""
+
+    loop: EventLoop
+    workers: list[SimWorker]
+    by_rid: dict[str, SimRequest]
+    kv_bytes_per_token: int
+    chunk_budget: int  # a mixed worker's step budget
+    chunk_tokens: int  # a decode worker's
+
+    def count_decode(self, worker: SimWorker, r: SimRequest, sign: int) -> None: ...
+
+    def became_ready(self, d: SimWorker, seq: DecodeSeq) -> None: ...
 
 
 
@@ -77,7 +90,7 @@ class Move:
 
 
 class Switcher:
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: SwitchHost) -> None:
         self.c = cluster
         self.done: list[Switch] = []
 

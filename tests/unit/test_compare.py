@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from services.bench.compare import GOALS, Run, all_splits, best, build_doc, verdict
 from services.cli import main as dopd
+from services.comparison.compare import GOALS, Run, all_splits, best, build_doc, verdict
 
 
 def run(mode, split, goodput, attainment, p90_ttft=100.0, errors=None, failed=0):

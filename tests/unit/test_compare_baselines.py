@@ -1,4 +1,4 @@
-"""The baselines as their users run them in `dopd bench compare` (services/bench/baselines.py):
+"""The baselines as their users run them in `dopd bench compare` (services/comparison/baselines.py):
 aggregated at vLLM's chunk budget and at its best budget in hindsight, the split DistServe's
 placement would choose in advance, every static split's own rate goodput, and per-GPU figures."""
 
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from services.bench.baselines import AGGREGATED_BUDGETS, APRIORI_TRACE_S, apriori_until, base_mode
 from services.cli import main as dopd
+from services.comparison.baselines import AGGREGATED_BUDGETS, APRIORI_TRACE_S, apriori_until, base_mode
 
 SIMULATE = ["--profile", "llama3-8b-h100", "--workers", "3", "--workload", "phase-shift", "--rate", "6",
             "--duration", "20", "--slo-ttft", "300", "--slo-tpot", "40"]

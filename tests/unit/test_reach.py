@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from common.profile import LatencyProfile, load_profile
-from services.bench.compare import GOALS
 from services.bench.reach import Limits, cheapest_forward_s, cheapest_prefill_s, lowest_percentile, reach
 from services.bench.workloads import generate
 from services.cli import main as dopd
+from services.comparison.compare import GOALS
 from services.simulate.sim import SimConfig, simulate
 
 # Prefill: 1 s for a token, 2 s for 10 (1/9 s a token more), 10 s for 20 (0.8 s a token more):

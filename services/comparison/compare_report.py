@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from services.bench.compare_runs import Run
+    from services.comparison.compare_runs import Run
 
 def _fmt(v, pct: bool = False) -> str:
     if v is None:

@@ -5,7 +5,7 @@ placement chosen in advance is fitted on.
     aggregated       vLLM-style chunked-prefill aggregation at vLLM's chunk budget (2048 tokens
                      a step), or at --chunk-tokens when given
     aggregated-best  the same at the best of AGGREGATED_BUDGETS, in hindsight
-    static           every split run, the best in hindsight (services/bench/compare.py)
+    static           every split run, the best in hindsight (services/comparison/compare.py)
     static-apriori   the split DistServe's placement would deploy: the simulator's best split on
                      what is known in advance (a trace's first APRIORI_TRACE_S, at most its first
                      fifth, or a workload's first phase), then kept for the whole run
@@ -23,6 +23,9 @@ APRIORI_TRACE_S = 600.0  # a trace's first 10 minutes
 STEADY_FIRST_PHASE = 0.2  # a workload without phases: its first fifth, as long as phase-shift's first phase
 # The fixed designs the best is taken over in hindsight (dopd must never fall below it).
 FIXED_IN_HINDSIGHT = ("static", "aggregated", "aggregated-best")
+BASELINES = FIXED_IN_HINDSIGHT
+# DOPD's goals against the better baseline (the issue's, after the DOPD paper's figures).
+GOALS = {"goodput_ratio": 1.5, "p90_ttft_change": -0.5, "p90_tpot_change": -0.2, "attainment": 0.99}
 # The peers as their users run them (the headline is judged against these).
 PEERS = ("aggregated", "static-apriori")
 

@@ -1,10 +1,11 @@
-"""The runs of `dopd bench compare` (services/bench/compare.py): one cluster serving the workload
+"""The runs of `dopd bench compare` (services/comparison/compare.py): one cluster serving the workload
 once, as a `Run`, on an engine: the virtual-time simulator (`run_des`, `dopd simulate`'s own path)
 or the real services (`run_services`: the mode's cluster brought up, `dopd bench` against it, taken
 down; `reused_run` reads one back for --reuse)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -92,11 +93,12 @@ def simulate_argv(args, mode: str, split: tuple[int, int] | None, out: Path) -> 
 def run_des(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run:
     """One run in virtual time: `dopd simulate`'s own path (results.json as it writes it), kept in
     memory for the plots."""
-    from services.cli import build_parser
-    from services.simulate.cli import build_requests, config_from_args, results_doc
+    from services.simulate.cli import add_simulate_parser, build_requests, config_from_args, results_doc
     from services.simulate.sim import simulate
 
-    sargs = build_parser().parse_args(simulate_argv(args, mode, split, out))
+    parser = argparse.ArgumentParser(prog="dopd")
+    add_simulate_parser(parser.add_subparsers(dest="command", required=True))
+    sargs = parser.parse_args(simulate_argv(args, mode, split, out))
     cfg = config_from_args(sargs)
     requests, duration = build_requests(sargs)
     outcome = simulate(requests, cfg)
@@ -111,8 +113,14 @@ def run_des(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run:
 
 def run_services(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run:
     """One run on the real services: bring up the mode's cluster, `dopd bench` it, take it down."""
-    from services.cli import main as dopd
+    from services.bench.cli import add_bench_parser
     from services.launcher import Cluster, ClusterSpec, free_port
+
+    def dopd(argv: list[str]) -> int:  # `dopd bench`, the harness's own parser and run
+        parser = argparse.ArgumentParser(prog="dopd")
+        add_bench_parser(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        return args.func(args)
 
     m = serving_mode(mode)
     p, d = split if split is not None else default_split(args.workers)  # aggregated: all decode anyway

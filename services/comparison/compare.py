@@ -11,7 +11,7 @@ Engines: `des` runs the virtual-time simulator (`dopd simulate`: minutes for hou
 
 `static` is run at every split of the N workers and the best (by goodput, then attainment) is
 its figure: the strongest baseline, not a strawman. The baselines as users run them
-(services/bench/baselines.py): `aggregated` at vLLM's chunk budget, `aggregated-best` at the best
+(services/comparison/baselines.py): `aggregated` at vLLM's chunk budget, `aggregated-best` at the best
 of 512, 2048 and 8192 tokens a step, and `static-apriori`, the split the simulator ranks best on
 what is known in advance (a workload's first phase, a trace's first 10 minutes), then kept. dopd
 is judged against the best fixed design in hindsight (static, aggregated, aggregated-best) and
@@ -28,33 +28,32 @@ Writes DIR/compare.json (per mode: p50/p90/p99 TTFT and TPOT, stalls, attainment
 GPU, completed, refused and failed counts; for static the split used and every split's goodput;
 dopd against the best fixed design and against the peers, with the goals), DIR/compare.md (the
 same as tables), and plots: the latency CDFs per mode, goodput per mode, and dopd's P/D split over
-time. Each run's own results.json and plots are under DIR/<run>/ (services/bench/compare_runs.py).
+time. Each run's own results.json and plots are under DIR/<run>/ (services/comparison/compare_runs.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from common.modes import MODES, serving_mode
-from services.bench.baselines import (
+from common.modes import serving_mode
+from services.comparison.arguments import add_compare_arguments
+from services.comparison.baselines import (
     AGGREGATED_BUDGETS,
-    FIXED_IN_HINDSIGHT,
+    BASELINES,
+    GOALS,
     PEERS,
     VARIANTS,
     apriori_until,
     base_mode,
 )
-from services.bench.compare_report import markdown, plot
-from services.bench.compare_runs import Run, reused_run, run_des, run_dir, run_services
+from services.comparison.compare_report import markdown, plot
+from services.comparison.compare_runs import Run, reused_run, run_des, run_dir, run_services
 
-BASELINES = FIXED_IN_HINDSIGHT
-# DOPD's goals against the better baseline (the issue's, after the DOPD paper's figures).
-GOALS = {"goodput_ratio": 1.5, "p90_ttft_change": -0.5, "p90_tpot_change": -0.2, "attainment": 0.99}
+__all__ = ["BASELINES", "GOALS", "Run", "add_compare_arguments"]  # importable from here too
 
 
 def all_splits(workers: int) -> list[tuple[int, int]]:
@@ -230,7 +229,7 @@ def compare(args, progress: Callable[[str], None] = lambda _: None) -> tuple[dic
               "time_scale": args.time_scale,
               "modes": list(args.modes), "static_splits": args.static_splits,
               "split_at_start": "--split" if args.split else "static's best" if runs.get("static") else "half"}
-    from services.bench.reach_cli import add_reach
+    from services.comparison.reach_cli import add_reach
 
     doc = build_doc(runs, config)
     if apriori is not None:
@@ -359,38 +358,3 @@ def run_compare(args) -> int:
     print(f"-> {args.out}/compare.json, compare.md, latency_cdfs.png, goodput.png"
           + (", dopd_split.png" if "dopd" in chosen and chosen["dopd"].samples else ""))
     return 0
-
-
-def add_compare_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("compare")
-    g.add_argument("--modes", default="aggregated,static,dopd",
-                   help=f"comma-separated, of: {', '.join((*MODES, *VARIANTS))} (default %(default)s)")
-    g.add_argument("--engine", choices=("des", "sim"), default="des",
-                   help="des: the virtual-time simulator; sim: the real services on the sim engine")
-    g.add_argument("--profile", help="latency profile (des, sim; with --model: the one the planner and the "
-                                     "policy reason with, default smollm2-cpu2)")
-    g.add_argument("--model", help="a real model: the real services with it (e.g. smollm2)")
-    g.add_argument("--workers", type=int, help="workers in each cluster")
-    g.add_argument("--split", type=lambda s: tuple(int(x) for x in s.split(":")),
-                   help="P:D at the start for the disaggregated modes other than static (default: static's "
-                        "best split when static runs, else half and half)")
-    g.add_argument("--static-splits", help="static's splits: all (des default), P:D,P:D..., or des:K (sim "
-                                           "default, des:2): the simulator's best K, run on the engine")
-    g.add_argument("--kv-blocks", type=int, help="KV blocks per worker")
-    g.add_argument("--max-batch-size", type=int)
-    g.add_argument("--prefill-token-budget", type=int)
-    g.add_argument("--chunk-tokens", type=int, help="tokens a step where a worker prefills its own prompts")
-    g.add_argument("--decode-queue-limit", type=int,
-                   help="des: requests that may wait for decode room (0: refused at once; default: the gateway's)")
-    g.add_argument("--torch-threads", type=int, default=0,
-                   help="sim engine or model: torch threads per worker (default: cores / workers)")
-    g.add_argument("--predictor", help="the planner's predictor")
-    g.add_argument("--sweep-from", type=float, help="des: also each mode's DistServe goodput, by a rate search "
-                                                    "from this rate")
-    g.add_argument("--sweep-target", type=float, default=0.9, help="attainment the goodput rate must keep")
-    g.add_argument("--sweep-runs", type=int, default=10, help="runs per rate search at most")
-    g.add_argument("--sweep-splits", type=int, default=0,
-                   help="static: sweep only its best K splits at the base rate (default 0: every split)")
-    g.add_argument("--reuse", action="store_true",
-                   help="real services: take a mode's run already under --out (same workload, SLOs and scale) "
-                        "instead of serving it again, e.g. to add modes to an earlier comparison")

@@ -17,9 +17,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from services.bench.compare import BASELINES, GOALS
-from services.bench.compare_runs import run_dir
 from services.bench.reach import Limits, reach
+from services.comparison.baselines import BASELINES, GOALS
+from services.comparison.compare_runs import run_dir
 
 
 def schedule(args, rate: float | None) -> tuple[list[int], float] | None:
@@ -84,12 +84,13 @@ def add_reach(doc: dict, args) -> None:
 def recorded_args(doc: dict) -> argparse.Namespace:
     """The arguments of the `dopd bench compare` command that wrote `doc` (compare.json)."""
     from services.bench.cli import add_bench_parser
+    from services.comparison.arguments import add_compare_arguments
 
     argv = shlex.split(doc["config"]["command"])
     if argv[:3] != ["dopd", "bench", "compare"]:
         raise ValueError(f"not a `dopd bench compare` command: {doc['config']['command']!r}")
     parser = argparse.ArgumentParser(prog="dopd")
-    add_bench_parser(parser.add_subparsers())
+    add_bench_parser(parser.add_subparsers(), compare=(add_compare_arguments, None))
     return parser.parse_args(argv[1:])
 
 
@@ -138,7 +139,7 @@ def reach_doc(out: Path) -> dict:
 
 
 def run(args) -> int:
-    from services.bench.compare_report import reach_markdown
+    from services.comparison.compare_report import reach_markdown
 
     try:
         doc = reach_doc(args.dir)
