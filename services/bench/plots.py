@@ -60,7 +60,10 @@ def plot_timeline(samples: Sequence[StatusSample], arrivals_per_s: Sequence[int]
     axes[1].set_ylabel("requests")
     axes[1].legend(loc="upper left")
     axes[2].step(ts, [s.prefill_workers for s in ok], where="post", label="prefill workers", linewidth=3, alpha=0.6)
-    axes[2].step(ts, [s.decode_workers for s in ok], where="post", label="decode workers", linestyle="--")
+    axes[2].step(ts, [s.decode_workers for s in ok], where="post", label="decode workers (mixed ones too)",
+                 linestyle="--")
+    if any(s.mixed_workers for s in ok):
+        axes[2].step(ts, [s.mixed_workers for s in ok], where="post", label="of them mixed", linestyle=":")
     axes[2].set_ylabel("workers")
     axes[2].set_ylim(bottom=0, top=max([s.prefill_workers for s in ok] + [s.decode_workers for s in ok] + [1]) + 1)
     axes[2].set_xlabel("time (s)")

@@ -88,8 +88,9 @@ def sample_from_status(t: float, status: gateway_pb2.GetStatusResponse) -> Statu
             s.prefill_workers += 1
             s.prefill_waiting += w.waiting_requests
             s.prefill_running += w.running_requests
-        elif w.role == common_pb2.ROLE_DECODE:
+        elif w.role in (common_pb2.ROLE_DECODE, common_pb2.ROLE_MIXED):  # a mixed worker decodes too
             s.decode_workers += 1
+            s.mixed_workers += w.role == common_pb2.ROLE_MIXED
             s.decode_waiting += w.waiting_requests
             s.decode_running += w.running_requests
             s.kv_blocks_used += w.kv_blocks_used

@@ -195,7 +195,9 @@ def plot(chosen: dict[str, Run], out: Path, slo_ttft_ms: float, slo_tpot_ms: flo
         fig, ax = plt.subplots(figsize=(9, 3.5))
         t = [s.t for s in dopd.samples]
         ax.step(t, [s.prefill_workers for s in dopd.samples], where="post", label="prefill workers")
-        ax.step(t, [s.decode_workers for s in dopd.samples], where="post", label="decode workers")
+        ax.step(t, [s.decode_workers for s in dopd.samples], where="post", label="decode workers (mixed ones too)")
+        if any(s.mixed_workers for s in dopd.samples):
+            ax.step(t, [s.mixed_workers for s in dopd.samples], where="post", label="of them mixed", linestyle=":")
         ax.set_xlabel("time (s)")
         ax.set_ylabel("workers")
         ax2 = ax.twinx()
