@@ -140,7 +140,8 @@ def churn(cell_dir: Path, doc: dict, best_fixed: str) -> dict | None:
 def markdown(matrix: dict) -> str:
     lines = ["# The DOPD matrix: DistServe rate goodput per GPU in the simulator", "",
              f"Command: `{matrix['command']}`; {matrix['workers']} workers, profile {matrix['profile']}, "
-             f"{matrix['minutes']:.1f} min here.", "",
+             + (f"{matrix['minutes']:.1f} min here." if matrix.get("minutes") is not None
+                else "stopped before the end."), "",
              "SLO regimes: " + "; ".join(f"**{k}**: {v['why']}" for k, v in matrix["regimes"].items()), "",
              "| workload | regime | aggregated (vLLM 2048) | aggregated-best | static (hindsight) | static-apriori "
              "| dopd | dopd / best fixed | dopd / aggregated | dopd / static-apriori |",
@@ -201,8 +202,27 @@ def heat_map(matrix: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def assembled(out: Path) -> dict:
+    """A matrix whose run was stopped before it wrote matrix.json: its finished cells (those with
+    a compare.json), said to be partial."""
+    cells, first = {}, None
+    for cell_dir in sorted(p for p in out.iterdir() if (p / "compare.json").exists()):
+        doc = json.loads((cell_dir / "compare.json").read_text())
+        first = first or doc
+        workload, name = cell_dir.name.rsplit("-", 1)
+        cell = summarize_cell(doc)
+        cells[f"{workload}/{name}"] = {"workload": workload, "regime": name, **cell}
+    if first is None:
+        raise SystemExit(f"{out}: no finished cell")
+    profile = first["config"]["profile"]
+    names = sorted({c["regime"] for c in cells.values()}, key=["loose", "tight", "stall"].index)
+    return {"command": f"python benchmarks/bench_matrix.py --out {out} ... (stopped: its {len(cells)} finished cells)",
+            "profile": profile, "workers": first["config"]["workers"],
+            "regimes": {k: v for k, v in regimes(profile).items() if k in names}, "cells": cells, "minutes": None}
+
+
 def report_only(out: Path) -> int:
-    matrix = json.loads((out / "matrix.json").read_text())
+    matrix = json.loads((out / "matrix.json").read_text()) if (out / "matrix.json").exists() else assembled(out)
     for cell in matrix["cells"].values():
         cell_dir = out / f"{cell['workload']}-{cell['regime']}"
         if (cell_dir / "sweeps").exists():  # the runs are still there: the churn check again
