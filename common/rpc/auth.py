@@ -45,7 +45,27 @@ def cluster_token() -> str:
 
 # -- the server side ----------------------------------------------------------------------------
 
-class ClusterTokenInterceptor(grpc.aio.ServerInterceptor):
+class _CredentialInterceptor(grpc.aio.ServerInterceptor):
+    """Answers UNAUTHENTICATED, before any handler runs, a call that `_allowed` refuses."""
+
+    def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
+        raise NotImplementedError
+
+    def _refusal(self, method: str) -> str | None:
+        return None  # _refusing's message for internal calls
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or self._allowed(handler_call_details):
+            return handler
+        return _refusing(handler, handler_call_details.method, self._refusal(handler_call_details.method))
+
+
+def _sent(details: grpc.HandlerCallDetails, key: str) -> str | bytes | None:
+    return next((v for k, v in (details.invocation_metadata or ()) if k == key), None)
+
+
+class ClusterTokenInterceptor(_CredentialInterceptor):
     """Refuses internal calls that do not carry the cluster token."""
 
     def __init__(self, token: str, public: frozenset[str] = PUBLIC_SERVICES) -> None:
@@ -58,17 +78,11 @@ class ClusterTokenInterceptor(grpc.aio.ServerInterceptor):
         service = details.method.split("/")[1] if details.method.count("/") >= 2 else ""
         if service in self._public:
             return True
-        sent = next((v for k, v in (details.invocation_metadata or ()) if k == TOKEN_KEY), None)
+        sent = _sent(details, TOKEN_KEY)
         if sent is None:
             return False
         sent = sent.encode() if isinstance(sent, str) else sent
         return hmac.compare_digest(sent, self._token)
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or self._allowed(handler_call_details):
-            return handler
-        return _refusing(handler, handler_call_details.method)
 
 
 def _refusing(handler: grpc.RpcMethodHandler, method: str, message: str | None = None) -> grpc.RpcMethodHandler:
@@ -95,7 +109,7 @@ def _refusing(handler: grpc.RpcMethodHandler, method: str, message: str | None =
 API_KEY_METHODS = frozenset({"/dopd.v1.Gateway/Generate"})
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+class ApiKeyInterceptor(_CredentialInterceptor):
     """Refuses calls to the public API's serving methods (API_KEY_METHODS) that do not carry the
     API key as `authorization: Bearer KEY` metadata (UNAUTHENTICATED before any handler runs, so
     the call changes nothing); health, reflection and GetStatus stay open. The key is compared in
@@ -110,20 +124,16 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
         if details.method not in self._protected:
             return True
-        sent = next((v for k, v in (details.invocation_metadata or ()) if k == "authorization"), None)
+        sent = _sent(details, "authorization")
         if sent is None:
             return False
         sent = sent.decode(errors="replace") if isinstance(sent, bytes) else sent
         scheme, _, key = sent.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self._key)
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or self._allowed(handler_call_details):
-            return handler
-        return _refusing(handler, handler_call_details.method,
-                         f"{handler_call_details.method} needs the API key: send 'authorization: Bearer KEY' "
-                         "metadata (dopd generate/bench --api-key, or DOPD_API_KEY)")
+    def _refusal(self, method: str) -> str:
+        return (f"{method} needs the API key: send 'authorization: Bearer KEY' metadata (dopd generate/bench "
+                "--api-key, or DOPD_API_KEY)")
 
 
 def api_key_metadata(key: str) -> tuple[tuple[str, str], ...]:
