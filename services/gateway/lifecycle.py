@@ -187,6 +187,7 @@ class RequestCore:
                 raise
             detok = Detokenizer(self.tokenizer, req.stop)
             generated: list[int] = []  # what the client has been sent: kept across replays
+            stall_slo = self.slo is not None and self.slo.itl_s is not None  # only then are gaps kept
             gaps: list[float] = []  # between the tokens the client was sent (wall seconds), for the stall SLO
             first_at = last_at = None
             finish = None
@@ -206,9 +207,9 @@ class RequestCore:
                                 ttft = first_at - req.arrived
                                 metrics.TTFT.observe(ttft)
                                 self.recorder.first_token(ttft)
-                                gaps.extend([0.0] * (len(item) - 1))
-                            else:  # tokens that came in one message came together (as a client sees them)
-                                gaps.append(now - last_at)
+                            if stall_slo:  # tokens that came in one message came together, as a client sees them
+                                if last_at is not None:
+                                    gaps.append(now - last_at)
                                 gaps.extend([0.0] * (len(item) - 1))
                             last_at = now
                             generated.extend(item)

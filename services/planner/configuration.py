@@ -299,7 +299,7 @@ def choose_configuration(forecast: LoadForecast, profile: LatencyProfile, slo: S
     if cur_cap is None:
         return Choice(best_target, best_cap, second_cap, cur_cap, "the highest predicted capacity", model)
     # The best family other than the current one, and what it must promise to be taken.
-    other_name, (other_cap, other_target) = next((n, f) for n, f in ranked if n != cur_name)
+    other_cap, other_target = next(f for n, f in ranked if n != cur_name)
     if forecast.rate <= HEADROOM * cur_cap.rate:  # (derated or not)
         return Choice(cur_target, cur_cap, other_cap, cur_cap,
                       f"kept: {forecast.rate:.1f} req/s is within {HEADROOM:.0%} of its capacity", model)

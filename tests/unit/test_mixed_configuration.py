@@ -94,10 +94,7 @@ def test_the_core_changes_family_past_the_headroom_for_a_predicted_gain():
     rate = best_split  # past HEADROOM of the split family's capacity
     c = choose_configuration(forecast(rate), H100, LOOSE, 8, SHAPE, target_split(rate), split)
     gain = c.predicted.rate / c.current.rate if c.current.rate else float("inf")
-    if c.target.mixed:
-        assert c.why.startswith("changed") and gain >= 1.15
-    else:  # aggregation did not promise enough
-        assert c.why.startswith(("kept", "the highest"))
+    assert c.target.mixed and c.why.startswith("changed") and gain >= 1.15
     assert rate > HEADROOM * c.current.rate
 
 
@@ -106,9 +103,8 @@ def test_under_a_stall_slo_small_budgets_win():
                           prefill_token_budget=8192)
     stall = SLO(1.0, 0.05, itl_s=0.032)
     choice = choose_configuration(forecast(50), H100, stall, 8, SHAPE, split, None)
-    if choice.target.mixed:
-        assert choice.target.chunk_budget <= 1024
-        assert H100.mixed_step_time(64, 2048, choice.target.chunk_budget) <= 0.032 + 0.01
+    assert choice.target.mixed == 8 and choice.target.chunk_budget <= 1024
+    assert H100.mixed_step_time(64, 2048, choice.target.chunk_budget) <= 0.032 + 0.01
 
 
 def view(wid: str, budget: int = 512) -> WorkerView:
@@ -162,4 +158,4 @@ def test_a_derated_family_gives_way():
     derated = choose_configuration(forecast(1.0), H100, LOOSE, 8, SHAPE, split, None, derating={family: 0.01})
     assert bool(derated.target.mixed) != bool(plain.target.mixed)
     assert derated.runner_up.limited_by == "observed" and derated.model_rates[family] > derated.runner_up.rate
-    assert aggregated.name == "aggregated 512"
+    assert aggregated.name == "aggregated 512" and aggregated.rest_role == "mixed"
