@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from common.kv import nixl_transport, shared_memory  # noqa: E402
 from common.kv.kv_store import PagedKVStore, slots_for  # noqa: E402
-from common.kv.wire import KVLayout  # noqa: E402
+from services.kvtransfer.wire import KVLayout  # noqa: E402
 
 LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.float32)  # SmolLM2-135M
 BLOCK = 16

@@ -125,7 +125,7 @@ class WorkerSettings(_Base):
     # grpc (the bytes in PushKV chunks), auto (nixl, then shm, where both ends can). A sender
     # falls back to gRPC bytes where the receiver cannot read its pool; every worker takes them,
     # and reads peers only by what it names here.
-    kv_transport: str = Field("auto", pattern="^(auto|grpc|shm|nixl)$")  # common/kv/transports.py
+    kv_transport: str = Field("auto", pattern="^(auto|grpc|shm|nixl)$")  # services/kvtransfer/transports
 
 
 class GatewaySettings(_Base):

@@ -47,7 +47,7 @@ def measure_profile(model_name: str, prefill_tokens: list[int], decode_batches: 
 
     from common.kv.block_pool import choose_block_size
     from common.kv.kv_store import PagedKVStore
-    from common.kv.wire import dtype_from_name
+    from common.kv.layout import dtype_from_name
     from common.modeling.loader import load_model
     from common.modeling.runner import ModelRunner, kv_layout
 

@@ -17,8 +17,8 @@ import logging
 import torch
 
 from common.kv import device_copy, shared_memory
+from common.kv.layout import KVLayout
 from common.kv.shared_memory import SharedPoolHandle
-from common.kv.wire import KVLayout
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ host copy, where a memfd mapping serves CPU pools on one host only.
 - No NIXL progress thread: it polls without pause (in a scratch probe here, the idle source
   process of three 64 MiB reads used 0.59 CPU-s with it, 0.06 with this pumping). UCX still
   needs the side that is read from to progress (connection wire-up), so a sender progresses its
-  agent every millisecond while a push of its is open (`progressing`), and not at all otherwise.
+  agent every millisecond while a push of its is open (`hold_progress`), and not at all otherwise.
 - The agent is made with NIXL_THREAD_SYNC_STRICT: the loop thread (progress) and the kv-io
   thread (reads) both call it.
 """
@@ -33,7 +33,6 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cache
 
@@ -178,14 +177,6 @@ class NixlEndpoint:
     def release_progress(self) -> None:
         self._progressing -= 1
 
-    @contextlib.asynccontextmanager
-    async def progressing(self) -> AsyncIterator[None]:
-        self.hold_progress()
-        try:
-            yield
-        finally:
-            self.release_progress()
-
     async def _progress_loop(self) -> None:
         while self._progressing > 0:
             self._agent.get_new_notifs()  # drives UCX's progress; notifications are not used
@@ -250,7 +241,7 @@ class NixlEndpoint:
             state = self._agent.check_xfer_state(handle)
         if state == "PROC":
             # Past its deadline. Its bytes may still land in our blocks, so this call does not
-            # return (and the caller keeps the blocks out of use, receiver._guarded) until NIXL
+            # return (and the caller keeps the blocks out of use, services/kvtransfer/copying.guarded) until NIXL
             # has cancelled it, or it ended, or another `timeout_s` has gone by.
             state = self._cancel(handle, time.monotonic() + timeout_s)
             raise NixlError(f"a NIXL read from {source.agent_name} was not done within {timeout_s:.1f} s"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common.kv.wire import dtype_from_name
+from common.kv.layout import dtype_from_name
 from common.pb import worker_pb2
 
 

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from common.kv.wire import KVLayout
+from common.kv.layout import KVLayout
 from common.types import SamplingParams
 
 # (layer, k, v): k and v are [kv_heads, tokens, head_dim] of one layer for the whole packed batch.

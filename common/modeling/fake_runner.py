@@ -15,7 +15,7 @@ import torch
 
 from common.kv.block_pool import choose_block_size
 from common.kv.kv_store import PagedKVStore
-from common.kv.wire import KVLayout
+from common.kv.layout import KVLayout
 from common.modeling.base import DecodeInputs, LayerKVHook, PromptChunk, mixed_one_after_the_other
 from common.modeling.registry import BuiltRunner, RunnerSpec, register_runner
 from common.types import SamplingParams

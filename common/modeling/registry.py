@@ -26,12 +26,11 @@ class RunnerSpec:
     kv_blocks: int = 2048
     block_size: int = 0  # 0 = auto: the runner picks it for its device and kernel (choose_block_size)
     time_scale: float = 1.0  # sim only
-    kv_transport: str = "grpc"  # DOPD_KV_TRANSPORT (common/kv/transports.py)
-
-    @property
-    def shared_kv(self) -> bool:
-        """A CPU pool that peers on this host may map (common/kv/shared_memory.py)."""
-        return self.kv_transport != "grpc"
+    # What DOPD_KV_TRANSPORT lets peers do with the pool (services/kvtransfer/transports): map it,
+    # a CPU pool on this host (common/kv/shared_memory.py); read it with NIXL (the sim engine then
+    # keeps scratch bytes for them to read, common/modeling/sim_runner.py).
+    shared_kv: bool = False
+    nixl_kv: bool = False
 
     @property
     def engine(self) -> str:

@@ -13,7 +13,7 @@ import torch
 
 from common.kv.block_pool import FLASH_PAGE_MULTIPLE, choose_block_size, flash_pages
 from common.kv.kv_store import PagedKVStore
-from common.kv.wire import KVLayout, dtype_from_name
+from common.kv.layout import KVLayout, dtype_from_name
 from common.modeling import paged_attention, support
 from common.modeling.base import DecodeInputs, LayerKVHook, PromptChunk, Runner, mixed_one_after_the_other
 from common.modeling.loader import LoadedModel, load_model

@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from common.kv import nixl_transport, transports
+from common.kv import nixl_transport
 from common.kv.block_pool import choose_block_size
 from common.kv.kv_store import PagedKVStore, slots_for
-from common.kv.wire import KVLayout, dtype_from_name
+from common.kv.layout import KVLayout, dtype_from_name
 from common.modeling.base import DecodeInputs, LayerKVHook, PromptChunk
 from common.modeling.registry import BuiltRunner, RunnerSpec, register_runner
 from common.profile import LatencyProfile, load_profile
@@ -81,19 +81,19 @@ class ScratchKVStore(PagedKVStore):
         return [b % self.num_blocks for b in block_table]
 
 
-def _sim_store(layout: KVLayout, num_blocks: int, block_size: int, kv_transport: str):
+def _sim_store(layout: KVLayout, num_blocks: int, block_size: int, nixl_kv: bool):
     """No bytes kept (NullKVStore) unless this worker's KV may go by NIXL (ScratchKVStore)."""
-    if transports.wants(kv_transport, "nixl") and nixl_transport.available():
+    if nixl_kv and nixl_transport.available():
         return ScratchKVStore(layout, num_blocks, block_size)
     return NullKVStore(layout, num_blocks, block_size)
 
 
 class SimRunner:
     def __init__(self, profile: LatencyProfile, num_blocks: int, block_size: int, time_scale: float = 1.0,
-                 kv_transport: str = "grpc") -> None:
+                 nixl_kv: bool = False) -> None:
         self.profile = profile
         self.layout = profile_layout(profile)
-        self.store = _sim_store(self.layout, num_blocks, block_size, kv_transport)
+        self.store = _sim_store(self.layout, num_blocks, block_size, nixl_kv)
         self.time_scale = time_scale
 
     def prefill_sample(self, prompts: list[list[int]], params: list[SamplingParams],
@@ -141,6 +141,6 @@ def build_sim_runner(spec: RunnerSpec) -> BuiltRunner:
     profile = load_profile(spec.model_arg)
     # A simulated GPU keeps the default block size (as `dopd simulate` does): its pool holds no bytes.
     block_size = choose_block_size(spec.block_size, False)
-    return BuiltRunner(SimRunner(profile, spec.kv_blocks, block_size, spec.time_scale, spec.kv_transport),
+    return BuiltRunner(SimRunner(profile, spec.kv_blocks, block_size, spec.time_scale, spec.nixl_kv),
                        PSEUDO_TOKEN_HIGH,
                        f"sim ({profile.name}, time scale {spec.time_scale:g})")

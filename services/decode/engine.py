@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 from common.errors import Aborted, DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from common.kv.block_pool import OutOfBlocks
-from common.kv.wire import KVChunk
 from common.modeling.base import DecodeInputs, PromptChunk, Runner
 from common.types import SamplingParams
 from services.decode.local_prefill import Chunk, LocalPrefill
 from services.decode.scheduler import DecodeScheduler, DecodeSeq, Finish, SeqState
 from services.engine import metrics
+from services.kvtransfer.wire import KVChunk
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ wire format carry it as a prefill hand-off (services/kvtransfer).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from concurrent.futures import Executor
@@ -26,10 +25,7 @@ import grpc
 
 from common.convert import sampling_to_pb
 from common.errors import FailedPrecondition, Refused, ResourceExhausted, ServiceError
-from common.kv import transports, wire
 from common.kv.block_pool import kv_tokens_for
-from common.kv.nixl_transport import NixlEndpoint
-from common.kv.shared_memory import SharedPoolHandle
 from common.pb import worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
 from common.rpc.errors import domain_error
@@ -37,6 +33,7 @@ from services.decode.engine import DecodeEngine
 from services.decode.migration_plan import MovePlan, Pause, Send, targets_in_order
 from services.decode.scheduler import DecodeSeq
 from services.engine import metrics
+from services.kvtransfer import transports, wire
 from services.kvtransfer.reader import chunk_ranges, read_kv
 from services.kvtransfer.sender import KVSender
 
@@ -65,29 +62,26 @@ class MoveResult:
 
 class Migrator:
     def __init__(self, engine: DecodeEngine, worker_id: str, channels: ChannelPool, kv_executor: Executor,
-                 chunk_max_bytes: int, timeout_s: float, shared_pool: SharedPoolHandle | None = None,
-                 transport: str = "auto", nixl: NixlEndpoint | None = None,
-                 peers: transports.PeerBook | None = None) -> None:
+                 chunk_max_bytes: int, timeout_s: float, local: transports.LocalKV | None = None,
+                 transport: str = "auto", peers: transports.PeerBook | None = None) -> None:
         self.engine = engine
         self.worker_id = worker_id
         self.channels = channels
         self.kv_executor = kv_executor
         self.chunk_max_bytes = chunk_max_bytes
         self.timeout_s = timeout_s
-        # The nixl and shm transports: targets read the KV out of our pool themselves (services/
-        # kvtransfer/receiver.py), with NIXL reads or through a mapping. A target that cannot
-        # refuses on `begin` (FAILED_PRECONDITION, before it reserves anything); the next
-        # transport is then tried (auto: nixl, shm, grpc; a named one: it, then grpc, the bytes
-        # in PushKV chunks, which every worker takes) and the refusal remembered for that target.
-        self.shared_pool = shared_pool  # None: a gRPC-only worker, or a pool that is not shared
-        self.nixl = nixl  # None: NIXL not installed, or not chosen (DOPD_KV_TRANSPORT)
+        # Transports whose targets read the KV out of our pool themselves (services/kvtransfer/
+        # transports): a target that cannot refuses on `begin` (FAILED_PRECONDITION, before it
+        # reserves anything); the next transport is then tried (auto: nixl, shm, grpc; a named
+        # one: it, then grpc, the bytes in PushKV chunks, which every worker takes) and the
+        # refusal remembered for that target.
+        self.local = local or transports.LocalKV()  # what of our pool peers may read (nothing: grpc)
         self.transport = transport
         self.peers = peers or transports.PeerBook()  # what each target refused (the worker's one book)
 
-    def transports_for(self, address: str) -> list[str]:
+    def transports_for(self, address: str) -> list[transports.Transport]:
         """The transports to try for a target, best first."""
-        offered = {"nixl": self.nixl is not None, "shm": self.shared_pool is not None, "grpc": True}
-        return self.peers.to_try(address, self.transport, offered)
+        return self.peers.to_try(address, self.transport, self.local)
 
     async def migrate(self, seq: DecodeSeq, targets: list[Target]) -> MoveResult:
         """Move `seq` to the first target that takes it (targets in order of preference)."""
@@ -169,29 +163,30 @@ class Migrator:
                 await self._move_via(seq, target, result, via)
                 return
             except FailedPrecondition as exc:  # refused on `begin`, before the target reserved anything
-                if via == "grpc" or i + 1 == len(order) or not self._alive(seq):
+                if not via.reads_pool or i + 1 == len(order) or not self._alive(seq):
                     raise
-                log.info("%s does not take KV by %s from this worker (%s): trying %s", target.worker_id, via, exc,
-                         order[i + 1])
-                self.peers.refused(target.address, via)
+                log.info("%s does not take KV by %s from this worker (%s): trying %s", target.worker_id, via.name,
+                         exc, order[i + 1].name)
+                self.peers.refused(target.address, via.name)
 
-    async def _move_via(self, seq: DecodeSeq, target: Target, result: MoveResult, via: str) -> None:
+    async def _move_via(self, seq: DecodeSeq, target: Target, result: MoveResult, via: transports.Transport) -> None:
         layout = self.engine.runner.store.layout
         begin = wire.begin_message(seq.request_id, kv_tokens_for(seq.prompt_len, seq.params.max_tokens), layout)
         begin.begin.adopt.CopyFrom(worker_pb2.KVPush.Adopt(
             prompt_len=seq.prompt_len, sampling=sampling_to_pb(seq.params), source_worker_id=self.worker_id))
-        if via != "grpc":  # the target reads our pool: where it is, and where the blocks are in it
-            pool = {"pool": self.shared_pool.to_pb()} if via == "shm" else {"nixl": self.nixl.source().to_pb()}
-            begin.begin.shared.CopyFrom(worker_pb2.KVPush.SharedSource(
-                **pool, block_table=self.engine.runner.store.pool_blocks(seq.block_table)))
         stub = worker_pb2_grpc.WorkerStub(self.channels.get(target.address))
-        async with self.nixl.progressing() if via == "nixl" else contextlib.nullcontext():
+        if not via.reads_pool:
+            await self._run_move(seq, target, result, via, begin, stub)
+            return
+        # The target reads our pool: where it is, and where the blocks are in it.
+        begin.begin.shared.CopyFrom(via.source(self.local, self.engine.runner.store.pool_blocks(seq.block_table)))
+        async with via.while_read(self.local):
             await self._run_move(seq, target, result, via, begin, stub)
 
-    async def _run_move(self, seq: DecodeSeq, target: Target, result: MoveResult, via: str,
+    async def _run_move(self, seq: DecodeSeq, target: Target, result: MoveResult, via: transports.Transport,
                         begin: worker_pb2.KVPush, stub: worker_pb2_grpc.WorkerStub) -> None:
         engine, layout = self.engine, self.engine.runner.store.layout
-        shared = via != "grpc"  # the target reads our pool: `ready` notices instead of bytes
+        shared = via.reads_pool  # the target reads our pool: `ready` notices instead of bytes
         sender = KVSender(asyncio.get_running_loop(), stub, begin, layout, self.timeout_s, 1, self.chunk_max_bytes)
         plan, paused, paused_at = MovePlan(), False, 0.0
         try:
@@ -218,7 +213,7 @@ class Migrator:
             result.bytes = await sender.wait_raw()
             engine.moved(seq, target.worker_id, target.address)
             result.moved_to = target.worker_id
-            result.transport = via
+            result.transport = via.name
             result.pause_seconds = time.perf_counter() - paused_at
             paused = False
         except grpc.aio.AioRpcError as exc:

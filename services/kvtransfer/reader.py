@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Executor
 
-from common.kv import device_copy, wire
-from common.kv.wire import KVChunk, KVLayout
+from common.kv import device_copy
+from common.kv.layout import KVLayout
 from common.modeling.base import KVStore
 from common.pb import worker_pb2
+from services.kvtransfer import wire
+from services.kvtransfer.wire import KVChunk
 
 ChunkRange = tuple[int, int, int, int]  # (layer_start, layer_end, token_start, token_end)
 

@@ -17,25 +17,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from common.convert import sampling_from_pb
-from common.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable
-from common.kv import device_copy, nixl_transport, wire
+from common.errors import InvalidArgument, ServiceError, Unavailable
+from common.kv import device_copy
 from common.kv.block_pool import kv_tokens_for
-from common.kv.kv_store import slots_for
-from common.kv.nixl_transport import NixlEndpoint, NixlError, NixlSource, read_descriptors
-from common.kv.shared_memory import PeerPools, SharedPoolHandle
-from common.kv.wire import KVLayout
+from common.kv.layout import KVLayout
 from common.pb import worker_pb2
 from services.engine import metrics
+from services.kvtransfer import transports, wire
+from services.kvtransfer.copying import Reservation, guarded
+from services.kvtransfer.transports import SharedReads, Source
 
-# A reservation of the sink's own (services/decode/scheduler.DecodeSeq for a decode engine): the
+# A Reservation is the sink's own (services/decode/scheduler.DecodeSeq for a decode engine): the
 # receiver reads its `request_id`, `prompt_len` and `block_table` and hands it back to the sink.
-Reservation = Any
 
 
 class KVSink(Protocol):
@@ -68,38 +66,6 @@ class KVSink(Protocol):
     def fail(self, request_id: str, error: ServiceError) -> None: ...
 
 
-@dataclass
-class SharedReads:
-    """How this worker reads KV straight out of a peer's pool: mapped, on the same host (the
-    `shm` transport, common/kv/shared_memory.py; `pools` None: not taken), or with NIXL reads
-    (common/kv/nixl_transport.py; `nixl` None: not taken), and the thread that copies (never the
-    event loop's: a request's KV is megabytes)."""
-
-    pools: PeerPools | None
-    executor: Executor
-    nixl: NixlEndpoint | None = None
-    timeout_s: float = 30.0  # for one NIXL read
-    # NIXL reads wait on a peer (a slow or dead one, up to timeout_s): on a thread of their own,
-    # so that they hold up no other copy (None: `executor`).
-    nixl_executor: Executor | None = None
-
-    def __post_init__(self) -> None:
-        if self.nixl_executor is None:
-            self.nixl_executor = self.executor
-
-
-@dataclass
-class _Source:
-    block_table: list[int]
-    block_size: int
-    kv: torch.Tensor | None = None  # shm: the peer's whole pool, mapped
-    nixl: NixlSource | None = None  # or where NIXL reads it
-
-    @property
-    def transport(self) -> str:
-        return "nixl" if self.nixl is not None else "shm"
-
-
 async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: KVSink, layout: KVLayout,
                      vocab_size: int, may_adopt: bool, shared: SharedReads | None = None,
                      io_executor: Executor | None = None,
@@ -115,7 +81,8 @@ async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: KVSink,
     begin = first.begin
     adopting = begin.HasField("adopt")
     # Before anything is reserved: a sender told "cannot map" sends the bytes over gRPC instead.
-    source = _map_source(begin.shared, shared, engine.store) if begin.HasField("shared") else None
+    source = (transports.for_source(begin.shared).open(begin.shared, shared, engine.store)
+              if begin.HasField("shared") else None)
     if adopting:
         num_tokens = _parse_begin(begin, layout)
         seq = _adopt(begin, engine, num_tokens, may_adopt)
@@ -148,7 +115,7 @@ async def receive_kv(messages: AsyncIterator[worker_pb2.KVPush], engine: KVSink,
                                                  layers, num_tokens)
                 written[layers.start:layers.stop, ready.token_start:ready.token_end] = True
                 received += copied
-                metrics.KV_TRANSFER_BYTES.labels("received", source.transport).inc(copied)
+                metrics.KV_TRANSFER_BYTES.labels("received", source.transport.name).inc(copied)
             elif part == "end":
                 _complete(message.end, seq, engine, written, vocab_size, adopting)
                 return received
@@ -178,104 +145,21 @@ def _ready_layers(ready: worker_pb2.KVPush.Ready, layout: KVLayout) -> range:
     return range(ready.layer_start, ready.layer_end)
 
 
-def _map_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None, store) -> _Source:
-    if pb.HasField("nixl"):
-        return _nixl_source(pb, shared, store)
-    if shared is None or shared.pools is None:
-        raise FailedPrecondition("this worker does not map peers' KV pools (DOPD_KV_TRANSPORT)")
-    handle = SharedPoolHandle.from_pb(pb.pool)
-    _check_pool(handle.shape, handle.dtype, pb.block_table, store, "shared")
-    try:
-        kv = shared.pools.open(handle)
-    except OSError as exc:
-        raise FailedPrecondition(f"cannot map the sender's KV pool: {exc}") from None
-    # The pool as mapped (perhaps earlier, under the same id), not as this begin claims it.
-    if tuple(kv.shape) != tuple(handle.shape) or any(not 0 <= b < kv.shape[2] - 1 for b in pb.block_table):
-        raise InvalidArgument(f"a shared KV source claims a pool of shape {list(handle.shape)}, "
-                              f"but the pool mapped is {list(kv.shape)}")
-    return _Source(list(pb.block_table), handle.shape[3], kv=kv)
-
-
-def _check_pool(shape: tuple[int, ...], dtype: str, block_table, store, kind: str) -> None:
-    """A sender's pool this worker can copy from: our layout but for the number of blocks (else
-    FAILED_PRECONDITION: the sender sends bytes), and a block table inside it."""
-    ours = tuple(store.kv.shape)
-    if len(shape) != 6 or (shape[:2] + shape[3:]) != (ours[:2] + ours[3:]) or dtype != store.layout.dtype_name:
-        raise FailedPrecondition(f"the sender's KV pool {list(shape)} {dtype} does not match this "
-                                 f"worker's {list(ours)} {store.layout.dtype_name}")
-    if any(not 0 <= b < shape[2] - 1 for b in block_table):
-        raise InvalidArgument(f"a {kind} KV source names blocks outside its pool")
-
-
-def _nixl_source(pb: worker_pb2.KVPush.SharedSource, shared: SharedReads | None, store) -> _Source:
-    if shared is None or shared.nixl is None:
-        raise FailedPrecondition("this worker does not read KV with NIXL (DOPD_KV_TRANSPORT, or NIXL not installed)")
-    source = NixlSource.from_pb(pb.nixl)
-    _check_pool(source.shape, source.dtype, pb.block_table, store, "NIXL")
-    try:
-        shared.nixl.connect(source)  # before anything is reserved: a refusal lets the sender send bytes
-    except NixlError as exc:
-        raise FailedPrecondition(str(exc)) from None
-    return _Source(list(pb.block_table), source.shape[3], nixl=source)
-
-
 async def _write_chunk(engine: KVSink, seq: Reservation, chunk: wire.KVChunk, executor: Executor | None) -> None:
     device = device_copy.pool_device(engine.receiving_store(seq))
     if not device_copy.is_cuda(device):
         engine.write_kv(seq, chunk)  # a CPU pool: inline, one memory copy of at most a chunk
         return
     # A GPU pool: pinned staging and a non_blocking copy on the side stream, on a worker thread.
-    await _guarded(engine, seq, executor, device_copy.on_side_stream, device, engine.write_kv, seq, chunk)
+    await guarded(engine, seq, executor, device_copy.on_side_stream, device, engine.write_kv, seq, chunk)
 
 
-async def _copy_from_source(source: _Source, shared: SharedReads, engine: KVSink, seq: Reservation,
+async def _copy_from_source(source: Source, shared: SharedReads, engine: KVSink, seq: Reservation,
                             start: int, end: int, layers: range, num_tokens: int) -> int:
     if not 0 <= start < end <= min(num_tokens, len(source.block_table) * source.block_size):
         raise wire.WireError(f"KV ready for positions [{start}, {end}) outside the transfer's "
                              f"[0, {min(num_tokens, len(source.block_table) * source.block_size)})")
-    store = engine.receiving_store(seq)
-    if source.nixl is not None:
-        if store.kv is not shared.nixl.pool:
-            raise FailedPrecondition("this request's KV does not go into the pool NIXL reads into")
-        remote, local = read_descriptors(
-            source.nixl.address, source.nixl.shape, source.block_table, store.kv.data_ptr(), tuple(store.kv.shape),
-            store.pool_blocks(seq.block_table), store.kv.element_size(), start, end, layers.start, layers.stop)
-        try:
-            return await _guarded(engine, seq, shared.nixl_executor, shared.nixl.read, source.nixl, remote, local,
-                                  shared.timeout_s)
-        except NixlError as exc:
-            raise Unavailable(f"{nixl_transport.READ_FAILED} {source.nixl.agent_name}: {exc}") from None
-    return await _guarded(engine, seq, shared.executor, device_copy.on_side_stream, device_copy.pool_device(store),
-                          store.copy_from_peer, source.kv, slots_for(source.block_table, start, end, source.block_size),
-                          store.slots(seq.block_table, start, end), layers)
-
-
-async def _guarded(engine: KVSink, seq: Reservation, executor: Executor | None, fn, *args):
-    """Run a copy into `seq`'s blocks on `executor`: until it has ended (not merely until its
-    awaiting coroutine was cancelled, the client gone), a release of `seq` waits and its blocks
-    are lent to no one else."""
-    engine.copying(seq)
-    copy = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-    copy.add_done_callback(lambda _: engine.copied(seq))
-    return await _settled(copy)
-
-
-async def _settled(copy: asyncio.Future):
-    """The result of a copy into the pool running on another thread. Only the receiving coroutine
-    ends a reservation that is still receiving its KV, and only once no copy into its blocks runs:
-    a push cancelled mid-copy waits for the copy before it frees them."""
-    cancelled = False
-    while True:
-        try:
-            copied = await asyncio.shield(copy)
-            break
-        except asyncio.CancelledError:
-            if copy.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return copied
+    return await source.transport.copy(source, shared, engine, seq, start, end, layers)
 
 
 def _parse_begin(begin: worker_pb2.KVPush.Begin, layout: KVLayout) -> int:

@@ -21,11 +21,13 @@ import grpc
 import torch
 
 from common.errors import DeadlineExceeded, Unavailable
-from common.kv import device_copy, wire
-from common.kv.wire import ChunkBuilder, KVLayout
+from common.kv import device_copy
+from common.kv.layout import KVLayout
 from common.pb import worker_pb2, worker_pb2_grpc
 from common.rpc.channels import ChannelPool
 from services.engine import metrics
+from services.kvtransfer import wire
+from services.kvtransfer.wire import ChunkBuilder
 
 _END = object()
 # The receiver's initial metadata, sent once it has taken `begin` (services/kvtransfer/receiver.py).
@@ -55,7 +57,7 @@ def grpc_sender_factory(channels: ChannelPool, layout: KVLayout, min_bytes: int,
                         staged: Callable[..., PrefillSender | None] | None = None,
                         reads_us: Callable[[str], bool] = lambda address: False) -> OpenSender:
     """Prefill hand-offs over PushKV: the bytes in chunks, or, to a decode worker that
-    `reads_us` (it advertised the nixl transport), `staged` ready notices for it to read
+    `reads_us` (it advertised the staging transport, nixl), `staged` ready notices for it to read
     (services/kvtransfer/staged_sender.py; None back: no staging room, the bytes then)."""
     def open_sender(address: str, request_id: str, num_tokens: int, timeout: float) -> PrefillSender:
         loop = asyncio.get_running_loop()

@@ -1,4 +1,5 @@
-"""A prefill hand-off that the decode worker reads (the `nixl` transport), layer by layer.
+"""A prefill hand-off that the decode worker reads, layer by layer (a transport that
+`stages_hand_offs`: nixl, services/kvtransfer/transports/nixl.py).
 
 The prefill worker holds a KV pool like every worker (it may decode tomorrow), registered with its
 NIXL agent. A prompt's hand-off borrows blocks of that pool (`Staging`): each layer's K/V is
@@ -26,21 +27,22 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from common.kv import wire
 from common.kv.block_pool import BlockPool, OutOfBlocks
-from common.kv.nixl_transport import READ_FAILED, NixlEndpoint
 from common.pb import worker_pb2
 from services.engine import metrics
+from services.kvtransfer import wire
 from services.kvtransfer.sender import KVSender
+from services.kvtransfer.transports import LocalKV, Transport
 
 
 class Staging:
-    """The pool and endpoint a prefill hand-off stages its KV in."""
+    """The pool a prefill hand-off stages its KV in, and the transport its receiver reads it by."""
 
-    def __init__(self, store, pool: BlockPool, endpoint: NixlEndpoint) -> None:
-        self.store = store  # PagedKVStore, registered with `endpoint`
+    def __init__(self, local: LocalKV, pool: BlockPool, transport: Transport) -> None:
+        self.local = local
+        self.store = local.store  # PagedKVStore, readable by `transport`
         self.pool = pool  # the worker's BlockPool (its decode scheduler's): blocks are borrowed from it
-        self.endpoint = endpoint
+        self.transport = transport
 
     def borrow(self, num_tokens: int) -> list[int] | None:
         try:
@@ -75,10 +77,9 @@ class StagedSender:
         staged = cls(loop, staging, blocks, num_tokens, lambda: on_refused(address))
         try:
             begin = wire.begin_message(request_id, num_tokens, staging.store.layout)
-            begin.begin.shared.CopyFrom(worker_pb2.KVPush.SharedSource(
-                nixl=staging.endpoint.source().to_pb(), block_table=staging.store.pool_blocks(blocks)))
+            begin.begin.shared.CopyFrom(staging.transport.source(staging.local, staging.store.pool_blocks(blocks)))
             staged._sender = KVSender(loop, stub, begin, staging.store.layout, timeout, 1, 1, address)
-            staging.endpoint.hold_progress()  # the receiver reads from us until the call ends
+            staging.transport.hold(staging.local)  # the receiver reads from us until the call ends
             staged._progress_held = True
             staged._sender.call.add_done_callback(staged._ended)
         except BaseException:
@@ -106,7 +107,8 @@ class StagedSender:
         ready = worker_pb2.KVPush(ready=worker_pb2.KVPush.Ready(token_start=0, token_end=self._num_tokens,
                                                                 layer_start=layer, layer_end=layer + 1))
         self._loop.call_soon_threadsafe(self._sender.put_messages, [ready])
-        metrics.KV_TRANSFER_BYTES.labels("sent", "nixl").inc(self._num_tokens * store.layout.bytes_per_token_layer)
+        metrics.KV_TRANSFER_BYTES.labels("sent", self._staging.transport.name).inc(
+            self._num_tokens * store.layout.bytes_per_token_layer)
 
     def finish(self, first_token_id: int) -> None:
         self._sender.finish(first_token_id)
@@ -124,11 +126,12 @@ class StagedSender:
 
     async def _note_refusal(self, call) -> None:
         """The receiver refused to read us on `begin`, or a read of us failed there: this pair
-        does not work by NIXL (say, agents that load but cannot connect)."""
+        does not work by this transport (say, NIXL agents that load but cannot connect)."""
         with contextlib.suppress(Exception):
             code = await call.code()
             if code == grpc.StatusCode.FAILED_PRECONDITION or (
-                    code == grpc.StatusCode.UNAVAILABLE and READ_FAILED in (await call.details() or "")):
+                    code == grpc.StatusCode.UNAVAILABLE and self._staging.transport.read_failed
+                    and self._staging.transport.read_failed in (await call.details() or "")):
                 self._on_refused()
 
     def _give_back(self) -> None:
@@ -139,4 +142,4 @@ class StagedSender:
         self._staging.pool.free(blocks)
         if self._progress_held:
             self._progress_held = False
-            self._staging.endpoint.release_progress()
+            self._staging.transport.release(self._staging.local)

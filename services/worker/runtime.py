@@ -19,7 +19,7 @@ import torch
 
 from common.config import WorkerSettings
 from common.convert import ROLE_FROM_PB, ROLE_TO_PB
-from common.kv import nixl_transport, transports
+from common.kv import nixl_transport
 from common.kv.block_pool import BlockPool
 from common.kv.nixl_transport import NixlEndpoint
 from common.kv.shared_memory import PeerPools
@@ -32,9 +32,10 @@ from services.decode.engine import DecodeEngine
 from services.decode.migration import Migrator
 from services.decode.scheduler import DecodeScheduler
 from services.engine import metrics
-from services.kvtransfer.receiver import SharedReads
+from services.kvtransfer import transports
 from services.kvtransfer.sender import grpc_sender_factory
 from services.kvtransfer.staged_sender import StagedSender, Staging
+from services.kvtransfer.transports import LocalKV, SharedReads
 from services.prefill.engine import PrefillEngine
 from services.worker.role_state import RoleState
 
@@ -115,7 +116,8 @@ class WorkerRuntime:
             torch.set_num_threads(s.torch_threads)
         built = build_runner(RunnerSpec(model=s.model, device=s.device, dtype=s.dtype, kv_blocks=s.kv_blocks,
                                         block_size=s.block_size, time_scale=s.time_scale,
-                                        kv_transport=s.kv_transport))
+                                        shared_kv=any(t.reads_pool for t in transports.preference(s.kv_transport)),
+                                        nixl_kv=transports.wants(s.kv_transport, "nixl")))
         runner = built.runner
         self.vocab_size, self.attention = built.vocab_size, built.attention
         self.runner_layout = runner.store.layout
@@ -126,25 +128,27 @@ class WorkerRuntime:
         metrics.WORKER_INFO.labels(self.worker_id, s.model).set(1)
         metrics.KV_BLOCKS_USED.set(0)
         self.nixl = self._nixl_endpoint(runner.store)
-        staging = Staging(runner.store, self.pool, self.nixl) if self.nixl is not None else None
+        shm = transports.wants(s.kv_transport, "shm")
+        # What of our pool peers may read (None: sim or GPU pool, or grpc), and how we read theirs.
+        self.local_kv = LocalKV(runner.store, getattr(runner.store, "shared_handle", None) if shm else None, self.nixl)
+        reads = SharedReads(PeerPools() if shm else None, self.kv_executor, self.nixl, s.kv_timeout_s,
+                            self.nixl_executor)
+        self.kv_transports = tuple(t.name for t in transports.best_first() if t.reads_pool and t.reads_here(reads))
+        self.shared_reads = reads if self.kv_transports else None
+        stager = next((t for t in transports.best_first() if t.stages_hand_offs and t.offered(self.local_kv)), None)
+        staging = Staging(self.local_kv, self.pool, stager) if stager is not None else None
         open_sender = grpc_sender_factory(
             self.channels, self.runner_layout, s.kv_chunk_min_bytes, s.kv_chunk_max_bytes,
-            staged=functools.partial(StagedSender.open, staging=staging, on_refused=self._refused_nixl)
+            staged=functools.partial(StagedSender.open, staging=staging,
+                                     on_refused=functools.partial(self._refused, stager.name))
             if staging is not None else None,
-            reads_us=lambda address: self.peers.reads(address, "nixl"))
+            reads_us=lambda address: stager is not None and self.peers.reads(address, stager.name))
         self.prefill = PrefillEngine(runner, self.executor, open_sender, s.prefill_token_budget,
                                      s.prefill_queue_limit)
         self.decode = DecodeEngine(runner, DecodeScheduler(self.pool, s.max_batch_size), self.executor,
                                    s.kv_timeout_s, s.step_token_budget, s.decode_waiting_limit)
-        shared_pool = getattr(runner.store, "shared_handle", None)  # None: sim or GPU pool, or grpc
-        maps_peers = transports.wants(s.kv_transport, "shm")
-        self.kv_transports = tuple(t for t, ok in (("nixl", self.nixl is not None), ("shm", maps_peers)) if ok)
-        if self.kv_transports:
-            self.shared_reads = SharedReads(PeerPools() if maps_peers else None, self.kv_executor, self.nixl,
-                                            s.kv_timeout_s, self.nixl_executor)
         self.migrator = Migrator(self.decode, self.worker_id, self.channels, self.kv_executor,
-                                 s.kv_chunk_max_bytes, s.kv_timeout_s, shared_pool if maps_peers else None,
-                                 s.kv_transport, self.nixl, self.peers)
+                                 s.kv_chunk_max_bytes, s.kv_timeout_s, self.local_kv, s.kv_transport, self.peers)
 
     def _nixl_endpoint(self, store) -> NixlEndpoint | None:
         """This worker's NIXL agent, its pool registered: under `nixl`, or `auto` where NIXL is
@@ -170,9 +174,10 @@ class WorkerRuntime:
     def learn_transports(self, address: str, advertised) -> None:
         self.peers.learn(address, advertised)
 
-    def _refused_nixl(self, address: str) -> None:
-        if self.peers.refused(address, "nixl"):
-            log.warning("%s refused to read KV with NIXL from this worker: hand-offs to it send bytes", address)
+    def _refused(self, transport: str, address: str) -> None:
+        if self.peers.refused(address, transport):
+            log.warning("%s refused to read KV by %s from this worker: hand-offs to it send bytes", address,
+                        transport)
 
     def _set_role_gauge(self) -> None:
         for role in Role:

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from common.convert import sampling_to_pb
-from common.kv import wire
-from common.kv.wire import KVChunk, KVLayout
+from common.kv.layout import KVLayout
 from common.modeling.loader import tiny_random_config
 from common.pb import worker_pb2, worker_pb2_grpc
 from common.rpc.channels import internal_channel
 from common.rpc.errors import is_refusal
 from common.types import SamplingParams
 from services.client import generate
+from services.kvtransfer import wire
+from services.kvtransfer.wire import KVChunk
 from tests.helpers import assert_no_leaks
 
 CFG = tiny_random_config()

@@ -18,15 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from common.errors import ServiceError, Unavailable
-from common.kv import wire
 from common.kv.block_pool import BlockPool
-from common.kv.wire import ChunkBuilder
 from common.modeling.fake_runner import FakeRunner
 from common.modeling.registry import RunnerSpec, build_runner
 from common.pb import worker_pb2
 from common.types import SamplingParams
 from services.decode.engine import DecodeEngine
 from services.decode.scheduler import DecodeScheduler, DecodeSeq, SeqState
+from services.kvtransfer import wire
+from services.kvtransfer.wire import ChunkBuilder
 
 # Fake layout: 32 bytes per (token, layer). One layer per chunk at least, and a layer of more than
 # 3 tokens is split by tokens, so both of ChunkBuilder's paths carry KV in these tests.

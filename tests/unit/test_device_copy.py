@@ -11,7 +11,7 @@ import torch
 
 from common.kv import device_copy
 from common.kv.kv_store import PagedKVStore
-from common.kv.wire import KVLayout
+from common.kv.layout import KVLayout
 from common.modeling.sim_runner import NullKVStore
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, dtype=torch.float32)

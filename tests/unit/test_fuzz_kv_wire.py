@@ -1,5 +1,5 @@
 """Fuzzing (hypothesis) of the KV wire's receiving side: what a peer worker sends in a PushKV
-stream (common/kv/wire.py, services/kvtransfer/receiver.py).
+stream (services/kvtransfer/wire.py, services/kvtransfer/receiver.py).
 
 - parse_begin: a valid begin with its fields mutated (layout, token count, request id, dtype
   names) parses to its token count exactly when it matches the pool's layout and announces at
@@ -36,25 +36,25 @@ from common.convert import sampling_to_pb
 from common.errors import ServiceError
 from common.kv.block_pool import kv_tokens_for
 from common.kv.kv_store import PagedKVStore
+from common.kv.layout import KVLayout, dtype_from_name
 from common.kv.shared_memory import PeerPools
-from common.kv.wire import (
-    ChunkBuilder,
-    KVChunk,
-    KVLayout,
-    WireError,
-    begin_message,
-    chunk_message,
-    dtype_from_name,
-    end_message,
-    parse_begin,
-    parse_chunk,
-)
 from common.modeling.fake_runner import FAKE_LAYOUT, FAKE_VOCAB
 from common.pb import worker_pb2 as pb
 from common.types import SamplingParams
 from services.decode.engine import ErrorEvent
 from services.decode.scheduler import SeqState
-from services.kvtransfer.receiver import SharedReads, receive_kv
+from services.kvtransfer.receiver import receive_kv
+from services.kvtransfer.transports import SharedReads
+from services.kvtransfer.wire import (
+    ChunkBuilder,
+    KVChunk,
+    WireError,
+    begin_message,
+    chunk_message,
+    end_message,
+    parse_begin,
+    parse_chunk,
+)
 from tests.unit.inproc_kv import assert_decode_empty, running_decode
 
 # database=None: no .hypothesis directory left behind; a failure prints how to reproduce it.

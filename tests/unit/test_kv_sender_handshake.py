@@ -13,9 +13,9 @@ import grpc
 import pytest
 import torch
 
-from common.kv import wire
-from common.kv.wire import KVLayout
+from common.kv.layout import KVLayout
 from common.pb import worker_pb2, worker_pb2_grpc
+from services.kvtransfer import wire
 from services.kvtransfer.sender import KV_ACCEPTED, KVSender
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float32)

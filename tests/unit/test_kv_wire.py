@@ -3,19 +3,18 @@ import random
 import pytest
 import torch
 
-from common.kv.wire import (
+from common.kv.layout import KVLayout, dtype_from_name
+from common.pb import worker_pb2 as pb
+from services.kvtransfer.wire import (
     ChunkBuilder,
     KVChunk,
-    KVLayout,
     WireError,
     begin_message,
     chunk_message,
-    dtype_from_name,
     end_message,
     parse_begin,
     parse_chunk,
 )
-from common.pb import worker_pb2 as pb
 
 L, H, D = 6, 2, 8
 

@@ -139,17 +139,23 @@ async def test_a_staged_hand_off_that_the_receiver_could_not_read_stops_nixl_to_
 
     store = SimpleNamespace(slots=lambda blocks, start, end: torch.arange(end))
     noted = []
-    staged = StagedSender(asyncio.get_running_loop(), SimpleNamespace(store=store), [0], 4, lambda: noted.append(1))
+    from services.kvtransfer import transports
+
+    staging = SimpleNamespace(store=store, transport=transports.get("nixl"))
+    staged = StagedSender(asyncio.get_running_loop(), staging, [0], 4, lambda: noted.append(1))
     await staged._note_refusal(_EndedCall(getattr(grpc.StatusCode, code), details))
     assert bool(noted) is refused
 
 
 def test_what_each_kv_transport_setting_tries_and_reads():
-    from common.kv import transports
+    from services.kvtransfer import transports
 
-    assert transports.preference("auto") == ["nixl", "shm", "grpc"]
-    assert transports.preference("nixl") == ["nixl", "grpc"]  # gRPC bytes stay the fallback
-    assert transports.preference("grpc") == ["grpc"]
+    def names(setting):
+        return [t.name for t in transports.preference(setting)]
+
+    assert names("auto") == ["nixl", "shm", "grpc"]
+    assert names("nixl") == ["nixl", "grpc"]  # gRPC bytes stay the fallback
+    assert names("grpc") == ["grpc"]
     assert transports.wants("auto", "shm") and not transports.wants("nixl", "shm")
     with pytest.raises(ValueError, match="DOPD_KV_TRANSPORT"):
         transports.preference("rdma")

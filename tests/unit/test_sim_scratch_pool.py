@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from common.kv import nixl_transport
+from common.kv.layout import KVLayout
 from common.kv.nixl_transport import read_descriptors
-from common.kv.wire import KVLayout
 from common.modeling.registry import RunnerSpec, build_runner
 from common.modeling.sim_runner import NullKVStore, ScratchKVStore
 from tests.unit.test_nixl_transport import apply
@@ -46,7 +46,7 @@ def test_a_read_between_folded_pools_moves_every_byte_inside_them():
 def test_a_sim_worker_keeps_bytes_only_where_nixl_may_read_them():
     spec = RunnerSpec(model="sim:llama3-8b-h100", kv_blocks=8192)
     assert isinstance(build_runner(spec).runner.store, NullKVStore)
-    nixl = build_runner(RunnerSpec(model="sim:llama3-8b-h100", kv_blocks=8192, kv_transport="auto")).runner.store
+    nixl = build_runner(RunnerSpec(model="sim:llama3-8b-h100", kv_blocks=8192, nixl_kv=True)).runner.store
     if nixl_transport.available():
         assert isinstance(nixl, ScratchKVStore) and nixl.kv.nbytes <= 70 << 20  # 32 blocks of 2 MiB, and null
     else:

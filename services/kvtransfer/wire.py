@@ -17,32 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
+from common.kv.layout import KVLayout
 from common.pb import worker_pb2 as pb
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class WireError(ValueError):
     """A KV message that does not fit the receiving side: malformed or for another layout."""
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
-
-    @property
-    def bytes_per_token_layer(self) -> int:
-        return 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
-
-    def bytes_for(self, num_tokens: int) -> int:
-        return num_tokens * self.num_layers * self.bytes_per_token_layer
 
 
 @dataclass(frozen=True)
@@ -150,10 +130,3 @@ def parse_chunk(chunk: pb.KVPush.Chunk, layout: KVLayout, num_tokens: int) -> KV
         warnings.simplefilter("ignore", UserWarning)
         kv = torch.frombuffer(data, dtype=torch.uint8).view(layout.dtype).view(shape)
     return KVChunk(chunk.layer_start, chunk.layer_end, chunk.token_start, chunk.token_end, kv)
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; one of {sorted(_DTYPES)}") from None
