@@ -14,15 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_matrix import WORKLOADS  # noqa: E402
 from common.load import SLO, LengthDist, LoadForecast  # noqa: E402
 from common.profile import load_profile  # noqa: E402
-from services.bench.sources import build_requests  # noqa: E402
+from services.bench.sources import RequestSource, build_requests  # noqa: E402
 from services.planner.configuration import rank_configurations  # noqa: E402
 from services.planner.core import PoolShape  # noqa: E402
 
@@ -31,16 +31,14 @@ SHAPE = PoolShape(kv_blocks=4096, block_size=16, max_batch_size=256, prefill_tok
 
 def forecast_of(workload: str, duration: float) -> LoadForecast:
     argv = WORKLOADS[workload]
-    args = SimpleNamespace(workload=None, trace=None, duration=None, seed=0, burstiness=1.0, max_context=8192,
-                           until=None)
     if argv[0] == "--workload":
-        args.workload, args.duration = argv[1], duration
+        source = RequestSource(workload=argv[1], duration=duration, max_context=8192)
         if "--seed" in argv:
-            args.seed = int(argv[argv.index("--seed") + 1])
-            args.burstiness = float(argv[argv.index("--burstiness") + 1])
+            source = replace(source, seed=int(argv[argv.index("--seed") + 1]),
+                             burstiness=float(argv[argv.index("--burstiness") + 1]))
     else:
-        args.trace = [Path(p) for p in argv[1:]]
-    requests, span = build_requests(args, None)
+        source = RequestSource(trace=tuple(Path(p) for p in argv[1:]), max_context=8192)
+    requests, span = build_requests(source)
     return LoadForecast(len(requests) / span, LengthDist.from_samples([r.prompt_tokens for r in requests]),
                         LengthDist.from_samples([r.output_tokens for r in requests]), "whole run")
 

@@ -17,23 +17,15 @@ several are merged onto one clock (`read_traces`), as `dopd simulate` does.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
+from services.bench import sources
+from services.bench.api import BenchSpec, TargetError, bench_once, bench_run, config_doc, served
 from services.bench.metrics import SLO_ITL_HELP
-from services.bench.sources import (
-    DEFAULT_DURATION,
-    DEFAULT_MAX_CONTEXT,
-    DEFAULT_RATE,
-    build_requests,
-    fmt,
-    max_context_of,
-    print_summary,
-)
+from services.bench.sources import DEFAULT_DURATION, DEFAULT_MAX_CONTEXT, DEFAULT_RATE, fmt, source_of
 
 
 def _rates(text: str) -> list[float]:
@@ -101,70 +93,32 @@ def add_bench_parser(subparsers, compare=None) -> argparse.ArgumentParser:
     return p
 
 
-async def _status(target: str):
-    import grpc
+def bench_spec(args) -> BenchSpec:
+    """The run `dopd bench`'s arguments describe (a sweep replaces its rate and out per run)."""
+    return BenchSpec(source=source_of(args), slo_ttft_ms=args.slo_ttft, slo_tpot_ms=args.slo_tpot, out=args.out,
+                     slo_itl_ms=args.slo_itl, target=args.target, backend=args.backend, base_url=args.base_url,
+                     api_key=args.api_key, time_scale=args.time_scale, request_timeout_s=args.request_timeout,
+                     progress=not args.no_progress)
 
-    from common.pb import gateway_pb2, gateway_pb2_grpc
 
-    async with grpc.aio.insecure_channel(target) as channel:
-        return await gateway_pb2_grpc.GatewayStub(channel).GetStatus(gateway_pb2.GetStatusRequest(), timeout=5.0)
+def at_rate(spec: BenchSpec, rate: float | None, out: Path | None = None) -> BenchSpec:
+    """The run at `rate` (a sweep's, under `out`)."""
+    return replace(spec, source=replace(spec.source, rate=rate), out=out or spec.out)
 
 
-def _served_model(base_url: str, api_key: str) -> str:
-    """The first model an OpenAI API lists (GET /models)."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        reply = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=10.0)
-        reply.raise_for_status()
-        return reply.json()["data"][0]["id"]
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
-        raise OSError(f"no model listed: {exc}") from exc
+def build_requests(args, rate: float | None):
+    """The requests (and the schedule's duration) the arguments describe, at `rate`."""
+    return sources.build_requests(replace(source_of(args), rate=rate))
 
 
 def run_config(args, rate: float | None, model: str, duration: float, requests: int) -> dict:
-    """results.json's `config`: what was run (`trace` lists every file, in the order given)."""
-    return {"target": args.target, "backend": args.backend, "base_url": args.base_url, "model": model,
-            "workload": args.workload,
-            "trace": [str(t) for t in args.trace] if args.trace else None,
-            "rate": rate if rate is not None else (DEFAULT_RATE if args.workload else None),
-            "burstiness": args.burstiness, "duration_s": duration, "seed": args.seed,
-            "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "slo_itl_ms": args.slo_itl,
-            "time_scale": args.time_scale, "max_context": max_context_of(args),
-            "request_timeout_s": args.request_timeout, "requests": requests}
-
-
-def _run_once(args, rate: float | None, out_dir: Path, model: str, kv=None) -> dict:
-    """One run; `kv` (report.KVCost, None: not known) adds KV bytes to the harness check."""
-    from services.bench.plots import plot_latency_cdfs, plot_timeline
-    from services.bench.report import build_results, load_ceiling
-    from services.bench.runner import RunSettings, run_load
-
-    requests, duration = build_requests(args, rate)
-    settings = RunSettings(target=args.target, backend=args.backend, base_url=args.base_url or "",
-                           api_key=args.api_key, model=model, request_timeout=args.request_timeout,
-                           time_scale=args.time_scale, seed=args.seed, progress=not args.no_progress)
-    config = run_config(args, rate, model, duration, len(requests))
-    outcome = asyncio.run(run_load(requests, settings))
-    results = build_results(requests, outcome, config, duration, args.slo_ttft, args.slo_tpot, load_ceiling(), kv,
-                            slo_itl_ms=args.slo_itl)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    with open(out_dir / "requests.jsonl", "w") as f:
-        for r in outcome.results:
-            f.write(json.dumps(asdict(r)) + "\n")
-    plot_latency_cdfs(outcome.results, out_dir, args.slo_ttft, args.slo_tpot)
-    plot_timeline(outcome.samples, results["timeline"]["arrivals_per_s"], out_dir)
-    print_summary(results, out_dir)
-    return results
+    """results.json's `config` for the arguments at `rate` (services/bench/api.config_doc)."""
+    return config_doc(at_rate(bench_spec(args), rate), model, duration, requests)
 
 
 def run_bench(args) -> int:
     """`dopd bench` and `dopd bench sweep`. 0 when the run(s) finished and some request completed;
     1 when the gateway does not answer or no request completed; 2 on bad arguments."""
-    import grpc
-
     from services.bench.sweep import RateSearch, run_sweep
 
     if args.mode == "compare":
@@ -184,29 +138,19 @@ def run_bench(args) -> int:
     if args.mode == "sweep" and (args.rates is None) == (args.min_rate is None):
         print("error: `bench sweep` takes one of --rates and --min-rate", file=sys.stderr)
         return 2
-    from services.bench.report import kv_cost
-
-    kv = None
+    spec = bench_spec(args)
+    if args.mode == "run":
+        return bench_once(spec)[0]
     try:
-        if args.target:
-            status = asyncio.run(_status(args.target))
-            model = status.model
-            kv = kv_cost(model, [list(w.kv_transports) for w in status.topology.workers], status.serving_mode)
-        else:
-            model = _served_model(args.base_url, args.api_key)
-    except grpc.aio.AioRpcError as exc:
-        print(f"error: gateway {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        model, kv = served(spec)  # once for the whole sweep
+    except TargetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"error: {args.base_url}: {exc}", file=sys.stderr)
-        return 1
+    spec = replace(spec, model=model, kv=kv)
     try:
-        if args.mode == "run":
-            results = _run_once(args, args.rate, args.out, model, kv)
-            return 0 if results["completed"] or not results["requests"] else 1
         search = RateSearch(rates=args.rates, min_rate=args.min_rate, max_rate=args.max_rate,
                             target=args.attainment_target, max_runs=args.max_runs)
-        result = run_sweep(search, lambda rate: _run_once(args, rate, args.out / f"rate-{rate:g}", model, kv),
+        result = run_sweep(search, lambda rate: bench_run(at_rate(spec, rate, args.out / f"rate-{rate:g}")),
                            args.out)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

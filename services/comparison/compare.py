@@ -261,9 +261,9 @@ def apriori_split(args, progress: Callable[[str], None]) -> dict:
     known in advance (baselines.apriori_until), the best by goodput, then attainment."""
     span = None
     if args.workload is None:  # a trace: its span as this run schedules it (rescaled, cut)
-        from services.bench.sources import build_requests
+        from services.bench.sources import build_requests, source_of
 
-        span = build_requests(args, args.rate)[1]
+        span = build_requests(source_of(args))[1]
     until = apriori_until(args.workload, args.duration, span)
     saved = getattr(args, "until", None)
     args.until = until

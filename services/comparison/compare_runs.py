@@ -1,19 +1,23 @@
 """The runs of `dopd bench compare` (services/comparison/compare.py): one cluster serving the workload
-once, as a `Run`, on an engine: the virtual-time simulator (`run_des`, `dopd simulate`'s own path)
-or the real services (`run_services`: the mode's cluster brought up, `dopd bench` against it, taken
-down; `reused_run` reads one back for --reuse)."""
+once, as a `Run`, on an engine: the virtual-time simulator (`run_des`, `dopd simulate`'s own call,
+services/simulate/api.py) or the real services (`run_services`: the mode's cluster brought up,
+`dopd bench`'s call against it, services/bench/api.py, taken down; `reused_run` reads one back for
+--reuse). Each takes a typed spec built from the comparison's arguments (`des_spec`, `bench_spec`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.modes import serving_mode
+from services.bench.api import BenchSpec
 from services.bench.metrics import RequestResult
 from services.bench.outcome import StatusSample
+from services.bench.sources import max_context_of, source_of
+from services.simulate.api import SimulateSpec
 from services.simulate.sim import default_split
 
 FIGURES = ("median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p90_tpot_ms", "p99_tpot_ms",
@@ -56,71 +60,52 @@ def run_dir(mode: str, split: tuple[int, int] | None, chunk_tokens: int | None =
     return f"{mode}-{chunk_tokens}" if mode == "aggregated-best" else mode
 
 
-def source_argv(args) -> list[str]:
-    argv = ["--workload", args.workload] if args.workload else ["--trace", *map(str, args.trace)]
-    if args.rate is not None:
-        argv += ["--rate", str(args.rate)]
-    if args.duration is not None:
-        argv += ["--duration", str(args.duration)]
-    if args.max_context is not None:
-        argv += ["--max-context", str(args.max_context)]
-    return argv + ["--burstiness", str(args.burstiness), "--seed", str(args.seed),
-                   "--request-timeout", str(args.request_timeout)]
-
-
-def slo_itl_argv(args) -> list[str]:
-    """The stall SLO, passed on to each run when the comparison has one."""
-    return [] if getattr(args, "slo_itl", None) is None else ["--slo-itl", str(args.slo_itl)]
-
-
-def simulate_argv(args, mode: str, split: tuple[int, int] | None, out: Path) -> list[str]:
-    """`dopd simulate`'s arguments for one run of the comparison."""
-    argv = ["simulate", "--profile", args.profile, "--workers", str(args.workers), "--mode", mode,
-            *source_argv(args), "--slo-ttft", str(args.slo_ttft), "--slo-tpot", str(args.slo_tpot),
-            *slo_itl_argv(args), "--out", str(out), "--no-plots"]
-    if getattr(args, "until", None) is not None:
-        argv += ["--until", str(args.until)]
-    if split is not None:
-        argv += ["--split", f"{split[0]}:{split[1]}"]
-    for name in ("kv_blocks", "max_batch_size", "prefill_token_budget", "chunk_tokens", "decode_queue_limit"):
-        if getattr(args, name, None) is not None:
-            argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+def des_spec(args, mode: str, split: tuple[int, int] | None) -> SimulateSpec:
+    """`dopd simulate`'s run for one run of the comparison: the settings the comparison was given,
+    the simulator's defaults for the rest."""
+    given = {name: getattr(args, name) for name in ("kv_blocks", "max_batch_size", "prefill_token_budget",
+                                                    "chunk_tokens", "decode_queue_limit")
+             if getattr(args, name, None) is not None}
     if args.predictor:
-        argv += ["--predictor", args.predictor]
-    return argv
+        given["predictor"] = args.predictor
+    return SimulateSpec(profile=args.profile, workers=int(args.workers), mode=mode, source=source_of(args),
+                        slo_ttft_ms=float(args.slo_ttft), slo_tpot_ms=float(args.slo_tpot),
+                        slo_itl_ms=slo_itl(args), split=tuple(split) if split is not None else None,
+                        request_timeout_s=float(args.request_timeout), **given)
+
+
+def slo_itl(args) -> float | None:
+    """The stall SLO, passed on to each run when the comparison has one."""
+    value = getattr(args, "slo_itl", None)
+    return None if value is None else float(value)
 
 
 def run_des(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run:
-    """One run in virtual time: `dopd simulate`'s own path (results.json as it writes it), kept in
-    memory for the plots."""
-    from services.simulate.cli import add_simulate_parser, build_requests, config_from_args, results_doc
-    from services.simulate.sim import simulate
+    """One run in virtual time: `dopd simulate`'s own (services/simulate/api.py), results.json
+    written as it writes it, kept in memory for the plots."""
+    from services.simulate.api import save, simulate_run
 
-    parser = argparse.ArgumentParser(prog="dopd")
-    add_simulate_parser(parser.add_subparsers(dest="command", required=True))
-    sargs = parser.parse_args(simulate_argv(args, mode, split, out))
-    cfg = config_from_args(sargs)
-    requests, duration = build_requests(sargs)
-    outcome = simulate(requests, cfg)
-    if outcome.leaks:
-        raise RuntimeError(f"{mode}: the simulator's leak check failed: {'; '.join(outcome.leaks)}")
-    results = results_doc(requests, outcome, cfg, sargs, duration)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    split = cfg.initial_split if serving_mode(mode).disaggregated else None
-    return Run(mode, split, results, outcome.results, outcome.samples, "des")
+    result = simulate_run(des_spec(args, mode, split))
+    if result.outcome.leaks:
+        raise RuntimeError(f"{mode}: the simulator's leak check failed: {'; '.join(result.outcome.leaks)}")
+    save(result, out)
+    split = result.cfg.initial_split if serving_mode(mode).disaggregated else None
+    return Run(mode, split, result.results, result.requests, result.samples, "des")
+
+
+def bench_spec(args, target: str, out: Path) -> BenchSpec:
+    """`dopd bench`'s run against a cluster the comparison brought up (no progress bar; the API
+    key, if any, from the environment, as the cluster has it)."""
+    return BenchSpec(source=source_of(args), slo_ttft_ms=float(args.slo_ttft), slo_tpot_ms=float(args.slo_tpot),
+                     out=out, slo_itl_ms=slo_itl(args), target=target, api_key=os.environ.get("DOPD_API_KEY", ""),
+                     time_scale=float(args.time_scale), request_timeout_s=float(args.request_timeout),
+                     progress=False)
 
 
 def run_services(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run:
     """One run on the real services: bring up the mode's cluster, `dopd bench` it, take it down."""
-    from services.bench.cli import add_bench_parser
+    from services.bench.api import bench_once
     from services.launcher import Cluster, ClusterSpec, free_port
-
-    def dopd(argv: list[str]) -> int:  # `dopd bench`, the harness's own parser and run
-        parser = argparse.ArgumentParser(prog="dopd")
-        add_bench_parser(parser.add_subparsers(dest="command", required=True))
-        args = parser.parse_args(argv)
-        return args.func(args)
 
     m = serving_mode(mode)
     p, d = split if split is not None else default_split(args.workers)  # aggregated: all decode anyway
@@ -145,16 +130,12 @@ def run_services(args, mode: str, split: tuple[int, int] | None, out: Path) -> R
     cluster.start()
     try:
         cluster.wait_ready(600)
-        rc = dopd(["bench", "--target", cluster.gateway_address, *source_argv(args), "--slo-ttft", str(args.slo_ttft),
-                   "--slo-tpot", str(args.slo_tpot), *slo_itl_argv(args), "--time-scale", str(args.time_scale),
-                   "--out", str(out),
-                   "--no-progress"])
+        rc, results = bench_once(bench_spec(args, cluster.gateway_address, out))
         switches = role_switches(cluster.proc("planner").metrics_address) if rc == 0 else None
     finally:
         cluster.stop()
     if rc != 0:
         raise RuntimeError(f"{mode}: dopd bench failed ({rc}); logs in {spec.log_dir}")
-    results = json.loads((out / "results.json").read_text())
     results["switches"] = switches
     (out / "results.json").write_text(json.dumps(results, indent=2))  # with the switches, for --reuse
     return load_services_run(args, mode, (p, d) if m.disaggregated else None, out, results)
@@ -172,13 +153,11 @@ def reused_run(args, mode: str, split: tuple[int, int] | None, out: Path) -> Run
     reusing it would mix runs of different workloads in one table (ValueError)."""
     if not (out / "results.json").exists() or not (out / "requests.jsonl").exists():
         return None
-    from services.bench.sources import max_context_of
-
     results = json.loads((out / "results.json").read_text())
     config = results.get("config", {})
     want = {"model": f"sim:{args.profile}" if args.engine == "sim" else args.model, "workload": args.workload,
             "rate": args.rate, "burstiness": args.burstiness, "duration_s": args.duration, "seed": args.seed,
-            "max_context": max_context_of(args), "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
+            "max_context": max_context_of(source_of(args)), "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
             "slo_itl_ms": args.slo_itl, "time_scale": args.time_scale}
     for key, value in want.items():
         if value is not None and config.get(key) != value:

@@ -25,9 +25,11 @@ from services.comparison.compare_runs import run_dir
 def schedule(args, rate: float | None) -> tuple[list[int], float] | None:
     """(each request's prompt tokens, the last send time) of the comparison's workload at `rate`;
     None for text prompts, whose length only a tokenizer knows."""
-    from services.bench.sources import build_requests
+    from dataclasses import replace
 
-    reqs, _ = build_requests(args, rate)
+    from services.bench.sources import build_requests, source_of
+
+    reqs, _ = build_requests(replace(source_of(args), rate=rate))
     if not reqs or any(r.prompt_tokens is None for r in reqs):
         return None
     return [r.prompt_tokens for r in reqs], max(r.t for r in reqs)

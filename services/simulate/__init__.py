@@ -12,5 +12,6 @@ from their bytes over a link. No gRPC, no asyncio, no sleeping: one heap of even
     switching.py role switches: prefill -> decode drains, decode -> prefill live-migrates
     planner.py   the planner every interval, as services/planner/controller.py runs it
     sim.py       one run: SimConfig + requests -> SimOutcome (results, timeline, switches, leaks)
-    cli.py       `dopd simulate`: requests in, results.json and plots out (as `dopd bench`)
+    api.py       `dopd simulate` as a call: SimulateSpec in, SimulateResult (results.json's dict) out
+    cli.py       `dopd simulate`: its arguments to a SimulateSpec, results.json and plots out
 """
