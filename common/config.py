@@ -131,6 +131,9 @@ class WorkerSettings(_Base):
 class GatewaySettings(_Base):
     gateway_port: int = 50051
     gateway_metrics_port: int = 9101
+    # This gateway's name among the gateways of one cluster (`dopd up --gateways N` runs N on one
+    # port); "" = gateway-<host>-<pid>.
+    gateway_id: str = ""
     # The OpenAI-compatible HTTP API (services/gateway/openai_api.py); 0 = not served.
     http_port: int = 8000
     # API key the HTTP API asks for as `Authorization: Bearer KEY`; "" = none asked.

@@ -37,7 +37,7 @@ def _up(args) -> int:
                                   planner=planner,
                                   mode=args.mode, predictor=args.predictor, slo_ttft_ms=args.slo_ttft,
                                   slo_tpot_ms=args.slo_tpot, slo_itl_ms=args.slo_itl, interval_s=args.interval,
-                                  http_port=args.http_port,
+                                  http_port=args.http_port, gateways=args.gateways,
                                   redis_prefix=os.environ.get("DOPD_REDIS_PREFIX", ""),
                                   extra_env={"DOPD_API_KEY": args.api_key} if args.api_key else {}))
     stop = {"now": False}
@@ -141,6 +141,13 @@ def _role(args) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _status(args) -> int:
     import grpc
     from rich.console import Console
@@ -210,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--time-scale", type=float, default=1.0, help="sim: run this many times slower than the profile")
     up.add_argument("--prefill", type=int, default=1, help="prefill workers")
     up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument("--gateways", type=_at_least_one, default=1,
+                    help="gateway processes on the one gRPC port and the one HTTP port (SO_REUSEPORT): "
+                         "each decode worker refuses seats past what the gateways' SLO allows, so they admit as one")
     up.add_argument("--port", type=int, default=50051, help="gateway port; other services take the next free ports")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--http-port", type=int, default=8000,

@@ -11,7 +11,15 @@ from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.convert import FINISH_FROM_PB, ROLE_FROM_PB, ROLE_TO_PB
-from common.pb import gateway_pb2, gateway_pb2_grpc, planner_pb2, planner_pb2_grpc, worker_pb2, worker_pb2_grpc
+from common.pb import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    planner_pb2,
+    planner_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 from common.rpc.auth import api_key_metadata
 from common.rpc.channels import internal_channel
 from common.types import Role
@@ -74,10 +82,16 @@ async def cluster_status(target: str, timeout: float = 5.0) -> dict:
     """Every service with its role, addresses, health, running requests and KV blocks."""
     async with grpc.aio.insecure_channel(target) as channel:
         status = await gateway_pb2_grpc.GatewayStub(channel).GetStatus(gateway_pb2.GetStatusRequest(), timeout=timeout)
+    # One gateway, or several on one port (each named by the planner's topology; the one that
+    # answered gives its running requests).
+    gateways = list(status.topology.gateways) or [common_pb2.GatewayInfo(
+        gateway_id="gateway", address=status.gateway_address, metrics_address=status.gateway_metrics_address)]
+    gateway_health = await health(status.gateway_address)
     services = [
-        {"name": "gateway", "role": "gateway", "address": status.gateway_address,
-         "metrics": status.gateway_metrics_address, "health": await health(status.gateway_address),
-         "running": status.running_requests, "kv_used": None, "kv_total": None},
+        {"name": g.gateway_id, "role": "gateway", "address": g.address, "metrics": g.metrics_address,
+         "health": gateway_health,
+         "running": status.running_requests if g.metrics_address == status.gateway_metrics_address else None,
+         "kv_used": None, "kv_total": None} for g in gateways] + [
         {"name": "planner", "role": "planner", "address": status.planner_address,
          "metrics": status.topology.planner_metrics_address or None,
          "health": await health(status.planner_address, internal=True), "running": None, "kv_used": None,
@@ -149,9 +163,10 @@ async def set_worker_role(target: str, worker: str, role: str, timeout: float = 
     return _role_names(_pb_dict(reply))
 
 
-async def cluster_ready(target: str, addresses: list[str], n_workers: int) -> bool:
-    """True when every address is SERVING and the gateway's topology lists n_workers workers (every
-    address but the gateway's `target` is of the internal plane)."""
+async def cluster_ready(target: str, addresses: list[str], n_workers: int, n_gateways: int = 1) -> bool:
+    """True when every address is SERVING and the gateway's topology lists n_workers workers and,
+    with several gateways on `target`, as many gateways (every address but the gateway's
+    `target` is of the internal plane)."""
     for address in [target, *addresses]:
         if await health(address, timeout=1.0, internal=address != target) != "SERVING":
             return False
@@ -160,4 +175,5 @@ async def cluster_ready(target: str, addresses: list[str], n_workers: int) -> bo
             status = await gateway_pb2_grpc.GatewayStub(channel).GetStatus(gateway_pb2.GetStatusRequest(), timeout=2)
     except grpc.aio.AioRpcError:
         return False
-    return len([w for w in status.topology.workers if w.serving]) == n_workers
+    return (len([w for w in status.topology.workers if w.serving]) == n_workers
+            and (n_gateways <= 1 or len(status.topology.gateways) >= n_gateways))

@@ -44,6 +44,9 @@ class ClusterSpec:
     decode: int = 1
     host: str = "127.0.0.1"
     port: int = 50051  # the gateway; the planner and workers take the next free ports
+    # Gateway processes serving that port (and the HTTP one) together, SO_REUSEPORT: "gateway",
+    # then "gateway-1", ... Each has its own metrics port.
+    gateways: int = 1
     # The gateway's OpenAI-compatible HTTP API: this port or, if taken, the next free one; 0: off.
     http_port: int = 8000
     log_dir: Path = Path("runs/cluster")
@@ -143,14 +146,15 @@ def _ports(host: str, start: int, count: int, taken: set[int]) -> list[int]:
     return out
 
 
-def cluster_ports(host: str, gateway_port: int, http_port: int, n_workers: int
+def cluster_ports(host: str, gateway_port: int, http_port: int, n_workers: int, n_gateways: int = 1
                   ) -> tuple[list[int], list[int], int]:
     """The ports of a cluster whose gateway listens on `gateway_port`: gRPC (planner, then each
-    worker) from gateway_port + 1, metrics (planner, gateway, each worker) from gateway_port + 1000,
-    and the OpenAI API's from `http_port` (0: none). All distinct and free when chosen."""
+    worker) from gateway_port + 1, metrics (planner, gateway, each worker, then each further
+    gateway) from gateway_port + 1000, and the OpenAI API's from `http_port` (0: none). All
+    distinct and free when chosen."""
     taken = {gateway_port}
     grpc_ports = _ports(host, gateway_port + 1, 1 + n_workers, taken)
-    metrics_ports = _ports(host, gateway_port + 1000, 2 + n_workers, taken)
+    metrics_ports = _ports(host, gateway_port + 1000, 1 + n_gateways + n_workers, taken)
     return grpc_ports, metrics_ports, (_ports(host, http_port, 1, taken)[0] if http_port else 0)
 
 
@@ -330,7 +334,7 @@ class Cluster:
             self.redis, self.redis_url = start_redis(s.host, s.log_dir)
             self.supervisor.started("redis", time.monotonic())
         n_workers = s.prefill + s.decode
-        grpc_ports, metrics_ports, self.http_port = cluster_ports(s.host, s.port, s.http_port, n_workers)
+        grpc_ports, metrics_ports, self.http_port = cluster_ports(s.host, s.port, s.http_port, n_workers, s.gateways)
         planner_address = f"{s.host}:{grpc_ports[0]}"
         # The internal plane's credential (common/rpc/auth.py): this process's, or a new one,
         # which this process then uses too (its own calls to the workers and the planner); the
@@ -347,12 +351,17 @@ class Cluster:
             "DOPD_SLO_TTFT_MS": str(s.slo_ttft_ms), "DOPD_SLO_TPOT_MS": str(s.slo_tpot_ms),
             "DOPD_MIXED_WORKERS": str(serving_mode(s.mode).mixed).lower(),
             **({"DOPD_SLO_ITL_MS": str(s.slo_itl_ms)} if s.slo_itl_ms is not None else {})})
-        self._spawn("gateway", "gateway", "services.gateway", s.port, metrics_ports[1], {
-            **common, "DOPD_GATEWAY_PORT": str(s.port), "DOPD_GATEWAY_METRICS_PORT": str(metrics_ports[1]),
-            "DOPD_HTTP_PORT": str(self.http_port),
-            "DOPD_LOAD_INTERVAL_S": str(s.interval_s * s.time_scale), "DOPD_MODE": s.mode,
-            "DOPD_SLO_TTFT_MS": str(s.slo_ttft_ms), "DOPD_SLO_TPOT_MS": str(s.slo_tpot_ms),
-            **({"DOPD_SLO_ITL_MS": str(s.slo_itl_ms)} if s.slo_itl_ms is not None else {})})
+        # The first gateway's metrics port comes before the workers' (as with one gateway), the
+        # others' after them.
+        gateway_metrics = [metrics_ports[1], *metrics_ports[2 + n_workers:]]
+        for g, metrics_port in enumerate(gateway_metrics):
+            name = "gateway" if g == 0 else f"gateway-{g}"
+            self._spawn(name, "gateway", "services.gateway", s.port, metrics_port, {
+                **common, "DOPD_GATEWAY_PORT": str(s.port), "DOPD_GATEWAY_METRICS_PORT": str(metrics_port),
+                "DOPD_GATEWAY_ID": name, "DOPD_HTTP_PORT": str(self.http_port),
+                "DOPD_LOAD_INTERVAL_S": str(s.interval_s * s.time_scale), "DOPD_MODE": s.mode,
+                "DOPD_SLO_TTFT_MS": str(s.slo_ttft_ms), "DOPD_SLO_TPOT_MS": str(s.slo_tpot_ms),
+                **({"DOPD_SLO_ITL_MS": str(s.slo_itl_ms)} if s.slo_itl_ms is not None else {})})
         roles = ["prefill"] * s.prefill + ["decode"] * s.decode
         if not serving_mode(s.mode).disaggregated:
             roles = ["decode"] * n_workers  # each prefills the requests it decodes
@@ -386,7 +395,7 @@ class Cluster:
                         raise ModelRefusedAtStart(p.name, refusal_line(log))
                     raise RuntimeError(f"{p.name} exited with {p.popen.returncode}; log tail:\n{log[-3000:]}")
             if asyncio.run(cluster_ready(self.gateway_address, [p.address for p in self.procs],
-                                         self.spec.prefill + self.spec.decode)):
+                                         self.spec.prefill + self.spec.decode, self.spec.gateways)):
                 return
             time.sleep(0.5)
         raise TimeoutError(f"cluster not ready after {timeout:.0f}s; logs in {self.spec.log_dir}")

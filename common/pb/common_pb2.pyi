@@ -48,6 +48,16 @@ class SamplingParams(_message.Message):
     index_offset: int
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., index_offset: _Optional[int] = ...) -> None: ...
 
+class GatewayInfo(_message.Message):
+    __slots__ = ("gateway_id", "address", "metrics_address")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    address: str
+    metrics_address: str
+    def __init__(self, gateway_id: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "metrics_address", "model", "kv_blocks_total", "kv_blocks_used", "running_requests", "waiting_requests", "block_size", "serving", "prefill_waiting", "prefill_waiting_tokens", "decode_running", "decode_waiting", "switching", "kv_transports", "chunk_budget")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from common.pb import common_pb2 as dopd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64opd/v1/planner.proto\x12\x07\x64opd.v1\x1a\x14\x64opd/v1/common.proto\"\x16\n\x14ReportWorkerResponse\"(\n\x13RemoveWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x16\n\x14RemoveWorkerResponse\"\x14\n\x12GetTopologyRequest\"\x87\x01\n\x08Topology\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.dopd.v1.WorkerInfo\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1f\n\x17planner_metrics_address\x18\x03 \x01(\t\x12#\n\x08\x66orecast\x18\x04 \x01(\x0b\x32\x11.dopd.v1.Forecast\"\x89\x01\n\x08\x46orecast\x12\x0c\n\x04rate\x18\x01 \x01(\x01\x12\x18\n\x10prompt_quantiles\x18\x02 \x03(\x01\x12\x13\n\x0bprompt_mean\x18\x03 \x01(\x01\x12\x18\n\x10output_quantiles\x18\x04 \x03(\x01\x12\x13\n\x0boutput_mean\x18\x05 \x01(\x01\x12\x11\n\tpredictor\x18\x06 \x01(\t\"\xb2\x01\n\nLoadReport\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x12\n\nstart_unix\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x10\n\x08\x61rrivals\x18\x04 \x01(\x05\x12\x13\n\x0bprompt_lens\x18\x05 \x03(\x05\x12\x13\n\x0boutput_lens\x18\x06 \x03(\x05\x12\x10\n\x08rejected\x18\x07 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x08 \x03(\x02\x12\x0e\n\x06tpot_s\x18\t \x03(\x02\"\x14\n\x12ReportLoadResponse\"\x10\n\x0eGetPlanRequest\"\xfd\x01\n\nRoleSwitch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12 \n\tfrom_role\x18\x02 \x01(\x0e\x32\r.dopd.v1.Role\x12\x1e\n\x07to_role\x18\x03 \x01(\x0e\x32\r.dopd.v1.Role\x12\x0f\n\x07\x61t_unix\x18\x04 \x01(\x01\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x19\n\x11migrated_requests\x18\x06 \x01(\x05\x12\x16\n\x0emigrated_bytes\x18\x07 \x01(\x03\x12\n\n\x02ok\x18\x08 \x01(\x08\x12\x0e\n\x06reason\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x1a\n\x12\x66\x65ll_back_to_drain\x18\x0b \x01(\x08\"\xbb\x03\n\nPlanStatus\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x11\n\tpredictor\x18\x02 \x01(\t\x12\x16\n\x0etarget_prefill\x18\x03 \x01(\x05\x12\x15\n\rtarget_decode\x18\x04 \x01(\x05\x12\x16\n\x0epredicted_rate\x18\x05 \x01(\x01\x12\x1c\n\x14predicted_prompt_p50\x18\x06 \x01(\x01\x12\x1c\n\x14predicted_prompt_p90\x18\x07 \x01(\x01\x12\x1c\n\x14predicted_output_p50\x18\x08 \x01(\x01\x12\x15\n\robserved_rate\x18\t \x01(\x01\x12\x1a\n\x12intervals_recorded\x18\n \x01(\x03\x12\x10\n\x08redis_ok\x18\x0b \x01(\x08\x12,\n\x0frecent_switches\x18\x0c \x03(\x0b\x32\x13.dopd.v1.RoleSwitch\x12\x14\n\x0csplit_detail\x18\r \x01(\t\x12\x18\n\x10\x64\x65\x63ision_seconds\x18\x0e \x01(\x01\x12\x14\n\x0ctarget_mixed\x18\x0f \x01(\x05\x12\x1b\n\x13target_chunk_budget\x18\x10 \x01(\x05\x12\x15\n\rconfiguration\x18\x11 \x01(\t2\xd2\x02\n\x07Planner\x12\x42\n\x0cReportWorker\x12\x13.dopd.v1.WorkerInfo\x1a\x1d.dopd.v1.ReportWorkerResponse\x12K\n\x0cRemoveWorker\x12\x1c.dopd.v1.RemoveWorkerRequest\x1a\x1d.dopd.v1.RemoveWorkerResponse\x12=\n\x0bGetTopology\x12\x1b.dopd.v1.GetTopologyRequest\x1a\x11.dopd.v1.Topology\x12>\n\nReportLoad\x12\x13.dopd.v1.LoadReport\x1a\x1b.dopd.v1.ReportLoadResponse\x12\x37\n\x07GetPlan\x12\x17.dopd.v1.GetPlanRequest\x1a\x13.dopd.v1.PlanStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64opd/v1/planner.proto\x12\x07\x64opd.v1\x1a\x14\x64opd/v1/common.proto\"\x16\n\x14ReportWorkerResponse\"(\n\x13RemoveWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x16\n\x14RemoveWorkerResponse\";\n\x12GetTopologyRequest\x12%\n\x07gateway\x18\x01 \x01(\x0b\x32\x14.dopd.v1.GatewayInfo\"\xaf\x01\n\x08Topology\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.dopd.v1.WorkerInfo\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1f\n\x17planner_metrics_address\x18\x03 \x01(\t\x12#\n\x08\x66orecast\x18\x04 \x01(\x0b\x32\x11.dopd.v1.Forecast\x12&\n\x08gateways\x18\x05 \x03(\x0b\x32\x14.dopd.v1.GatewayInfo\"\x89\x01\n\x08\x46orecast\x12\x0c\n\x04rate\x18\x01 \x01(\x01\x12\x18\n\x10prompt_quantiles\x18\x02 \x03(\x01\x12\x13\n\x0bprompt_mean\x18\x03 \x01(\x01\x12\x18\n\x10output_quantiles\x18\x04 \x03(\x01\x12\x13\n\x0boutput_mean\x18\x05 \x01(\x01\x12\x11\n\tpredictor\x18\x06 \x01(\t\"\xb2\x01\n\nLoadReport\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x12\n\nstart_unix\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x10\n\x08\x61rrivals\x18\x04 \x01(\x05\x12\x13\n\x0bprompt_lens\x18\x05 \x03(\x05\x12\x13\n\x0boutput_lens\x18\x06 \x03(\x05\x12\x10\n\x08rejected\x18\x07 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x08 \x03(\x02\x12\x0e\n\x06tpot_s\x18\t \x03(\x02\"\x14\n\x12ReportLoadResponse\"\x10\n\x0eGetPlanRequest\"\xfd\x01\n\nRoleSwitch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12 \n\tfrom_role\x18\x02 \x01(\x0e\x32\r.dopd.v1.Role\x12\x1e\n\x07to_role\x18\x03 \x01(\x0e\x32\r.dopd.v1.Role\x12\x0f\n\x07\x61t_unix\x18\x04 \x01(\x01\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x19\n\x11migrated_requests\x18\x06 \x01(\x05\x12\x16\n\x0emigrated_bytes\x18\x07 \x01(\x03\x12\n\n\x02ok\x18\x08 \x01(\x08\x12\x0e\n\x06reason\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x1a\n\x12\x66\x65ll_back_to_drain\x18\x0b \x01(\x08\"\xbb\x03\n\nPlanStatus\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x11\n\tpredictor\x18\x02 \x01(\t\x12\x16\n\x0etarget_prefill\x18\x03 \x01(\x05\x12\x15\n\rtarget_decode\x18\x04 \x01(\x05\x12\x16\n\x0epredicted_rate\x18\x05 \x01(\x01\x12\x1c\n\x14predicted_prompt_p50\x18\x06 \x01(\x01\x12\x1c\n\x14predicted_prompt_p90\x18\x07 \x01(\x01\x12\x1c\n\x14predicted_output_p50\x18\x08 \x01(\x01\x12\x15\n\robserved_rate\x18\t \x01(\x01\x12\x1a\n\x12intervals_recorded\x18\n \x01(\x03\x12\x10\n\x08redis_ok\x18\x0b \x01(\x08\x12,\n\x0frecent_switches\x18\x0c \x03(\x0b\x32\x13.dopd.v1.RoleSwitch\x12\x14\n\x0csplit_detail\x18\r \x01(\t\x12\x18\n\x10\x64\x65\x63ision_seconds\x18\x0e \x01(\x01\x12\x14\n\x0ctarget_mixed\x18\x0f \x01(\x05\x12\x1b\n\x13target_chunk_budget\x18\x10 \x01(\x05\x12\x15\n\rconfiguration\x18\x11 \x01(\t2\xd2\x02\n\x07Planner\x12\x42\n\x0cReportWorker\x12\x13.dopd.v1.WorkerInfo\x1a\x1d.dopd.v1.ReportWorkerResponse\x12K\n\x0cRemoveWorker\x12\x1c.dopd.v1.RemoveWorkerRequest\x1a\x1d.dopd.v1.RemoveWorkerResponse\x12=\n\x0bGetTopology\x12\x1b.dopd.v1.GetTopologyRequest\x1a\x11.dopd.v1.Topology\x12>\n\nReportLoad\x12\x13.dopd.v1.LoadReport\x1a\x1b.dopd.v1.ReportLoadResponse\x12\x37\n\x07GetPlan\x12\x17.dopd.v1.GetPlanRequest\x1a\x13.dopd.v1.PlanStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,21 +40,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REMOVEWORKERRESPONSE']._serialized_start=122
   _globals['_REMOVEWORKERRESPONSE']._serialized_end=144
   _globals['_GETTOPOLOGYREQUEST']._serialized_start=146
-  _globals['_GETTOPOLOGYREQUEST']._serialized_end=166
-  _globals['_TOPOLOGY']._serialized_start=169
-  _globals['_TOPOLOGY']._serialized_end=304
-  _globals['_FORECAST']._serialized_start=307
-  _globals['_FORECAST']._serialized_end=444
-  _globals['_LOADREPORT']._serialized_start=447
-  _globals['_LOADREPORT']._serialized_end=625
-  _globals['_REPORTLOADRESPONSE']._serialized_start=627
-  _globals['_REPORTLOADRESPONSE']._serialized_end=647
-  _globals['_GETPLANREQUEST']._serialized_start=649
-  _globals['_GETPLANREQUEST']._serialized_end=665
-  _globals['_ROLESWITCH']._serialized_start=668
-  _globals['_ROLESWITCH']._serialized_end=921
-  _globals['_PLANSTATUS']._serialized_start=924
-  _globals['_PLANSTATUS']._serialized_end=1367
-  _globals['_PLANNER']._serialized_start=1370
-  _globals['_PLANNER']._serialized_end=1708
+  _globals['_GETTOPOLOGYREQUEST']._serialized_end=205
+  _globals['_TOPOLOGY']._serialized_start=208
+  _globals['_TOPOLOGY']._serialized_end=383
+  _globals['_FORECAST']._serialized_start=386
+  _globals['_FORECAST']._serialized_end=523
+  _globals['_LOADREPORT']._serialized_start=526
+  _globals['_LOADREPORT']._serialized_end=704
+  _globals['_REPORTLOADRESPONSE']._serialized_start=706
+  _globals['_REPORTLOADRESPONSE']._serialized_end=726
+  _globals['_GETPLANREQUEST']._serialized_start=728
+  _globals['_GETPLANREQUEST']._serialized_end=744
+  _globals['_ROLESWITCH']._serialized_start=747
+  _globals['_ROLESWITCH']._serialized_end=1000
+  _globals['_PLANSTATUS']._serialized_start=1003
+  _globals['_PLANSTATUS']._serialized_end=1446
+  _globals['_PLANNER']._serialized_start=1449
+  _globals['_PLANNER']._serialized_end=1787
 # @@protoc_insertion_point(module_scope)

@@ -23,20 +23,24 @@ class RemoveWorkerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GetTopologyRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("gateway",)
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    gateway: _common_pb2.GatewayInfo
+    def __init__(self, gateway: _Optional[_Union[_common_pb2.GatewayInfo, _Mapping]] = ...) -> None: ...
 
 class Topology(_message.Message):
-    __slots__ = ("workers", "version", "planner_metrics_address", "forecast")
+    __slots__ = ("workers", "version", "planner_metrics_address", "forecast", "gateways")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLANNER_METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     FORECAST_FIELD_NUMBER: _ClassVar[int]
+    GATEWAYS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[_common_pb2.WorkerInfo]
     version: int
     planner_metrics_address: str
     forecast: Forecast
-    def __init__(self, workers: _Optional[_Iterable[_Union[_common_pb2.WorkerInfo, _Mapping]]] = ..., version: _Optional[int] = ..., planner_metrics_address: _Optional[str] = ..., forecast: _Optional[_Union[Forecast, _Mapping]] = ...) -> None: ...
+    gateways: _containers.RepeatedCompositeFieldContainer[_common_pb2.GatewayInfo]
+    def __init__(self, workers: _Optional[_Iterable[_Union[_common_pb2.WorkerInfo, _Mapping]]] = ..., version: _Optional[int] = ..., planner_metrics_address: _Optional[str] = ..., forecast: _Optional[_Union[Forecast, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[_common_pb2.GatewayInfo, _Mapping]]] = ...) -> None: ...
 
 class Forecast(_message.Message):
     __slots__ = ("rate", "prompt_quantiles", "prompt_mean", "output_quantiles", "output_mean", "predictor")

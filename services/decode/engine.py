@@ -31,6 +31,8 @@ from services.engine import metrics
 from services.kvtransfer.wire import KVChunk
 
 log = logging.getLogger(__name__)
+# A reservation past the seats its gateway allows (DecodeRequest.max_seats).
+NO_SEAT_HERE = "no seat on this decode worker"
 
 
 @dataclass
@@ -87,6 +89,7 @@ class DecodeEngine:
         self._pause_waiters: dict[str, asyncio.Future] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self.held_max = 0  # the most requests held at once (metrics.HELD_REQUESTS_MAX)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="decode-loop")
@@ -97,9 +100,14 @@ class DecodeEngine:
             await asyncio.gather(self._task, return_exceptions=True)
 
     # -- requests ---------------------------------------------------------------------------
-    def reserve(self, request_id: str, prompt_len: int, params: SamplingParams) -> asyncio.Queue:
+    def reserve(self, request_id: str, prompt_len: int, params: SamplingParams, max_seats: int = 0) -> asyncio.Queue:
+        """`max_seats` (0: none): refuse when this worker already holds that many requests, the
+        gateway's seat limit (DecodeRequest.max_seats), checked against all that it holds."""
         # NOTE: a migration's adopt() is not bounded here: the requests it moves are running
         # already, and refusing them would only keep them where the planner is taking them from.
+        if max_seats > 0 and len(self.scheduler.seqs) >= max_seats:
+            raise ResourceExhausted(f"{NO_SEAT_HERE}: it holds {len(self.scheduler.seqs)} requests, the request's "
+                                    f"seat limit is {max_seats}")
         if self.scheduler.num_waiting >= self.waiting_limit:
             raise ResourceExhausted(f"decode worker overloaded: {self.scheduler.num_waiting} requests already wait "
                                     f"for their KV or a seat in the batch (at most {self.waiting_limit})")
@@ -370,5 +378,7 @@ class DecodeEngine:
         self.kv_complete(rid, first)
 
     def _update_gauges(self) -> None:
+        self.held_max = max(self.held_max, len(self.scheduler.seqs))
+        metrics.HELD_REQUESTS_MAX.set(self.held_max)
         metrics.KV_BLOCKS_USED.set(self.scheduler.pool.num_used)
         metrics.RUNNING_REQUESTS.set(self.scheduler.num_running)

@@ -13,6 +13,9 @@ KV_TRANSFER_BYTES = Counter("dopd_kv_transfer_bytes_total", "KV bytes moved betw
                             ["direction", "transport"])
 WORKER_ROLE = Gauge("dopd_worker_role", "1 for the role this worker serves, 0 for the others", ["role"])
 RUNNING_REQUESTS = Gauge("dopd_worker_running_requests", "Requests in the running decode batch")
+HELD_REQUESTS_MAX = Gauge("dopd_worker_held_requests_max",
+                          "The most requests this worker has held at once (running, or reserved and waiting for "
+                          "KV or a seat) since it started: what the gateways' seat limits bound")
 WAITING_REQUESTS = Gauge("dopd_worker_waiting_requests", "Requests queued for prefill or waiting for KV")
 PREFILL_SECONDS = Histogram("dopd_prefill_seconds", "Forward time of one prefill batch",
                             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16))

@@ -53,6 +53,10 @@ class Dispatcher:
         self.decode_load = DecodeLoad()  # the requests held on each decode worker
         self.local_ledger = PrefillLedger()  # prompts a mixed worker prefills itself, first token not back
         self._lost_until: dict[str, float] = {}  # worker id -> `now` until which it goes last
+        # With other gateways beside this one, the prefill workers' own reports of their queued
+        # tokens (WorkerInfo.prefill_waiting_tokens): the prompts the others sent are in them, not
+        # in this gateway's ledger. Empty when this gateway is alone (its ledger is exact).
+        self.reported_prefill_tokens: dict[str, int] = {}
 
     # -- the path and admission -------------------------------------------------------------
     def path(self, prompt_len: int, policy: SchedulingPolicy | None) -> Path:
@@ -62,7 +66,7 @@ class Dispatcher:
 
     def least_loaded_prefill_work(self, prefill_ids: Iterable[str], now: float) -> tuple[int, float]:
         """(tokens outstanding, profile seconds busy) of the prefill worker with the fewest tokens."""
-        tokens, busy = self.prefill_ledger.least_loaded(prefill_ids, now)
+        tokens, busy = self.prefill_ledger.least_loaded(prefill_ids, now, self.reported_prefill_tokens)
         return tokens, busy / self.time_scale
 
     def admission_refusal(self, prompt_len: int, path: Path, policy: SchedulingPolicy | None,
@@ -103,6 +107,12 @@ class Dispatcher:
         """Whether `worker`'s batch still seats the request within the TPOT SLO (always, with no policy)."""
         return policy is None or policy.has_seat(self.decode_load.candidate(worker), mean_context(prompt_len,
                                                                                                    max_tokens))
+
+    def seat_limit(self, worker: WorkerView, prompt_len: int, max_tokens: int, policy: SchedulingPolicy | None) -> int:
+        """The seats `worker` may hold with the request among them (SchedulingPolicy.seat_limit;
+        0: no limit), for the worker to enforce across gateways."""
+        return 0 if policy is None else policy.seat_limit(self.decode_load.candidate(worker),
+                                                          mean_context(prompt_len, max_tokens))
 
     def no_seat(self, policy: SchedulingPolicy) -> str:
         return f"{NO_SEAT} ({policy.slo.tpot_s * 1e3:.0f} ms)"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
 import time
 import uuid
 from dataclasses import replace
@@ -20,7 +22,7 @@ from common.errors import InvalidArgument, Unavailable
 from common.load import SLO, LoadForecast
 from common.modeling.loader import load_config, load_tokenizer
 from common.modes import serving_mode
-from common.pb import planner_pb2, planner_pb2_grpc
+from common.pb import common_pb2, planner_pb2, planner_pb2_grpc
 from common.profile import load_profile, serving_profile_name
 from common.rpc.channels import ChannelPool
 from common.types import SamplingParams
@@ -73,6 +75,12 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self.serving = False  # what /health says: started and not draining
         self.http: HttpServer | None = None
+        # How this gateway names itself to the planner on every topology fetch (several may serve
+        # one port: `dopd up --gateways N`, or a Deployment's replicas).
+        self.info = common_pb2.GatewayInfo(
+            gateway_id=settings.gateway_id or f"gateway-{socket.gethostname()}-{os.getpid()}",
+            address=f"{settings.public_host}:{settings.gateway_port}",
+            metrics_address=f"{settings.public_host}:{settings.gateway_metrics_port}")
 
     @property
     def topology(self) -> planner_pb2.Topology:
@@ -114,8 +122,13 @@ class Gateway:
     async def _watch_topology(self) -> None:
         while True:
             try:
-                self.backend.topology = await self._planner().GetTopology(planner_pb2.GetTopologyRequest(),
-                                                                          timeout=self.settings.rpc_timeout_s)
+                topology = await self._planner().GetTopology(planner_pb2.GetTopologyRequest(gateway=self.info),
+                                                             timeout=self.settings.rpc_timeout_s)
+                self.backend.topology = topology
+                # Not alone: admission takes the prefill workers' own queue reports as a floor.
+                alone = len(topology.gateways) <= 1
+                self.core.dispatch.reported_prefill_tokens = {} if alone else {
+                    w.worker_id: w.prefill_waiting_tokens for w in topology.workers}
             except grpc.aio.AioRpcError as exc:
                 # The planner is away: keep routing by the last topology.
                 log.debug("planner unreachable: %s", exc.code().name)

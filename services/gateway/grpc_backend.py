@@ -104,10 +104,10 @@ class GrpcBackend:
         return stream
 
     async def open_decode(self, worker: WorkerView, request_id: str, prompt_len: int, params: SamplingParams,
-                          timeout: float, prompt: list[int] | None = None) -> GrpcDecodeStream:
+                          timeout: float, prompt: list[int] | None = None, max_seats: int = 0) -> GrpcDecodeStream:
         return await self._open(worker.worker_id, worker.address, worker_pb2.DecodeRequest(
             request_id=request_id, prompt_len=prompt_len, sampling=sampling_to_pb(params),
-            prompt_token_ids=prompt or ()), timeout)
+            prompt_token_ids=prompt or (), max_seats=max_seats), timeout)
 
     def forecast(self) -> LoadForecast | None:
         """The planner's forecast in the last topology (None before its first decision)."""

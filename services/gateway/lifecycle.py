@@ -86,8 +86,9 @@ class Backend(Protocol):
     def workers(self, role: str) -> list[WorkerView]: ...
 
     async def open_decode(self, worker: WorkerView, request_id: str, prompt_len: int, params: SamplingParams,
-                          timeout: float, prompt: list[int] | None = None) -> DecodeStream: ...
-    # (with `prompt`, the decode worker prefills it too: no prefill worker, no KV moved)
+                          timeout: float, prompt: list[int] | None = None, max_seats: int = 0) -> DecodeStream: ...
+    # (with `prompt`, the decode worker prefills it too: no prefill worker, no KV moved; `max_seats`:
+    # the worker refuses when it holds that many requests already, DecodeRequest.max_seats)
 
     def forecast(self) -> LoadForecast | None: ...  # the planner's, for the coming interval
 
@@ -499,11 +500,13 @@ class RequestCore:
         for worker in order:
             if not self.dispatch.has_seat(worker, prompt_len, max_tokens, policy):
                 continue  # taken while this request tried another worker
+            seats = self.dispatch.seat_limit(worker, prompt_len, max_tokens, policy)
             # Counted before the call: requests reserving at the same time see the seat taken.
             self._count_decode(worker, req, +1)
             try:
                 stream = await self.backend.open_decode(worker, req.worker_request_id, len(req.prompt),
-                                                        req.params, remaining(), req.prompt if local else None)
+                                                        req.params, remaining(), req.prompt if local else None,
+                                                        max_seats=seats)
             except BaseException as exc:
                 self._count_decode(worker, req, -1)
                 if not isinstance(exc, (ResourceExhausted, Unavailable)):

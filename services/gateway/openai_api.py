@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Protocol
@@ -217,10 +218,26 @@ class HttpServer:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=grace_s)
         self.server = _EmbeddedServer(config)
+        self.host, self.port = host, port
         self.task: asyncio.Task | None = None
 
+    def _listening_socket(self) -> socket.socket:
+        """The port, bound with SO_REUSEPORT as gRPC binds its own: the gateways of one cluster
+        (`dopd up --gateways N`) share it, and the kernel spreads the connections among them."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        sock.set_inheritable(True)
+        return sock
+
     async def start(self) -> None:
-        self.task = asyncio.create_task(self.server.serve())
+        self.task = asyncio.create_task(self.server.serve(sockets=[self._listening_socket()]))
         while not self.server.started:
             if self.task.done():
                 self.task.result()  # a failed bind raises here (uvicorn exits the process: SystemExit)

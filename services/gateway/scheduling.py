@@ -33,7 +33,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from common.load import SLO, LoadForecast
@@ -62,6 +62,10 @@ class DecodeCandidate:
     batch_size: int  # requests it decodes now
     context_tokens: float = 0.0  # the sum of their `mean_context`s
     tokens_left: tuple[int, ...] = ()  # what each has still to make, where known (SchedulingPolicy.seat_wait_s)
+
+
+# The largest seat limit sent (SchedulingPolicy.seat_limit): past any batch a pool holds.
+MAX_SEATS = 1 << 16
 
 
 def mean_context(prompt_tokens: int, max_tokens: int) -> float:
@@ -127,6 +131,24 @@ class SchedulingPolicy:
             return True
         batch = worker.batch_size + 1
         return self.seat_steps.decode_step_time(batch, (worker.context_tokens + context) / batch) <= self.slo.tpot_s
+
+    def seat_limit(self, worker: DecodeCandidate, context: float) -> int:
+        """The most requests `worker` may hold, the request of mean `context` among them, and still
+        step within the TPOT SLO (0: no limit, without admission control; at least 1). Sent with
+        the reservation (DecodeRequest.max_seats): the worker counts every gateway's requests,
+        where `has_seat` counts only this gateway's. The mean context per seat is this gateway's
+        (its requests and this one), taken for the others' too."""
+        if not self.admission:
+            return 0
+        per_seat = (worker.context_tokens + context) / (worker.batch_size + 1)
+        fits = lambda batch: self.seat_steps.decode_step_time(batch, per_seat) <= self.slo.tpot_s  # noqa: E731
+        low, high = 0, MAX_SEATS  # fits(low) or low == 0; the answer is in [low, high]
+        if fits(high):
+            return high
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        return max(1, low)
 
     def seat_wait_s(self, workers: Sequence[DecodeCandidate], ahead: int) -> float:
         """Seconds until a seat frees for a request with `ahead` others queued before it, when
@@ -243,11 +265,17 @@ class PrefillLedger:
         since = max(min(t for _, t in sent.values()), self._last_finished.get(worker_id, float("-inf")))
         return max(0.0, now - since)
 
-    def least_loaded(self, worker_ids: Iterable[str], now: float) -> tuple[int, float]:
+    def least_loaded(self, worker_ids: Iterable[str], now: float,
+                     reported: Mapping[str, int] | None = None) -> tuple[int, float]:
         """(outstanding tokens, busy seconds) of the worker with the fewest tokens outstanding;
-        (0, 0.0) when there is none."""
-        best = min(worker_ids, key=lambda w: (self.tokens[w], w), default=None)
-        return (0, 0.0) if best is None else (self.tokens[best], self.busy_s(best, now))
+        (0, 0.0) when there is none. `reported`: the tokens each worker said it has queued (from
+        every gateway, a heartbeat old), a floor under this ledger's own."""
+        reported = reported or {}
+
+        def tokens(w: str) -> int:
+            return max(self.tokens[w], reported.get(w, 0))
+        best = min(worker_ids, key=lambda w: (tokens(w), w), default=None)
+        return (0, 0.0) if best is None else (tokens(best), self.busy_s(best, now))
 
     def empty(self) -> bool:
         return not any(self._sent.values()) and not any(self.tokens.values())

@@ -45,3 +45,19 @@ class WorkerRegistry(Generic[Info]):
         if live != self._last_live:
             self._last_live = live
             self.version += 1
+
+
+@dataclass
+class GatewayBook(Generic[Info]):
+    """The gateways that fetched the topology within `ttl` (each names itself on every fetch,
+    GetTopologyRequest.gateway): for `dopd status`, and for each gateway to know it is not alone."""
+
+    ttl: float
+    _seen: dict[str, tuple[Info, float]] = field(default_factory=dict)
+
+    def seen(self, gateway_id: str, info: Info, now: float) -> None:
+        self._seen[gateway_id] = (info, now)
+
+    def live(self, now: float) -> list[Info]:
+        self._seen = {g: (info, at) for g, (info, at) in self._seen.items() if now - at < self.ttl}
+        return [info for _, (info, _) in sorted(self._seen.items())]

@@ -34,7 +34,7 @@ from services.planner.core import PlannerCore, PoolShape
 from services.planner.history import LoadHistory
 from services.planner.policy import PolicyConfig, ReconfigPolicy
 from services.planner.predictors import make_predictor
-from services.planner.registry import WorkerRegistry
+from services.planner.registry import GatewayBook, WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServicer):
     def __init__(self, settings: PlannerSettings, redis_client: aioredis.Redis | None) -> None:
         self.settings = settings
         self.registry: WorkerRegistry = WorkerRegistry(ttl=settings.worker_ttl_s)
+        self.gateways: GatewayBook = GatewayBook(ttl=settings.worker_ttl_s)
         self.redis = redis_client
         self.channels = ChannelPool()
         self.controller = PlannerController(
@@ -96,12 +97,15 @@ class PlannerServicer(planner_pb2_grpc.PlannerServicer):
     async def GetTopology(self, request, context):
         if time.monotonic() - self._started < self.settings.warmup_s:
             raise Unavailable("the planner just started and is waiting for the workers' heartbeats")
-        workers = self.registry.live(time.monotonic())
+        now = time.monotonic()
+        if request.gateway.gateway_id:
+            self.gateways.seen(request.gateway.gateway_id, request.gateway, now)
+        workers = self.registry.live(now)
         for role, name in ROLE_FROM_PB.items():
             metrics.LIVE_WORKERS.labels(str(name)).set(sum(w.role == role for w in workers))
         last = self.controller.last
         return planner_pb2.Topology(
-            workers=workers, version=self.registry.version,
+            workers=workers, version=self.registry.version, gateways=self.gateways.live(now),
             planner_metrics_address=f"{self.settings.public_host}:{self.settings.planner_metrics_port}",
             forecast=forecast_to_pb(last.forecast) if last is not None else None)
 

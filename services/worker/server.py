@@ -68,7 +68,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             params = sampling_from_pb(request.sampling)
             if params.max_tokens < 1:
                 raise InvalidArgument("max_tokens must be at least 1")
-            queue = engine.reserve(request.request_id, request.prompt_len, params)
+            if request.max_seats < 0:
+                raise InvalidArgument(f"max_seats must be >= 0 (0: no limit), got {request.max_seats}")
+            queue = engine.reserve(request.request_id, request.prompt_len, params, request.max_seats)
             seq = engine.scheduler.seqs[request.request_id]
             if request.prompt_token_ids:
                 try:

@@ -1,4 +1,4 @@
-from services.planner.registry import WorkerRegistry
+from services.planner.registry import GatewayBook, WorkerRegistry
 
 PREFILL, DECODE = 1, 2
 
@@ -66,3 +66,12 @@ def test_remove():
     reg.remove("w1", now=1.0)
     reg.remove("never", now=1.0)
     assert reg.version == v + 1
+
+
+def test_gateways_are_listed_while_they_fetch_the_topology():
+    book = GatewayBook[str](ttl=5.0)
+    book.seen("gateway-1", "g1", now=0.0)
+    book.seen("gateway", "g0", now=1.0)
+    assert book.live(2.0) == ["g0", "g1"]  # by id
+    book.seen("gateway-1", "g1 again", now=3.0)
+    assert book.live(6.5) == ["g1 again"]  # the other went quiet

@@ -146,6 +146,25 @@ def test_a_decode_worker_seats_requests_while_its_step_stays_within_the_tpot_slo
     assert [c.worker_id for c in order] == ["idle", "ok"]
 
 
+def test_the_seat_limit_a_worker_enforces_is_the_batch_that_has_seat_allows():
+    """SchedulingPolicy.seat_limit: what the decode worker is sent (DecodeRequest.max_seats) to
+    refuse past, whoever's requests fill it: the largest batch, at the mean context per seat this
+    gateway sees, that steps within the TPOT SLO."""
+    cpu = load_profile("smollm2-cpu2")
+    p = SchedulingPolicy.for_forecast(forecast([100]), cpu, SLO(5.0, 0.3), 512, 1)
+
+    def worker(batch: int, context: float) -> DecodeCandidate:
+        return DecodeCandidate("d", free_blocks=1000, block_size=16, batch_size=batch, context_tokens=batch * context)
+
+    for batch, context in ((0, 512), (5, 512), (12, 512), (3, 1024), (9, 1024)):
+        limit = p.seat_limit(worker(batch, context), context)
+        assert p.has_seat(worker(limit - 1, context), context) and not p.has_seat(worker(limit, context), context)
+    assert p.seat_limit(worker(4, 512), 512) == 13 and p.seat_limit(worker(4, 1024), 1024) == 10
+    assert p.seat_limit(worker(0, 0), 10**6) == 1  # one alone is always served, however slow
+    off = SchedulingPolicy.for_forecast(forecast([100]), cpu, SLO(5.0, 0.3), 512, 1, admission=False)
+    assert off.seat_limit(worker(4, 512), 512) == 0  # no limit
+
+
 def test_batch_monotone_steps_never_fall_as_the_batch_grows():
     cpu = load_profile("smollm2-cpu2")
     steps = cpu.batch_monotone()
