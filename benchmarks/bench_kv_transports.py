@@ -10,7 +10,7 @@
      the sender's pool and written into the receiver's, as KVSender and receive_kv do;
    - shm:  the receiver maps the sender's memfd pool and copies the positions
      (PagedKVStore.copy_from_peer, what a migration's `ready` does);
-   - nixl: the receiver READs the positions with NIXL (common/kv/nixl_transport.py: one row per
+   - nixl: the receiver READs the positions with NIXL (services/kvtransfer/nixl_agent.py: one row per
      run of positions, layer and side), the sender progressing its agent every millisecond.
    Each process measures its own CPU time (user + system) over the transfers: CPU-s per GB.
 2. The real services (smollm2, 1 prefill + 1 decode): the hand-off of a 1,000-token prompt,
@@ -43,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.kv import nixl_transport, shared_memory  # noqa: E402
+from common.kv import shared_memory  # noqa: E402
 from common.kv.kv_store import PagedKVStore, slots_for  # noqa: E402
+from services.kvtransfer import nixl_agent  # noqa: E402
 from services.kvtransfer.wire import KVLayout  # noqa: E402
 
 LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.float32)  # SmolLM2-135M
@@ -86,7 +87,7 @@ def sender_main(conn, transport: str, tokens: int, repeats: int) -> None:
     if transport == "grpc":
         asyncio.run(_grpc_send(conn, store, table, tokens, repeats))
         return
-    endpoint = nixl_transport.NixlEndpoint("bench-src", store.kv) if transport == "nixl" else None
+    endpoint = nixl_agent.NixlEndpoint("bench-src", store.kv) if transport == "nixl" else None
     conn.send({"table": table, "shm": store.shared_handle, "nixl": endpoint.source() if endpoint else None})
     c0 = cpu_s()
     while not conn.poll(0.001):  # what `NixlEndpoint.progressing` does on a worker's loop
@@ -200,9 +201,9 @@ def _read_peer(transport: str, tokens: int, repeats: int, conn) -> tuple[list[fl
         def once():
             store.copy_from_peer(theirs, slots_for(peer["table"], 0, tokens, BLOCK), store.slots(table, 0, tokens))
     else:
-        endpoint = nixl_transport.NixlEndpoint("bench-dst", store.kv)
+        endpoint = nixl_agent.NixlEndpoint("bench-dst", store.kv)
         source = peer["nixl"]
-        remote, local = nixl_transport.read_descriptors(source.address, source.shape, peer["table"],
+        remote, local = nixl_agent.read_descriptors(source.address, source.shape, peer["table"],
                                                         store.kv.data_ptr(), tuple(store.kv.shape), table,
                                                         store.kv.element_size(), 0, tokens, 0, LAYOUT.num_layers)
 
@@ -285,7 +286,7 @@ def main() -> int:
     p.add_argument("--out")
     args = p.parse_args()
     quiet_nixl()
-    if not nixl_transport.available():
+    if not nixl_agent.available():
         print("NIXL is not installed (pip install '.[nixl]')", file=sys.stderr)
         return 2
     doc = {"raw": [], "handoff": [], "migration": []}

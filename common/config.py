@@ -119,7 +119,7 @@ class WorkerSettings(_Base):
     kv_chunk_min_bytes: int = 256 * 1024
     kv_chunk_max_bytes: int = 1024 * 1024
     # How KV moves between workers (services/kvtransfer): nixl (the receiver reads it out of the
-    # sender's pool with NIXL reads, common/kv/nixl_transport.py: prefill hand-offs, layer by
+    # sender's pool with NIXL reads, services/kvtransfer/nixl_agent.py: prefill hand-offs, layer by
     # layer, and migrations; needs the `nixl` extra), shm (a migration's receiver copies it out
     # of the sender's pool mapped on the same host, common/kv/shared_memory.py; CPU pools only),
     # grpc (the bytes in PushKV chunks), auto (nixl, then shm, where both ends can). A sender

@@ -8,7 +8,7 @@ written: a worker's own memory is written by itself alone, so no block it frees 
 on by a peer that is late.
 
 There is no file to clean up: the memory goes when the worker and every peer mapping it are gone
-(peers drop mappings of workers that no longer exist, `PeerPools`).
+(peers drop mappings of workers that no longer exist, services/kvtransfer/peer_pools.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from common.kv.layout import dtype_from_name
 from common.pb import worker_pb2
 
 
@@ -78,38 +77,3 @@ def allocate_shared(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.T
     tensor.zero_()  # fault every page in now, not during a transfer
     handle = SharedPoolHandle(host_id(), os.getpid(), fd, pool_id, tuple(shape), str(dtype).removeprefix("torch."))
     return tensor, handle
-
-
-class PeerPools:
-    """The pools of peers on this host, mapped once each (read-only use). A mapping keeps its
-    worker's memory alive, so those of workers that are gone are dropped on the next open."""
-
-    def __init__(self) -> None:
-        self._mapped: dict[str, tuple[SharedPoolHandle, torch.Tensor]] = {}
-
-    def open(self, handle: SharedPoolHandle) -> torch.Tensor:
-        """The peer's pool; raises OSError with the reason when it cannot be mapped from here."""
-        hit = self._mapped.get(handle.pool_id)
-        if hit is not None:
-            return hit[1]
-        if not handle.host_id or handle.host_id != host_id():
-            raise OSError("the KV's worker is on another host")
-        for pool_id, (old, _) in list(self._mapped.items()):
-            if not Path(f"/proc/{old.pid}").exists():
-                del self._mapped[pool_id]
-        try:
-            dtype = dtype_from_name(handle.dtype)
-        except ValueError as exc:
-            raise OSError(str(exc)) from None
-        numel = math.prod(handle.shape)
-        path = f"/proc/{handle.pid}/fd/{handle.fd}"
-        # The memfd's name carries the pool id: this is that pool, not whatever a reused pid and
-        # fd (or another namespace's pid) points at now.
-        if not os.readlink(path).startswith(f"/memfd:{_memfd_name(handle.pool_id)}"):
-            raise OSError(f"{path} is not the KV pool {handle.pool_id}")
-        if os.stat(path).st_size != numel * dtype.itemsize:
-            raise OSError(f"{path} is not a KV pool of shape {list(handle.shape)}")
-        tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(handle.shape)
-        self._mapped[handle.pool_id] = (handle, tensor)
-        return tensor
-

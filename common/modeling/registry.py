@@ -27,8 +27,8 @@ class RunnerSpec:
     block_size: int = 0  # 0 = auto: the runner picks it for its device and kernel (choose_block_size)
     time_scale: float = 1.0  # sim only
     # What DOPD_KV_TRANSPORT lets peers do with the pool (services/kvtransfer/transports): map it,
-    # a CPU pool on this host (common/kv/shared_memory.py); read it with NIXL (the sim engine then
-    # keeps scratch bytes for them to read, common/modeling/sim_runner.py).
+    # a CPU pool on this host (common/kv/shared_memory.py); read it with NIXL, which is installed
+    # (the sim engine then keeps scratch bytes for them to read, common/modeling/sim_runner.py).
     shared_kv: bool = False
     nixl_kv: bool = False
 

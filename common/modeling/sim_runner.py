@@ -14,7 +14,6 @@ import time
 
 import torch
 
-from common.kv import nixl_transport
 from common.kv.block_pool import choose_block_size
 from common.kv.kv_store import PagedKVStore, slots_for
 from common.kv.layout import KVLayout, dtype_from_name
@@ -83,7 +82,7 @@ class ScratchKVStore(PagedKVStore):
 
 def _sim_store(layout: KVLayout, num_blocks: int, block_size: int, nixl_kv: bool):
     """No bytes kept (NullKVStore) unless this worker's KV may go by NIXL (ScratchKVStore)."""
-    if nixl_kv and nixl_transport.available():
+    if nixl_kv:
         return ScratchKVStore(layout, num_blocks, block_size)
     return NullKVStore(layout, num_blocks, block_size)
 

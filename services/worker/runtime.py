@@ -19,10 +19,7 @@ import torch
 
 from common.config import WorkerSettings
 from common.convert import ROLE_FROM_PB, ROLE_TO_PB
-from common.kv import nixl_transport
 from common.kv.block_pool import BlockPool
-from common.kv.nixl_transport import NixlEndpoint
-from common.kv.shared_memory import PeerPools
 from common.modeling.registry import RunnerSpec, build_runner
 from common.pb import common_pb2, planner_pb2, planner_pb2_grpc
 from common.rpc.channels import ChannelPool
@@ -32,7 +29,9 @@ from services.decode.engine import DecodeEngine
 from services.decode.migration import Migrator
 from services.decode.scheduler import DecodeScheduler
 from services.engine import metrics
-from services.kvtransfer import transports
+from services.kvtransfer import nixl_agent, transports
+from services.kvtransfer.nixl_agent import NixlEndpoint
+from services.kvtransfer.peer_pools import PeerPools
 from services.kvtransfer.sender import grpc_sender_factory
 from services.kvtransfer.staged_sender import StagedSender, Staging
 from services.kvtransfer.transports import LocalKV, SharedReads
@@ -117,7 +116,7 @@ class WorkerRuntime:
         built = build_runner(RunnerSpec(model=s.model, device=s.device, dtype=s.dtype, kv_blocks=s.kv_blocks,
                                         block_size=s.block_size, time_scale=s.time_scale,
                                         shared_kv=any(t.reads_pool for t in transports.preference(s.kv_transport)),
-                                        nixl_kv=transports.wants(s.kv_transport, "nixl")))
+                                        nixl_kv=transports.wants(s.kv_transport, "nixl") and nixl_agent.available()))
         runner = built.runner
         self.vocab_size, self.attention = built.vocab_size, built.attention
         self.runner_layout = runner.store.layout
@@ -156,9 +155,9 @@ class WorkerRuntime:
         wanted = self.settings.kv_transport
         if not transports.wants(wanted, "nixl"):
             return None
-        if wanted == "nixl" and not nixl_transport.available():
+        if wanted == "nixl" and not nixl_agent.available():
             raise RuntimeError("DOPD_KV_TRANSPORT=nixl, but NIXL is not installed (pip install '.[nixl]')")
-        if not nixl_transport.available() or getattr(store, "kv", None) is None:
+        if not nixl_agent.available() or getattr(store, "kv", None) is None:
             return None
         try:
             endpoint = NixlEndpoint(self.worker_id, store.kv)

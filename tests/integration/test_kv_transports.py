@@ -5,7 +5,7 @@ mixed cluster. prefill-0, decode-0 and decode-1 take `nixl`; decode-2 takes gRPC
   to decode-2 (it advertises no NIXL) prefill workers that offer NIXL send bytes: the mixed pair.
 - decode-0 switched to prefill while decoding: its requests move to decode-1 by NIXL reads.
 Greedy output stays identical to transformers' and no worker (prefill-0's staging included)
-holds a block afterwards. A NIXL peer that dies mid-read is tests/unit/test_nixl_transport.py."""
+holds a block afterwards. A NIXL peer that dies mid-read is tests/unit/test_nixl_agent.py."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.kv import nixl_transport
 from common.modeling.loader import load_model
 from common.types import Role
 from services.client import generate, worker_stats
+from services.kvtransfer import nixl_agent
 from tests.helpers import assert_no_leaks, check_greedy_identity, start_cluster
 from tests.integration.test_role_switch import set_role
 
-pytestmark = pytest.mark.skipif(not nixl_transport.available(), reason="NIXL is not installed (the nixl extra)")
+pytestmark = pytest.mark.skipif(not nixl_agent.available(), reason="NIXL is not installed (the nixl extra)")
 
 NIXL = {"DOPD_KV_TRANSPORT": "nixl"}
 

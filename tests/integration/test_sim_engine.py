@@ -10,9 +10,9 @@ import urllib.request
 
 import pytest
 
-from common.kv import nixl_transport
 from common.types import Role
 from services.client import generate, worker_stats
+from services.kvtransfer import nixl_agent
 from tests.helpers import assert_no_leaks, flat_sim_profile, pseudo_completion, start_cluster
 from tests.integration.test_role_switch import roles, set_role
 
@@ -74,7 +74,7 @@ WIDE_BYTES_PER_TOKEN = 2 * 8 * 8 * 256 * 4
 
 @pytest.fixture(scope="module")
 def sim_nixl_cluster(redis_url, redis_prefix, tmp_path_factory):
-    if not nixl_transport.available():
+    if not nixl_agent.available():
         pytest.skip("NIXL is not installed (the nixl extra)")
     path = tmp_path_factory.mktemp("profile") / "test-wide.json"
     path.write_text(json.dumps(WIDE_PROFILE))

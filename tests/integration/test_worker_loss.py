@@ -18,9 +18,9 @@ import urllib.request
 
 import pytest
 
-from common.kv import nixl_transport
 from common.modeling.loader import load_model
 from services.client import generate, worker_stats
+from services.kvtransfer import nixl_agent
 from tests.helpers import (
     ClusterHandle,
     assert_no_leaks,
@@ -124,7 +124,7 @@ async def test_a_prefill_worker_killed_mid_prefill_loses_no_request(sim_2p1d):
         busy = {n: (await worker_stats(handle.workers[n])).running_requests
                 + (await worker_stats(handle.workers[n])).waiting_requests for n in ("prefill-0", "prefill-1")}
         # A layer of each prompt in the first batches has been read (4 layers in 3 s: one each 0.75 s).
-        reading = not nixl_transport.available() or gateway_metric(handle, NIXL_READ, "decode-0") > read_before
+        reading = not nixl_agent.available() or gateway_metric(handle, NIXL_READ, "decode-0") > read_before
         if all(busy.values()) and reading:
             break
         assert time.monotonic() < deadline, busy

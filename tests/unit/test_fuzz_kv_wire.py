@@ -37,12 +37,12 @@ from common.errors import ServiceError
 from common.kv.block_pool import kv_tokens_for
 from common.kv.kv_store import PagedKVStore
 from common.kv.layout import KVLayout, dtype_from_name
-from common.kv.shared_memory import PeerPools
 from common.modeling.fake_runner import FAKE_LAYOUT, FAKE_VOCAB
 from common.pb import worker_pb2 as pb
 from common.types import SamplingParams
 from services.decode.engine import ErrorEvent
 from services.decode.scheduler import SeqState
+from services.kvtransfer.peer_pools import PeerPools
 from services.kvtransfer.receiver import receive_kv
 from services.kvtransfer.transports import SharedReads
 from services.kvtransfer.wire import (

@@ -10,7 +10,8 @@ import torch
 
 from common.kv.kv_store import PagedKVStore, slots_for
 from common.kv.layout import KVLayout
-from common.kv.shared_memory import PeerPools, SharedPoolHandle, host_id
+from common.kv.shared_memory import SharedPoolHandle, host_id
+from services.kvtransfer.peer_pools import PeerPools
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, dtype=torch.float32)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from common.kv import nixl_transport
 from common.kv.layout import KVLayout
-from common.kv.nixl_transport import read_descriptors
 from common.modeling.registry import RunnerSpec, build_runner
 from common.modeling.sim_runner import NullKVStore, ScratchKVStore
-from tests.unit.test_nixl_transport import apply
+from services.kvtransfer import nixl_agent
+from services.kvtransfer.nixl_agent import read_descriptors
+from tests.unit.test_nixl_agent import apply
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 BLOCK = 4
@@ -47,7 +47,7 @@ def test_a_sim_worker_keeps_bytes_only_where_nixl_may_read_them():
     spec = RunnerSpec(model="sim:llama3-8b-h100", kv_blocks=8192)
     assert isinstance(build_runner(spec).runner.store, NullKVStore)
     nixl = build_runner(RunnerSpec(model="sim:llama3-8b-h100", kv_blocks=8192, nixl_kv=True)).runner.store
-    if nixl_transport.available():
+    if nixl_agent.available():
         assert isinstance(nixl, ScratchKVStore) and nixl.kv.nbytes <= 70 << 20  # 32 blocks of 2 MiB, and null
     else:
         assert isinstance(nixl, NullKVStore)

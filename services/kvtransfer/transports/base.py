@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.errors import FailedPrecondition, InvalidArgument
-from common.kv.nixl_transport import NixlEndpoint
-from common.kv.shared_memory import PeerPools, SharedPoolHandle
+from common.kv.shared_memory import SharedPoolHandle
 from common.pb import worker_pb2
+from services.kvtransfer.nixl_agent import NixlEndpoint
+from services.kvtransfer.peer_pools import PeerPools
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""nixl: the receiver READs the sender's registered pool with NIXL (common/kv/nixl_transport.py):
+"""nixl: the receiver READs the sender's registered pool with NIXL (services/kvtransfer/nixl_agent.py):
 one host or several, host or GPU memory. The sender's agent progresses while a push that is read
 from it is open (`hold`). A prefill hand-off may stage its KV layer by layer for it
 (services/kvtransfer/staged_sender.py)."""
@@ -6,9 +6,9 @@ from it is open (`hold`). A prefill hand-off may stage its KV layer by layer for
 from __future__ import annotations
 
 from common.errors import FailedPrecondition, Unavailable
-from common.kv.nixl_transport import READ_FAILED, NixlError, NixlSource, read_descriptors
 from common.pb import worker_pb2
 from services.kvtransfer.copying import guarded
+from services.kvtransfer.nixl_agent import READ_FAILED, NixlError, NixlSource, read_descriptors
 from services.kvtransfer.transports.base import LocalKV, SharedReads, Source, Transport, check_pool, register
 
 

@@ -1,4 +1,4 @@
-"""The NIXL transport's core (common/kv/nixl_transport.py): the READ descriptors against a torch
+"""The NIXL transport's core (services/kvtransfer/nixl_agent.py): the READ descriptors against a torch
 oracle, and real NIXL reads (UCX) from a pool in another process, including one that dies."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.kv import nixl_transport
-from common.kv.nixl_transport import NixlEndpoint, NixlError, NixlSource, read_descriptors
+from services.kvtransfer import nixl_agent
+from services.kvtransfer.nixl_agent import NixlEndpoint, NixlError, NixlSource, read_descriptors
 
-needs_nixl = pytest.mark.skipif(not nixl_transport.available(), reason="NIXL is not installed (the nixl extra)")
+needs_nixl = pytest.mark.skipif(not nixl_agent.available(), reason="NIXL is not installed (the nixl extra)")
 
 SHAPE = (2, 3, 9, 4, 2, 8)  # [2, layers, 8 blocks + null, block_size 4, heads, head_dim]
 
@@ -123,7 +123,7 @@ class _EndedCall:
 
 @pytest.mark.parametrize(("code", "details", "refused"), [
     ("FAILED_PRECONDITION", "this worker does not read KV with NIXL", True),
-    ("UNAVAILABLE", f"{nixl_transport.READ_FAILED} decode-1-abc: a NIXL read failed (ERR)", True),
+    ("UNAVAILABLE", f"{nixl_agent.READ_FAILED} decode-1-abc: a NIXL read failed (ERR)", True),
     ("UNAVAILABLE", "the decode worker went away", False),
     ("OK", "", False),
 ])
