@@ -72,6 +72,10 @@ class RunSettings:
     status_interval: float = 0.5  # wall seconds between GetStatus samples
     grace: float = 10.0  # wall seconds past the last request's timeout before the run is cut
     progress: bool = True
+    # grpc: requests go round-robin over this many connections (each channel with its own
+    # subchannel pool: gRPC shares one connection per target within a process otherwise), so
+    # that several gateways on one port (SO_REUSEPORT) all get some. 1: one channel.
+    connections: int = 1
 
 
 def prompt_ids(seed: int, index: int, n: int) -> list[int]:
@@ -211,7 +215,8 @@ class _Run:
         return r
 
     def _send(self, client, i: int) -> Coroutine[None, None, RequestResult]:
-        pieces = self._openai_pieces(client, i) if self.s.backend == "openai" else self._grpc_pieces(client, i)
+        pieces = (self._openai_pieces(client, i) if self.s.backend == "openai"
+                  else self._grpc_pieces(client[i % len(client)], i))  # the grpc stubs, round robin
         return self._one(pieces, i, time.perf_counter())
 
     def _failed(self, i: int, error: str) -> RequestResult:
@@ -246,10 +251,12 @@ class _Run:
         async with contextlib.AsyncExitStack() as stack:
             stub = None
             if self.s.target:  # the gateway's gRPC API: Generate (grpc backend) and status samples
-                channel = await stack.enter_async_context(
-                    grpc.aio.insecure_channel(self.s.target, options=CHANNEL_OPTIONS))
-                stub = gateway_pb2_grpc.GatewayStub(channel)
-            client = stub
+                own_pool = [("grpc.use_local_subchannel_pool", 1)] if self.s.connections > 1 else []
+                stubs = [gateway_pb2_grpc.GatewayStub(await stack.enter_async_context(
+                    grpc.aio.insecure_channel(self.s.target, options=CHANNEL_OPTIONS + own_pool)))
+                    for _ in range(max(1, self.s.connections))]
+                stub = stubs[0]
+            client = stubs if stub is not None else None
             if self.s.backend == "openai":
                 headers = {"Authorization": f"Bearer {self.s.api_key}"} if self.s.api_key else {}
                 # No pool limit: an open-loop run keeps every request's stream open at once.
