@@ -22,7 +22,18 @@ async def test_held_prompts_leave_together_when_a_worker_frees_or_a_cap_is_reach
     assert await a == "prefill-1" and await b == "prefill-1" and len(gate) == 0
     c = asyncio.create_task(gate.hold(60))
     await asyncio.sleep(0.01)
-    assert await gate.hold(50) == "prefill-1" and await c == "prefill-1"  # 110 tokens >= the cap
+    # A prompt that would take the held ones past the cap (60 + 50 > 100) sends them, and starts
+    # the next batch itself: it is held until a worker frees (or its wait cap, 10 s, ends).
+    d = asyncio.create_task(gate.hold(50))
+    assert await c == "prefill-1"
+    await asyncio.sleep(0.01)
+    assert not d.done() and len(gate) == 1
+    gate.worker_freed()
+    assert await d == "prefill-1" and len(gate) == 0
+    # One that fills the batch exactly goes with it at once.
+    e = asyncio.create_task(gate.hold(40))
+    await asyncio.sleep(0.01)
+    assert await gate.hold(60) == "prefill-1" and await e == "prefill-1"
 
 
 async def test_the_wait_cap_releases_in_wall_seconds_and_a_cancelled_prompt_leaves():
