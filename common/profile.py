@@ -90,6 +90,20 @@ class LatencyProfile:
             rows.append(tuple(slowest))
         return dataclasses.replace(self, decode_seconds=tuple(rows))
 
+    def largest_batch_within(self, seconds: float, mean_context: float, cap: int) -> int:
+        """The largest batch, at most `cap`, whose decode step at `mean_context` takes at most
+        `seconds` (0: not even one). Bisects, so the step must not fall as the batch grows: call it
+        on `batch_monotone()`."""
+        def fits(batch: int) -> bool:
+            return self.decode_step_time(batch, mean_context) <= seconds
+        if fits(cap):
+            return cap
+        low, high = 0, cap  # fits(low) or low == 0; not fits(high)
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        return low
+
     def mixed_step_time(self, decode_batch: int, mean_context: float, prefill_tokens: int) -> float:
         """One forward that decodes `decode_batch` requests and prefills `prefill_tokens` prompt
         tokens together (chunked prefill). The weights are read once and every token goes through

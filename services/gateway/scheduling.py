@@ -141,14 +141,7 @@ class SchedulingPolicy:
         if not self.admission:
             return 0
         per_seat = (worker.context_tokens + context) / (worker.batch_size + 1)
-        fits = lambda batch: self.seat_steps.decode_step_time(batch, per_seat) <= self.slo.tpot_s  # noqa: E731
-        low, high = 0, MAX_SEATS  # fits(low) or low == 0; the answer is in [low, high]
-        if fits(high):
-            return high
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if fits(mid) else (low, mid)
-        return max(1, low)
+        return max(1, self.seat_steps.largest_batch_within(self.slo.tpot_s, per_seat, MAX_SEATS))
 
     def seat_wait_s(self, workers: Sequence[DecodeCandidate], ahead: int) -> float:
         """Seconds until a seat frees for a request with `ahead` others queued before it, when

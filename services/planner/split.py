@@ -136,9 +136,7 @@ def decode_need(rate: float, prompt: LengthDist, output: LengthDist, profile: La
         context, blocks = prompt.quantile(0.5), math.ceil(max(prompt.quantile(0.5), 1) / block_size)
     blocks = round(blocks, 9)  # float noise must not cost a seat: 18.999999999999996 is 19
     steps = profile.batch_monotone()
-    # The largest batch that fits, scanned down from the cap (the first hit is the largest; one
-    # call when the cap fits, which is the common case).
-    c_tpot = next((b for b in range(max_batch_size, 0, -1) if steps.decode_step_time(b, context) <= slo.tpot_s), 0)
+    c_tpot = steps.largest_batch_within(slo.tpot_s, context, max_batch_size)
     c_kv = int(kv_blocks // blocks) if blocks > 0 else max_batch_size
     c_max = min(c_tpot, c_kv, max_batch_size)
     # c_tpot never exceeds max_batch_size (scanned up to it): at that value the batch cap binds.
